@@ -1,0 +1,1 @@
+"""Gondolin: local QEMU micro-VMs for untrusted code, with host-side policy."""
