@@ -1,0 +1,169 @@
+"""The FUSE node table: node ids the guest kernel holds, and the paths they stand for.
+
+Sans-IO. A node is (parent node, name), so renaming a directory moves everything below it
+at once. Each node counts the kernel's lookup references (lookup, create, mkdir, symlink,
+link and readdirplus add one; FORGET takes them away) and the child nodes that hang off it;
+it is dropped when both reach zero, so the table tracks what the kernel caches instead of
+growing forever. Node ids are never reused (64-bit), so a stale id is always ESTALE.
+"""
+
+from __future__ import annotations
+
+from . import paths
+from .errors import ENFILE, ESTALE, VfsError
+
+ROOT_NODE = 1
+DEFAULT_MAX_NODES = 1 << 19  # kernel-held inodes before lookups fail with ENFILE
+
+
+class _Node:
+    __slots__ = ("parent", "name", "lookups", "children")
+
+    def __init__(self, parent: int, name: str) -> None:
+        self.parent = parent  # 0 once detached (unlinked or replaced)
+        self.name = name
+        self.lookups = 0
+        self.children = 0
+
+
+class NodeTable:
+    def __init__(self, max_nodes: int = DEFAULT_MAX_NODES) -> None:
+        self.max_nodes = max_nodes
+        root = _Node(0, "")
+        root.lookups = 1  # the mount itself; never forgotten
+        self._nodes: dict[int, _Node] = {ROOT_NODE: root}
+        self._names: dict[tuple[int, str], int] = {}
+        self._next = ROOT_NODE + 1
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def __contains__(self, node: int) -> bool:
+        return node in self._nodes
+
+    def _get(self, node: int) -> _Node:
+        entry = self._nodes.get(node)
+        if entry is None:
+            raise VfsError(ESTALE, f"unknown node {node}")
+        return entry
+
+    def path(self, node: int) -> str:
+        """The node's current path; ESTALE when it is unknown or no longer has one."""
+        names: list[str] = []
+        while node != ROOT_NODE:
+            entry = self._get(node)
+            if not entry.parent:
+                raise VfsError(ESTALE, "node was removed")
+            names.append(entry.name)
+            node = entry.parent
+        names.reverse()
+        return paths.join(names)
+
+    def child_path(self, parent: int, name: str) -> str:
+        return paths.child(self.path(parent), name)
+
+    def child(self, parent: int, name: str) -> int | None:
+        return self._names.get((parent, name))
+
+    def lookups(self, node: int) -> int:
+        return self._get(node).lookups
+
+    def lookup(self, parent: int, name: str) -> int:
+        """Add one lookup reference to ``parent/name``, creating the node if needed."""
+        node = self._names.get((parent, name))
+        if node is None:
+            parent_entry = self._get(parent)
+            if not parent_entry.parent and parent != ROOT_NODE:
+                raise VfsError(ESTALE, "parent was removed")
+            if len(self._nodes) >= self.max_nodes:
+                raise VfsError(ENFILE, "node table full")
+            node = self._next
+            self._next += 1
+            self._nodes[node] = _Node(parent, name)
+            self._names[(parent, name)] = node
+            parent_entry.children += 1
+        self._nodes[node].lookups += 1
+        return node
+
+    def forget(self, node: int, count: int) -> None:
+        entry = self._nodes.get(node)
+        if entry is None or node == ROOT_NODE:
+            return
+        entry.lookups = max(0, entry.lookups - count)
+        self._collect(node)
+
+    def _collect(self, node: int) -> None:
+        while node != ROOT_NODE:
+            entry = self._nodes[node]
+            if entry.lookups or entry.children:
+                return
+            del self._nodes[node]
+            parent = entry.parent
+            if not parent:
+                return
+            if self._names.get((parent, entry.name)) == node:
+                del self._names[(parent, entry.name)]
+            self._nodes[parent].children -= 1
+            node = parent
+
+    def _unhook(self, node: int) -> None:
+        """Take ``node`` out of the tree (it keeps its id until forgotten)."""
+        entry = self._nodes[node]
+        parent = entry.parent
+        if not parent:
+            return
+        del self._names[(parent, entry.name)]
+        entry.parent = 0
+        self._nodes[parent].children -= 1
+        self._collect(parent)
+        if node in self._nodes:
+            self._collect(node)
+
+    def detach(self, parent: int, name: str) -> None:
+        """``parent/name`` was unlinked: its node no longer has a path."""
+        node = self._names.get((parent, name))
+        if node is not None:
+            self._unhook(node)
+
+    def move(self, old_parent: int, old_name: str, new_parent: int, new_name: str) -> None:
+        """``rename``: the node keeps its id and everything below it follows."""
+        node = self._names.get((old_parent, old_name))
+        replaced = self._names.get((new_parent, new_name))
+        if replaced is not None and replaced != node:
+            self._unhook(replaced)
+        if node is None or replaced == node:
+            return
+        if new_parent not in self._nodes:
+            self._unhook(node)  # the kernel no longer knows the destination directory
+            return
+        entry = self._nodes[node]
+        del self._names[(old_parent, old_name)]
+        self._names[(new_parent, new_name)] = node
+        entry.parent, entry.name = new_parent, new_name
+        self._nodes[new_parent].children += 1
+        self._nodes[old_parent].children -= 1
+        self._collect(old_parent)
+
+    def exchange(self, parent_a: int, name_a: str, parent_b: int, name_b: str) -> None:
+        """``rename(RENAME_EXCHANGE)``: the two names swap nodes."""
+        a = self._names.pop((parent_a, name_a), None)
+        b = self._names.pop((parent_b, name_b), None)
+        for node, parent, name in ((a, parent_b, name_b), (b, parent_a, name_a)):
+            if node is None:
+                continue
+            entry = self._nodes[node]
+            old_parent = entry.parent
+            if parent not in self._nodes:
+                entry.parent = 0
+                self._nodes[old_parent].children -= 1
+                continue
+            self._names[(parent, name)] = node
+            entry.parent, entry.name = parent, name
+            self._nodes[parent].children += 1
+            self._nodes[old_parent].children -= 1
+        for parent in (parent_a, parent_b):
+            if parent in self._nodes:
+                self._collect(parent)
+        for node in (a, b):
+            if node is not None and node in self._nodes:
+                self._collect(node)

@@ -1,0 +1,63 @@
+"""ReadonlyProvider: any provider, with every write refused with EROFS."""
+
+from __future__ import annotations
+
+from .errors import EROFS, VfsError
+from .provider import (
+    ROOT,
+    Attr,
+    Caller,
+    FileHandle,
+    HandleWrapper,
+    OpenMode,
+    ProviderWrapper,
+    SetAttr,
+)
+
+
+class ReadonlyProvider(ProviderWrapper):
+    @property
+    def readonly(self) -> bool:
+        return True
+
+    async def open(self, path: str, mode: OpenMode) -> FileHandle:
+        if mode.writes:
+            raise VfsError(EROFS)
+        return _ReadonlyHandle(await self.inner.open(path, mode))
+
+    async def setattr(self, path: str, changes: SetAttr) -> Attr:
+        raise VfsError(EROFS)
+
+    async def create(
+        self, path: str, mode: int, open_mode: OpenMode, caller: Caller = ROOT
+    ) -> FileHandle:
+        raise VfsError(EROFS)
+
+    async def mkdir(self, path: str, mode: int, caller: Caller = ROOT) -> Attr:
+        raise VfsError(EROFS)
+
+    async def symlink(self, path: str, target: str, caller: Caller = ROOT) -> Attr:
+        raise VfsError(EROFS)
+
+    async def link(self, src: str, dst: str) -> Attr:
+        raise VfsError(EROFS)
+
+    async def unlink(self, path: str) -> None:
+        raise VfsError(EROFS)
+
+    async def rmdir(self, path: str) -> None:
+        raise VfsError(EROFS)
+
+    async def rename(self, src: str, dst: str, flags: int = 0) -> None:
+        raise VfsError(EROFS)
+
+
+class _ReadonlyHandle(HandleWrapper):
+    async def write(self, offset: int, data: bytes) -> int:
+        raise VfsError(EROFS)
+
+    async def setattr(self, changes: SetAttr) -> Attr:
+        raise VfsError(EROFS)
+
+    async def fallocate(self, offset: int, length: int, mode: int) -> None:
+        raise VfsError(EROFS)

@@ -1,0 +1,520 @@
+"""FsRpcService: serves the guest FUSE daemon's requests from a provider.
+
+Each request is handled in its own task (up to ``max_in_flight`` at once), so a slow read
+never holds up a ``stat``, and responses go out in whatever order they finish. The service
+owns the node table (bounded by FORGET), the open-file and open-directory tables (bounded
+by ``max_handles``) and a bounded queue of cache invalidations for the guest.
+
+Anything a request does wrong becomes an errno in its response; a message that does not
+decode is counted and, when its id is readable, answered with EINVAL (ENOSYS for an unknown
+op). Nothing the guest sends can stop the service.
+"""
+
+from __future__ import annotations
+
+import logging
+import stat
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
+
+from . import paths, wire
+from .errors import (
+    EBADF,
+    EINVAL,
+    EIO,
+    ENFILE,
+    ENOSYS,
+    ENOTDIR,
+    EPROTO,
+    VfsError,
+    linux_errno,
+)
+from .nodes import DEFAULT_MAX_NODES, ROOT_NODE, NodeTable
+from .provider import (
+    Attr,
+    Caller,
+    FileHandle,
+    OpenMode,
+    Provider,
+    SetAttr,
+    copy_range,
+    current_caller,
+    dtype,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_HANDLES = 16384  # open files + open directories, each
+DEFAULT_MAX_IN_FLIGHT = 64  # requests handled concurrently; more wait in the transport
+NOTIFY_QUEUE = 1024  # invalidations waiting to be sent; beyond this they are dropped
+_O_CREAT = 0o100
+
+
+@dataclass
+class FsRpcStats:
+    requests: int = 0
+    errors: int = 0  # requests answered with an errno
+    bad_messages: int = 0  # messages that did not decode
+    internal_errors: int = 0  # provider bugs answered with EIO
+    bytes_read: int = 0
+    bytes_written: int = 0
+    notifications_dropped: int = 0
+    ops: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _OpenFile:
+    handle: FileHandle
+    node: int
+
+
+@dataclass
+class _OpenDir:
+    node: int
+    entries: list[tuple[bytes, Attr]]  # "." and ".." first
+
+
+class _Table:
+    """Numbered handles, ids never reused, at most ``limit`` live."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.items: dict[int, Any] = {}
+        self._next = 1
+
+    def add(self, item: object) -> int:
+        if len(self.items) >= self.limit:
+            raise VfsError(ENFILE, "too many open handles")
+        key = self._next
+        self._next += 1
+        self.items[key] = item
+        return key
+
+    def get(self, key: int) -> Any:
+        item = self.items.get(key)
+        if item is None:
+            raise VfsError(EBADF)
+        return item
+
+    def pop(self, key: int) -> Any:
+        item = self.items.pop(key, None)
+        if item is None:
+            raise VfsError(EBADF)
+        return item
+
+
+def _name(raw: bytes) -> str:
+    return paths.check_name(paths.decode(raw))
+
+
+class FsRpcService:
+    def __init__(
+        self,
+        provider: Provider,
+        *,
+        entry_ttl_ms: int = 1000,
+        attr_ttl_ms: int = 1000,
+        negative_ttl_ms: int = 250,
+        max_nodes: int = DEFAULT_MAX_NODES,
+        max_handles: int = DEFAULT_MAX_HANDLES,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        clock: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self.provider = provider
+        self.entry_ttl_ms = entry_ttl_ms
+        self.attr_ttl_ms = attr_ttl_ms
+        self.negative_ttl_ms = negative_ttl_ms
+        self.max_in_flight = max_in_flight
+        self.nodes = NodeTable(max_nodes)
+        self._files = _Table(max_handles)
+        self._dirs = _Table(max_handles)
+        self._clock = clock
+        self.stats = FsRpcStats()
+        self._notify_send, self._notify_recv = anyio.create_memory_object_stream[bytes](
+            NOTIFY_QUEUE
+        )
+        self._notify_seq = 0
+        self._handlers: dict[type[wire.Body], Callable[[Any], Awaitable[Any]]] = {
+            wire.Hello: self._hello,
+            wire.Lookup: self._lookup,
+            wire.Forget: self._forget,
+            wire.Getattr: self._getattr,
+            wire.Setattr: self._setattr,
+            wire.Readlink: self._readlink,
+            wire.Symlink: self._symlink,
+            wire.Mkdir: self._mkdir,
+            wire.Unlink: self._unlink,
+            wire.Rmdir: self._rmdir,
+            wire.Rename: self._rename,
+            wire.Link: self._link,
+            wire.Open: self._open,
+            wire.Create: self._create,
+            wire.Read: self._read,
+            wire.Write: self._write,
+            wire.Statfs: self._statfs,
+            wire.Release: self._release,
+            wire.Fsync: self._fsync,
+            wire.Flush: self._flush,
+            wire.Opendir: self._opendir,
+            wire.Readdir: self._readdir,
+            wire.Releasedir: self._releasedir,
+            wire.Access: self._access,
+            wire.Fallocate: self._fallocate,
+            wire.CopyFileRange: self._copy_file_range,
+        }
+
+    @property
+    def open_files(self) -> int:
+        return len(self._files.items)
+
+    @property
+    def open_dirs(self) -> int:
+        return len(self._dirs.items)
+
+    # --- transport ---------------------------------------------------------------------------
+
+    async def serve(
+        self, receive: ObjectReceiveStream[bytes], send: ObjectSendStream[bytes]
+    ) -> None:
+        """Answer requests from ``receive`` on ``send`` until ``receive`` ends.
+
+        Messages are whole (unframed); pair with :class:`wire.FrameSplitter` on a byte
+        stream. Invalidations queued with :meth:`invalidate` are sent on ``send`` too.
+        Returns once every request already received has been answered.
+        """
+        lock = anyio.Lock()
+        slots = anyio.Semaphore(self.max_in_flight)
+
+        async def reply(data: bytes) -> None:
+            async with lock:
+                await send.send(data)
+
+        async def one(message: bytes) -> None:
+            try:
+                response = await self.handle(message)
+            finally:
+                slots.release()
+            if response is not None:
+                await reply(response)
+
+        async def pump() -> None:
+            async for note in self._notify_recv:
+                await reply(note)
+
+        async with anyio.create_task_group() as outer:
+            outer.start_soon(pump)
+            async with anyio.create_task_group() as handlers:
+                async for message in receive:
+                    await slots.acquire()
+                    handlers.start_soon(one, message)
+            outer.cancel_scope.cancel()
+
+    async def handle(self, message: bytes) -> bytes | None:
+        """One encoded request in, its encoded response out (None for FORGET)."""
+        try:
+            request = wire.decode_request(message)
+        except wire.WireError as exc:
+            self.stats.bad_messages += 1
+            if exc.request_id is None or exc.op is None:
+                return None
+            known = exc.op in wire.REQUEST_TYPES.keys()
+            return wire.encode_error(exc.request_id, exc.op, EINVAL if known else ENOSYS)
+        response = await self.dispatch(request)
+        return None if response is None else wire.encode_response(response)
+
+    async def dispatch(self, request: wire.Request) -> wire.Response | None:
+        body = request.body
+        op = body.OP
+        self.stats.requests += 1
+        self.stats.ops[op.name] = self.stats.ops.get(op.name, 0) + 1
+        token = current_caller.set(Caller(request.uid, request.gid, request.pid))
+        try:
+            result = await self._handlers[type(body)](body)
+        except VfsError as exc:
+            errno = exc.errno or EIO
+        except OSError as exc:
+            errno = linux_errno(exc.errno)
+        except Exception:
+            log.exception("fs request %s failed", op.name)
+            self.stats.internal_errors += 1
+            errno = EIO
+        else:
+            if op == wire.Op.FORGET:
+                return None
+            return wire.Response(request.id, op, 0, result)
+        finally:
+            current_caller.reset(token)
+        self.stats.errors += 1
+        if op == wire.Op.FORGET:
+            return None
+        return wire.Response(request.id, op, errno)
+
+    # --- invalidation ------------------------------------------------------------------------
+
+    def invalidate(self, path: str) -> None:
+        """Tell the guest to drop what its kernel caches about ``path`` (changed on the host)."""
+        parts = paths.split(path)
+        node = ROOT_NODE
+        for i, name in enumerate(parts):
+            child = self.nodes.child(node, name)
+            if child is None:
+                if i == len(parts) - 1:
+                    self._notify(wire.InvalEntry(node, paths.encode(name)))
+                return
+            if i == len(parts) - 1:
+                self._notify(wire.InvalEntry(node, paths.encode(name)))
+            node = child
+        self._notify(wire.InvalInode(node, 0, 0))
+
+    def _notify(self, body: wire.Body) -> None:
+        self._notify_seq = (self._notify_seq + 1) & 0xFFFFFFFF
+        data = wire.encode_notify(wire.Notify(body, self._notify_seq))
+        try:
+            self._notify_send.send_nowait(data)
+        except anyio.WouldBlock:
+            self.stats.notifications_dropped += 1  # the attribute TTL still bounds staleness
+
+    def pending_notifications(self) -> list[bytes]:
+        """Take the queued notifications (for drivers that do not use :meth:`serve`)."""
+        out = []
+        while True:
+            try:
+                out.append(self._notify_recv.receive_nowait())
+            except anyio.WouldBlock:
+                return out
+
+    async def aclose(self) -> None:
+        """Release every handle the guest left open."""
+        files = list(self._files.items.values())
+        self._files.items.clear()
+        self._dirs.items.clear()
+        for entry in files:
+            await entry.handle.release()
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def _entry(self, node: int, attr: Attr) -> wire.EntryReply:
+        return wire.EntryReply(node, 0, self.entry_ttl_ms, self.attr_ttl_ms, attr)
+
+    def _file(self, fh: int) -> FileHandle:
+        entry: _OpenFile = self._files.get(fh)
+        return entry.handle
+
+    async def _new_entry(self, parent: int, name: str, attr: Attr) -> wire.EntryReply:
+        return self._entry(self.nodes.lookup(parent, name), attr)
+
+    # --- handlers ----------------------------------------------------------------------------
+
+    async def _hello(self, req: wire.Hello) -> wire.HelloReply:
+        if req.version != wire.VERSION:
+            raise VfsError(EPROTO, f"guest speaks version {req.version}")
+        return wire.HelloReply(
+            version=wire.VERSION,
+            max_io=min(req.max_io, wire.MAX_IO),
+            flags=wire.HELLO_READONLY if self.provider.readonly else 0,
+            entry_ttl_ms=self.entry_ttl_ms,
+            attr_ttl_ms=self.attr_ttl_ms,
+            negative_ttl_ms=self.negative_ttl_ms,
+        )
+
+    async def _lookup(self, req: wire.Lookup) -> wire.EntryReply:
+        name = _name(req.name)
+        attr = await self.provider.getattr(self.nodes.child_path(req.parent, name))
+        return await self._new_entry(req.parent, name, attr)
+
+    async def _forget(self, req: wire.Forget) -> None:
+        for node, count in req.items:
+            self.nodes.forget(node, count)
+
+    async def _getattr(self, req: wire.Getattr) -> wire.AttrReply:
+        if req.fh:
+            attr = await self._file(req.fh).getattr()
+        else:
+            attr = await self.provider.getattr(self.nodes.path(req.node))
+        return wire.AttrReply(self.attr_ttl_ms, attr)
+
+    async def _setattr(self, req: wire.Setattr) -> wire.AttrReply:
+        v = req.valid
+        now = self._clock()
+        changes = SetAttr(
+            mode=req.mode & 0o7777 if v & wire.FATTR_MODE else None,
+            uid=req.uid if v & wire.FATTR_UID else None,
+            gid=req.gid if v & wire.FATTR_GID else None,
+            size=req.size if v & wire.FATTR_SIZE else None,
+            atime_ns=now
+            if v & wire.FATTR_ATIME_NOW
+            else (req.atime_ns if v & wire.FATTR_ATIME else None),
+            mtime_ns=now
+            if v & wire.FATTR_MTIME_NOW
+            else (req.mtime_ns if v & wire.FATTR_MTIME else None),
+        )
+        if req.fh:
+            handle = self._file(req.fh)
+            attr = await (handle.getattr() if changes.empty else handle.setattr(changes))
+        else:
+            path = self.nodes.path(req.node)
+            attr = await (
+                self.provider.getattr(path)
+                if changes.empty
+                else self.provider.setattr(path, changes)
+            )
+        return wire.AttrReply(self.attr_ttl_ms, attr)
+
+    async def _readlink(self, req: wire.Readlink) -> wire.DataReply:
+        target = await self.provider.readlink(self.nodes.path(req.node))
+        return wire.DataReply(paths.encode(target))
+
+    async def _symlink(self, req: wire.Symlink) -> wire.EntryReply:
+        name = _name(req.name)
+        target = paths.check_target(paths.decode(req.target))
+        path = self.nodes.child_path(req.parent, name)
+        attr = await self.provider.symlink(path, target, current_caller.get())
+        return await self._new_entry(req.parent, name, attr)
+
+    async def _mkdir(self, req: wire.Mkdir) -> wire.EntryReply:
+        name = _name(req.name)
+        path = self.nodes.child_path(req.parent, name)
+        attr = await self.provider.mkdir(path, req.mode & 0o7777, current_caller.get())
+        return await self._new_entry(req.parent, name, attr)
+
+    async def _unlink(self, req: wire.Unlink) -> wire.EmptyReply:
+        name = _name(req.name)
+        await self.provider.unlink(self.nodes.child_path(req.parent, name))
+        self.nodes.detach(req.parent, name)
+        return wire.EmptyReply()
+
+    async def _rmdir(self, req: wire.Rmdir) -> wire.EmptyReply:
+        name = _name(req.name)
+        await self.provider.rmdir(self.nodes.child_path(req.parent, name))
+        self.nodes.detach(req.parent, name)
+        return wire.EmptyReply()
+
+    async def _rename(self, req: wire.Rename) -> wire.EmptyReply:
+        old, new = _name(req.old_name), _name(req.new_name)
+        src = self.nodes.child_path(req.old_parent, old)
+        dst = self.nodes.child_path(req.new_parent, new)
+        await self.provider.rename(src, dst, req.flags)
+        if req.flags & wire.RENAME_EXCHANGE:
+            self.nodes.exchange(req.old_parent, old, req.new_parent, new)
+        else:
+            self.nodes.move(req.old_parent, old, req.new_parent, new)
+        return wire.EmptyReply()
+
+    async def _link(self, req: wire.Link) -> wire.EntryReply:
+        name = _name(req.new_name)
+        src = self.nodes.path(req.node)
+        attr = await self.provider.link(src, self.nodes.child_path(req.new_parent, name))
+        return await self._new_entry(req.new_parent, name, attr)
+
+    async def _add_file(self, handle: FileHandle, node: int) -> int:
+        try:
+            return self._files.add(_OpenFile(handle, node))
+        except VfsError:
+            await handle.release()
+            raise
+
+    async def _open(self, req: wire.Open) -> wire.OpenReply:
+        mode = OpenMode.from_linux_flags(req.flags)
+        handle = await self.provider.open(self.nodes.path(req.node), mode)
+        return wire.OpenReply(await self._add_file(handle, req.node), 0)
+
+    async def _create(self, req: wire.Create) -> wire.CreateReply:
+        name = _name(req.name)
+        mode = OpenMode.from_linux_flags(req.flags | _O_CREAT)
+        path = self.nodes.child_path(req.parent, name)
+        handle = await self.provider.create(path, req.mode & 0o7777, mode, current_caller.get())
+        try:
+            attr = await handle.getattr()
+            node = self.nodes.lookup(req.parent, name)
+        except BaseException:
+            await handle.release()
+            raise
+        fh = await self._add_file(handle, node)
+        return wire.CreateReply(self._entry(node, attr), wire.OpenReply(fh, 0))
+
+    async def _read(self, req: wire.Read) -> wire.DataReply:
+        data = await self._file(req.fh).read(req.offset, req.size)
+        self.stats.bytes_read += len(data)
+        return wire.DataReply(data)
+
+    async def _write(self, req: wire.Write) -> wire.SizeReply:
+        written = await self._file(req.fh).write(req.offset, req.data)
+        self.stats.bytes_written += written
+        return wire.SizeReply(written)
+
+    async def _statfs(self, req: wire.Statfs) -> wire.StatFs:
+        return await self.provider.statfs(self.nodes.path(req.node))
+
+    async def _release(self, req: wire.Release) -> wire.EmptyReply:
+        entry: _OpenFile = self._files.pop(req.fh)
+        await entry.handle.release()
+        return wire.EmptyReply()
+
+    async def _fsync(self, req: wire.Fsync) -> wire.EmptyReply:
+        await self._file(req.fh).fsync(bool(req.datasync))
+        return wire.EmptyReply()
+
+    async def _flush(self, req: wire.Flush) -> wire.EmptyReply:
+        await self._file(req.fh).flush()
+        return wire.EmptyReply()
+
+    async def _opendir(self, req: wire.Opendir) -> wire.OpenReply:
+        path = self.nodes.path(req.node)
+        attr = await self.provider.getattr(path)
+        if not stat.S_ISDIR(attr.mode):
+            raise VfsError(ENOTDIR)
+        listing = await self.provider.readdir(path)
+        parent = Attr(ino=1, mode=stat.S_IFDIR | 0o755)
+        entries = [(b".", attr), (b"..", parent if req.node != ROOT_NODE else attr)]
+        entries.extend((paths.encode(e.name), e.attr) for e in listing)
+        return wire.OpenReply(self._dirs.add(_OpenDir(req.node, entries)), 0)
+
+    async def _readdir(self, req: wire.Readdir) -> wire.ReaddirReply:
+        snap: _OpenDir = self._dirs.get(req.dh)
+        plus = bool(req.plus)
+        budget = min(req.size, wire.MAX_IO)
+        out: list[wire.Dirent] = []
+        index = req.offset
+        while index < len(snap.entries) and len(out) < wire.MAX_DIRENTS:
+            name, attr = snap.entries[index]
+            cost = wire.fuse_dirent_size(len(name), plus)
+            if cost > budget:
+                break
+            entry = None
+            if plus and name not in (b".", b".."):
+                try:
+                    node = self.nodes.lookup(snap.node, paths.decode(name))
+                except VfsError:
+                    if out:
+                        break  # node table full: hand out what we have
+                    raise
+                entry = self._entry(node, attr)
+            budget -= cost
+            index += 1
+            out.append(wire.Dirent(index, attr.ino, dtype(attr.mode), name, entry))
+        return wire.ReaddirReply(plus, tuple(out))
+
+    async def _releasedir(self, req: wire.Releasedir) -> wire.EmptyReply:
+        self._dirs.pop(req.dh)
+        return wire.EmptyReply()
+
+    async def _access(self, req: wire.Access) -> wire.EmptyReply:
+        await self.provider.access(self.nodes.path(req.node), req.mask, current_caller.get())
+        return wire.EmptyReply()
+
+    async def _fallocate(self, req: wire.Fallocate) -> wire.EmptyReply:
+        await self._file(req.fh).fallocate(req.offset, req.length, req.mode)
+        return wire.EmptyReply()
+
+    async def _copy_file_range(self, req: wire.CopyFileRange) -> wire.SizeReply:
+        if req.flags:
+            raise VfsError(EINVAL)
+        src, dst = self._file(req.fh_in), self._file(req.fh_out)
+        copied = await copy_range(src, req.off_in, dst, req.off_out, req.length)
+        self.stats.bytes_written += copied
+        return wire.SizeReply(copied)
