@@ -29,3 +29,9 @@ class BodyTooLarge(HttpMediationError):
     """A request or hook-materialised body exceeded its cap."""
 
     status = 413
+
+
+class GuestProtocolError(HttpMediationError):
+    """The guest broke HTTP framing mid-request (truncated or malformed body, reset stream)."""
+
+    status = 400

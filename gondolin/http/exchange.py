@@ -19,7 +19,13 @@ from dataclasses import dataclass
 
 import anyio
 
-from .errors import EgressBlocked, HttpMediationError, UpstreamError
+from .errors import (
+    BodyTooLarge,
+    EgressBlocked,
+    GuestProtocolError,
+    HttpMediationError,
+    UpstreamError,
+)
 from .hooks import AuditEvent, Decision, HttpHooks, maybe_await
 from .messages import DEFAULT_MAX_BODY, Body, HttpRequest, HttpResponse
 from .upstream import MAX_REDIRECTS, UpstreamClient, redirect_request
@@ -206,6 +212,8 @@ class Exchange:
             response = await self.upstream.send(wire)
         except EgressBlocked as exc:
             return self._refuse(conn, outgoing, 403, Decision.BLOCKED, exc.reason)
+        except (BodyTooLarge, GuestProtocolError):
+            raise  # the guest connection is in an unknown state: its server answers and cleans up
         except HttpMediationError as exc:
             decision = Decision.REJECTED if exc.status < 500 else Decision.ERROR
             return self._refuse(conn, outgoing, exc.status, decision, exc.reason)

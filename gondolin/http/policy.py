@@ -190,8 +190,6 @@ class HostPattern:
 
 
 def _parse_patterns(patterns: Iterable[str]) -> tuple[HostPattern, ...]:
-    if isinstance(patterns, str):
-        raise TypeError("host patterns must be a list of strings, not a single string")
     seen: dict[str, HostPattern] = {}
     for text in patterns:
         pattern = HostPattern.parse(text)
@@ -209,6 +207,8 @@ class EgressPolicy:
         *,
         block_internal_ranges: bool = True,
     ) -> None:
+        if isinstance(allowed_hosts, str) or isinstance(allowed_internal_hosts, str):
+            raise TypeError("host patterns must be a list of strings, not a single string")
         self._internal = _parse_patterns(allowed_internal_hosts)
         # Names allowed to reach internal addresses are implicitly allowed egress too.
         self._allowed = _parse_patterns([*allowed_hosts, *(p.text for p in self._internal)])

@@ -19,7 +19,7 @@ import h11
 import httpcore2
 from anyio.abc import ByteStream
 
-from .errors import BodyTooLarge, HttpMediationError
+from .errors import BodyTooLarge, GuestProtocolError, HttpMediationError
 from .exchange import Limits, close_body
 from .messages import (
     DEFAULT_PORTS,
@@ -40,12 +40,6 @@ DRAIN_LIMIT = 64 << 10  # unread request body we swallow to keep a connection al
 DRAIN_TIMEOUT = 1.0
 TUNNEL_READ_SIZE = 64 << 10
 _STREAM_GONE = (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
-
-
-class GuestProtocolError(HttpMediationError):
-    """The guest broke HTTP framing mid-request (truncated or malformed body)."""
-
-    status = 400
 
 
 class RequestHandler(Protocol):
@@ -111,7 +105,12 @@ async def _serve_one(conn: _Connection, handler: RequestHandler, scheme: str) ->
         await _send_error(conn, handler.reject(status, reason, partial))
         return False
     request = request_or_error
-    response = await _handle(handler, request)
+    try:
+        response = await handler.handle(request)
+    except (BodyTooLarge, GuestProtocolError) as exc:
+        # The request body is in an unknown state: answer and close.
+        await _send_error(conn, handler.reject(exc.status, exc.reason, request))
+        return False
     if response.upgraded is not None and response.status == 101:
         await _tunnel(conn, response)
         return False
@@ -119,15 +118,6 @@ async def _serve_one(conn: _Connection, handler: RequestHandler, scheme: str) ->
     if not ok or conn.h11.our_state is not h11.DONE:
         return False
     return await _finish_request_body(conn)
-
-
-async def _handle(handler: RequestHandler, request: HttpRequest) -> HttpResponse:
-    try:
-        return await handler.handle(request)
-    except BodyTooLarge as exc:
-        return handler.reject(413, exc.reason, request)
-    except GuestProtocolError as exc:
-        return handler.reject(400, exc.reason, request)
 
 
 def _build_request(

@@ -24,7 +24,7 @@ import h2.exceptions
 import h2.settings
 from anyio.abc import ByteStream, TaskGroup
 
-from .errors import BodyTooLarge, HttpMediationError
+from .errors import BodyTooLarge, GuestProtocolError, HttpMediationError
 from .exchange import Limits, close_body
 from .messages import (
     DEFAULT_PORTS,
@@ -36,7 +36,7 @@ from .messages import (
     parse_target,
     strip_hop_by_hop,
 )
-from .server_h1 import GuestProtocolError, RequestHandler
+from .server_h1 import RequestHandler
 
 logger = logging.getLogger(__name__)
 
