@@ -138,8 +138,17 @@ class OverlayProvider(Provider):
     async def _existing(self, path: str) -> Attr:
         attr = await self._attr(path)
         if attr is None:
-            raise VfsError(ENOENT)
+            raise await self._missing(path)
         return attr
+
+    async def _missing(self, path: str) -> VfsError:
+        """ENOENT, or ENOTDIR when the nearest existing ancestor is not a directory."""
+        parts = paths.split(path)
+        for depth in range(len(parts) - 1, 0, -1):
+            attr = await self._attr(paths.join(parts[:depth]))
+            if attr is not None:
+                return VfsError(ENOENT if _is_dir(attr) else ENOTDIR)
+        return VfsError(ENOENT)
 
     async def _dir(self, path: str) -> Attr:
         attr = await self._existing(path)
@@ -154,7 +163,7 @@ class OverlayProvider(Provider):
         up, lo = await self._layers(path)
         merged = self._merge(path, up, lo)
         if merged is None:
-            raise VfsError(ENOENT)
+            raise await self._missing(path)
         if not _is_dir(merged):
             raise VfsError(ENOTDIR)
         lower: dict[str, Attr] = {}
@@ -178,7 +187,7 @@ class OverlayProvider(Provider):
             return await self.upper.readlink(path)
         if lo is not None:
             return await self.lower.readlink(path)
-        raise VfsError(ENOENT)
+        raise await self._missing(path)
 
     async def statfs(self, path: str) -> StatFs:
         return await self.lower.statfs("/")
@@ -193,7 +202,7 @@ class OverlayProvider(Provider):
             return _UpperHandle(await self.upper.open(path, mode))
         if lo is not None:
             return await self.lower.open(path, mode)
-        raise VfsError(ENOENT)
+        raise await self._missing(path)
 
     # --- copy-up -----------------------------------------------------------------------------
 
@@ -203,7 +212,7 @@ class OverlayProvider(Provider):
         if up is not None:
             return up
         if lo is None:
-            raise VfsError(ENOENT)
+            raise await self._missing(path)
         parts = paths.split(path)
         if parts:
             parent = await self._copy_up(paths.join(parts[:-1]))
@@ -313,7 +322,7 @@ class OverlayProvider(Provider):
             up, lo = await self._layers(path)
             attr = self._merge(path, up, lo)
             if attr is None:
-                raise VfsError(ENOENT)
+                raise await self._missing(path)
             if _is_dir(attr):
                 raise VfsError(EISDIR)
             if not self.redirect(path):
@@ -331,7 +340,7 @@ class OverlayProvider(Provider):
             up, lo = await self._layers(path)
             attr = self._merge(path, up, lo)
             if attr is None:
-                raise VfsError(ENOENT)
+                raise await self._missing(path)
             if not _is_dir(attr):
                 raise VfsError(ENOTDIR)
             if await self.readdir(path):
@@ -366,7 +375,7 @@ class OverlayProvider(Provider):
             s_attr = self._merge(src, s_up, s_lo)
             d_attr = self._merge(dst, d_up, d_lo)
             if s_attr is None:
-                raise VfsError(ENOENT)
+                raise await self._missing(src)
             await self._dir(paths.join(dparts[:-1]))
             if sparts == dparts:
                 return
