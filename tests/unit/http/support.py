@@ -227,6 +227,8 @@ class UpstreamServer:
             }
             chunks = [json.dumps(payload).encode()]
             headers = [("content-type", "application/json")]
+        elif path == "/count":
+            chunks = [str(len(seen.body)).encode()]
         elif path.startswith("/bytes/"):
             n = int(path.rsplit("/", 1)[1])
             block = bytes(range(256)) * 64
@@ -322,3 +324,164 @@ def static_resolver(table: dict[str, list[str]]) -> Callable[[str, int], Any]:
         return list(table[host])
 
     return resolve
+
+
+# -- HTTP/2 guest client ---------------------------------------------------------------------
+
+
+@dataclass
+class H2Result:
+    status: int = 0
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytearray = field(default_factory=bytearray)
+    ended: bool = False
+    reset: int | None = None
+    done: anyio.Event = field(default_factory=anyio.Event)
+
+
+class H2Client:
+    """A minimal HTTP/2 client on the ``h2`` library, reading in a background task."""
+
+    def __init__(self, stream: ByteStream, tg: Any, *, window: int = 1 << 24) -> None:
+        import h2.config
+        import h2.connection
+
+        self.stream = stream
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        self.results: dict[int, H2Result] = {}
+        self.terminated: Any = None
+        self.window_open = anyio.Event()
+        self.auto_ack = True
+        self.conn.initiate_connection()
+        if window > 65535:
+            self.conn.increment_flow_control_window(window - 65535)
+        tg.start_soon(self._reader)
+
+    async def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data:
+            await self.stream.send(data)
+
+    async def _reader(self) -> None:
+        import h2.events
+
+        await self.flush()
+        while True:
+            try:
+                data = await self.stream.receive()
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                break
+            for event in self.conn.receive_data(data):
+                sid = getattr(event, "stream_id", None)
+                result = self.results.get(sid) if sid else None
+                if isinstance(event, h2.events.ResponseReceived) and result:
+                    for n, v in event.headers:
+                        if n == b":status":
+                            result.status = int(v)
+                        else:
+                            result.headers[n.decode()] = v.decode()
+                elif isinstance(event, h2.events.DataReceived) and result:
+                    result.body += event.data
+                    if self.auto_ack and sid is not None:
+                        self.conn.acknowledge_received_data(event.flow_controlled_length or 0, sid)
+                elif isinstance(event, h2.events.StreamEnded) and result:
+                    result.ended = True
+                    result.done.set()
+                elif isinstance(event, h2.events.StreamReset) and result:
+                    result.reset = event.error_code
+                    result.done.set()
+                elif isinstance(event, h2.events.WindowUpdated):
+                    self.window_open.set()
+                    self.window_open = anyio.Event()
+                elif isinstance(event, h2.events.ConnectionTerminated):
+                    self.terminated = event
+            await self.flush()
+        for result in self.results.values():
+            result.done.set()
+
+    async def request(
+        self, method: str, authority: str, path: str, *, headers: list[tuple[str, str]] | None = None,
+        body: bytes = b"", end: bool = True,
+    ) -> int:
+        sid = self.conn.get_next_available_stream_id()
+        self.results[sid] = H2Result()
+        hdrs = [(":method", method), (":scheme", "https"), (":authority", authority), (":path", path)]
+        hdrs += headers or []
+        self.conn.send_headers(sid, [(n.encode(), v.encode()) for n, v in hdrs], end_stream=not body and end)
+        await self.flush()
+        if body:
+            await self.send_body(sid, body, end=end)
+        return sid
+
+    async def send_body(self, sid: int, body: bytes, *, end: bool = True) -> None:
+        view = memoryview(body)
+        while view:
+            window = min(self.conn.local_flow_control_window(sid), self.conn.max_outbound_frame_size)
+            if window <= 0:
+                await self.window_open.wait()
+                continue
+            self.conn.send_data(sid, bytes(view[:window]))
+            view = view[window:]
+            await self.flush()
+        if end:
+            self.conn.end_stream(sid)
+            await self.flush()
+
+    async def response(self, sid: int, limit: float = 10) -> H2Result:
+        with anyio.fail_after(limit):
+            await self.results[sid].done.wait()
+        return self.results[sid]
+
+
+# -- TLS set-ups ------------------------------------------------------------------------------
+
+UPSTREAM_NAME = "upstream.test"
+
+
+@asynccontextmanager
+async def tls_setup(
+    mitm_ca: CertificateAuthority, upstream_ca: CertificateAuthority, *, limits: Any = None, trust_upstream: bool = True,
+    **hook_kwargs: Any,
+) -> AsyncIterator[tuple[HttpMediator, UpstreamServer]]:
+    """A mediator intercepting TLS, and a TLS upstream for ``upstream.test`` (-> 127.0.0.1)."""
+    from gondolin.http import create_http_hooks
+
+    hook_kwargs.setdefault("allowed_internal_hosts", [UPSTREAM_NAME])
+    hooks, _ = create_http_hooks(**hook_kwargs)
+    async with upstream_server(upstream_tls_context(upstream_ca, UPSTREAM_NAME)) as server, HttpMediator(
+        hooks,
+        mitm_ca,
+        limits=limits,
+        resolver=static_resolver({UPSTREAM_NAME: ["127.0.0.1"]}),
+        upstream_ca_pem=upstream_ca.cert_pem if trust_upstream else None,
+    ) as mediator:
+        yield mediator, server
+
+
+@asynccontextmanager
+async def tls_guest(
+    mediator: HttpMediator, ca: CertificateAuthority, sni: str | None = UPSTREAM_NAME, *,
+    alpn: tuple[str, ...] = ("http/1.1",), flow_hostname: str | None = None,
+) -> AsyncIterator[Any]:
+    """The guest's TLS connection through the mediator (a strict stdlib ssl client)."""
+    from anyio.streams.tls import TLSStream
+
+    ctx = client_context(ca, alpn=list(alpn))
+    if sni is None:
+        ctx.check_hostname = False
+    async with guest_connection(mediator, tls_flow(sni, hostname=flow_hostname)) as raw:
+        with anyio.fail_after(10):
+            tls = await TLSStream.wrap(raw, server_side=False, hostname=sni, ssl_context=ctx, standard_compatible=False)
+        yield tls
+
+
+@asynccontextmanager
+async def h2_guest(mediator: HttpMediator, ca: CertificateAuthority, **kwargs: Any) -> AsyncIterator[H2Client]:
+    from anyio.streams.tls import TLSAttribute
+
+    async with tls_guest(mediator, ca, alpn=("h2", "http/1.1"), **kwargs) as tls:
+        assert tls.extra(TLSAttribute.alpn_protocol) == "h2"
+        async with anyio.create_task_group() as tg:
+            client = H2Client(tls, tg)
+            yield client
+            tg.cancel_scope.cancel()
