@@ -15,7 +15,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TypeAlias, TypeVar, cast
+from typing import Any, TypeAlias, TypeVar
 
 from .messages import HttpRequest, HttpResponse
 from .policy import EgressPolicy
@@ -32,10 +32,11 @@ OnResponse = Callable[[HttpResponse, HttpRequest], MaybeAwaitable[HttpResponse |
 IsRequestAllowed = Callable[[HttpRequest], MaybeAwaitable[bool]]
 
 
-async def maybe_await(value: MaybeAwaitable[T]) -> T:
+async def maybe_await(value: Any) -> Any:
+    """The result of a sync or async user callback."""
     if inspect.isawaitable(value):
-        return cast(T, await value)
-    return cast(T, value)
+        return await value
+    return value
 
 
 class Decision(enum.Enum):

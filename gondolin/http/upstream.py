@@ -264,9 +264,8 @@ def redirect_request(request: HttpRequest, response: HttpResponse) -> HttpReques
     location = response.header("location")
     if response.status not in REDIRECT_STATUSES or not location or request.upgrade:
         return None
-    absolute = urljoin(request.url, location.strip())
-    absolute = absolute.split("#", 1)[0]
     try:
+        absolute = urljoin(request.url, location.strip()).split("#", 1)[0]
         target = parse_target(absolute)
         if target.scheme is None or target.authority is None or urlsplit(absolute).scheme not in DEFAULT_PORTS:
             raise ValueError("not http(s)")

@@ -336,3 +336,16 @@ async def test_plain_http_flow_to_tls_upstream_via_absolute_form(mitm_ca: Certif
 
 def test_ssl_module_is_strict_here() -> None:
     assert ssl.HAS_SNI
+
+
+@pytest.mark.parametrize("protocol", ["ssh", "mapped-tcp", "tls-without-ca"])
+async def test_flows_it_does_not_serve_are_closed(protocol: str) -> None:
+    from gondolin.net.flow import FlowInfo, FlowProtocol
+
+    from .support import guest_connection
+
+    kind = FlowProtocol.TLS if protocol == "tls-without-ca" else FlowProtocol(protocol)
+    async with HttpMediator() as mediator:
+        async with guest_connection(mediator, FlowInfo(kind, "192.168.127.3", 1, "192.0.2.1", 22, None)) as guest:
+            assert await read_all(guest) == b""
+    assert mediator.stats.refused_flows == 1
