@@ -76,6 +76,7 @@ class NetworkConfig:
     ssh_ports: frozenset[int] = frozenset({22})
     guest_mac: str | None = None
     connect_timeout: float = CONNECT_TIMEOUT
+    resolver_port: int = 53  # where trusted/open DNS queries are sent (tests use a high port)
 
     def stack_config(self) -> StackConfig:
         resolvers = self.trusted_resolvers
@@ -301,7 +302,7 @@ class NetworkDriver:
         try:
             with anyio.move_on_after(DNS_TIMEOUT):
                 async with await anyio.create_connected_udp_socket(
-                        request.server, 53) as sock:
+                        request.server, self.config.resolver_port) as sock:
                     await sock.send(request.payload)
                     reply = await sock.receive()
                     self.stack.dns_reply(request.request_id, reply)

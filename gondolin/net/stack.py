@@ -13,6 +13,7 @@ frames, pending DNS forwards, the synthetic name table, and per-flow TCP buffers
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
 import secrets
 from collections import OrderedDict, deque
@@ -119,7 +120,7 @@ class _DataMarker:
 
 class _Flow:
     __slots__ = ("id", "key", "conn", "dst_ip", "dst_port", "hostname", "announced",
-                 "classify_buf", "classify_deadline", "ssh_allowed")
+                 "classify_buf", "classify_deadline", "ssh_allowed", "timer_at")
 
     def __init__(self, flow_id: int, key: tuple[int, bytes, int], conn: tcp.TcpConnection,
                  hostname: str | None, ssh_allowed: bool) -> None:
@@ -133,6 +134,15 @@ class _Flow:
         self.classify_buf = bytearray()
         self.classify_deadline: float | None = None
         self.ssh_allowed = ssh_allowed
+        self.timer_at: float | None = None  # the deadline this flow has in the timer heap
+
+    def deadline(self) -> float | None:
+        conn_deadline = self.conn.next_deadline()
+        if self.classify_deadline is None:
+            return conn_deadline
+        if conn_deadline is None:
+            return self.classify_deadline
+        return min(conn_deadline, self.classify_deadline)
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +189,10 @@ class NetworkStack:
         self._events: list[StackEvent | _DataMarker] = []
         self._pending_data: dict[int, bytearray] = {}
         self._send_waiters: dict[int, None] = {}  # flows refused by MAX_SEND_TOTAL
+        self._send_pool = tcp.SendPool()
+        # (deadline, flow id); entries whose deadline is no longer the flow's timer_at are
+        # stale and skipped, so re-arming a timer is a push, never a search.
+        self._timers: list[tuple[float, int]] = []
         self._dns_pending: dict[int, _PendingDns] = {}
         self._next_dns_id = 1
         self._ip_ident = 0
@@ -345,7 +359,8 @@ class NetworkStack:
             return
         if len(self._time_wait) >= MAX_TIME_WAIT:
             self._remove(self._flows[next(iter(self._time_wait))])
-        conn = tcp.TcpConnection(seg, self._rng() & 0xFFFFFFFF, now, accept=target is None)
+        conn = tcp.TcpConnection(seg, self._rng() & 0xFFFFFFFF, now, accept=target is None,
+                                 pool=self._send_pool)
         flow = _Flow(self._next_flow_id, (seg.src_port, dst_ip, seg.dst_port), conn,
                      hostname, ssh_allowed)
         self._next_flow_id += 1
@@ -356,6 +371,7 @@ class NetworkStack:
         else:
             flow.classify_deadline = now + CLASSIFY_TIMEOUT
         self._dirty[flow.id] = None
+        self._rearm(flow)
 
     def _refusal(self, dst_ip: bytes, port: int, hostname: str | None,
                  ssh_allowed: bool) -> str | None:
@@ -399,6 +415,7 @@ class NetworkStack:
         if conn.state is tcp.TcpState.TIME_WAIT and flow.key not in self._time_wait:
             self._time_wait[flow.key] = None
         self._dirty[flow.id] = None
+        self._rearm(flow)
         if self._send_waiters and self._send_total() <= MAX_SEND_TOTAL // 2:
             for flow_id in self._send_waiters:
                 self._events.append(FlowWritable(flow_id))
@@ -533,7 +550,7 @@ class NetworkStack:
         return total
 
     def _send_total(self) -> int:
-        return sum(flow.conn.queued for flow in self._flows.values())
+        return self._send_pool.used
 
     # -- output -----------------------------------------------------------------------------
 
@@ -573,6 +590,7 @@ class NetworkStack:
                 out.append(self._ip_frame(flow.dst_ip, ipv4.PROTO_TCP,
                                           seg.build(flow.dst_ip, self.guest_ip)))
                 sent += len(seg.payload)
+            self._rearm(flow)
             if flow.conn.wants_output():
                 self._dirty[flow_id] = None  # back of the queue: others get their turn
         self.stats.frames_out += len(out)
@@ -606,28 +624,48 @@ class NetworkStack:
 
     # -- timers -----------------------------------------------------------------------------
 
+    def _rearm(self, flow: _Flow) -> None:
+        deadline = flow.deadline()
+        if deadline != flow.timer_at:
+            flow.timer_at = deadline
+            if deadline is not None:
+                heapq.heappush(self._timers, (deadline, flow.id))
+                if len(self._timers) > 4 * len(self._flows) + 64:
+                    self._timers = [(f.timer_at, f.id) for f in self._flows.values()
+                                    if f.timer_at is not None]
+                    heapq.heapify(self._timers)
+
+    def _live_timer(self) -> tuple[float, _Flow] | None:
+        while self._timers:
+            deadline, flow_id = self._timers[0]
+            flow = self._flows_by_id.get(flow_id)
+            if flow is not None and flow.timer_at == deadline:
+                return deadline, flow
+            heapq.heappop(self._timers)  # stale
+        return None
+
     def next_timer(self) -> float | None:
         """The earliest time :meth:`on_timer` has work to do, or None."""
-        best: float | None = None
-        for flow in self._flows.values():
-            for deadline in (flow.conn.next_deadline(), flow.classify_deadline):
-                if deadline is not None and (best is None or deadline < best):
-                    best = deadline
-        for pending in self._dns_pending.values():
-            if best is None or pending.deadline < best:
-                best = pending.deadline
+        head = self._live_timer()
+        best = head[0] if head is not None else None
+        if self._dns_pending:  # insertion order is deadline order (fixed timeout)
+            dns_deadline = next(iter(self._dns_pending.values())).deadline
+            if best is None or dns_deadline < best:
+                best = dns_deadline
         return best
 
     def on_timer(self, now: float) -> None:
-        for flow in list(self._flows.values()):
-            if flow.key not in self._flows:
-                continue
+        due: list[_Flow] = []
+        while (head := self._live_timer()) is not None and head[0] <= now:
+            heapq.heappop(self._timers)
+            head[1].timer_at = None
+            due.append(head[1])
+        for flow in due:
+            if self._flows_by_id.get(flow.id) is not flow:
+                continue  # removed while handling an earlier one
             if flow.classify_deadline is not None and now >= flow.classify_deadline:
                 self.stats.reject("classify-timeout")
                 self._abort(flow, "classify-timeout")
-                continue
-            deadline = flow.conn.next_deadline()
-            if deadline is None or now < deadline:
                 continue
             rst = flow.conn.on_timer(now)
             if rst is not None:

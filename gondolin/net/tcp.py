@@ -177,6 +177,16 @@ class Closed:
 ConnEvent = Established | Received | PeerFin | Writable | Closed
 
 
+class SendPool:
+    """Bytes queued for sending across many connections (one VM), kept current by each
+    connection so a VM-wide cap costs O(1) to check."""
+
+    __slots__ = ("used",)
+
+    def __init__(self) -> None:
+        self.used = 0
+
+
 def _unwrap(wire: int, ref: int, base: int) -> int:
     """The offset (from ``base``) whose 32-bit wire value is ``wire``, nearest to ``ref``."""
     delta = (wire - base - ref) % _SEQ_MOD
@@ -189,7 +199,8 @@ class TcpConnection:
     """One guest-initiated connection, from its SYN to CLOSED."""
 
     def __init__(self, syn: TcpSegment, iss: int, now: float, *, accept: bool = True,
-                 recv_buffer: int = RECV_BUFFER, send_buffer: int = SEND_BUFFER) -> None:
+                 recv_buffer: int = RECV_BUFFER, send_buffer: int = SEND_BUFFER,
+                 pool: SendPool | None = None) -> None:
         self.local_port = syn.dst_port
         self.remote_port = syn.src_port
         self.iss = iss
@@ -199,6 +210,7 @@ class TcpConnection:
         self.recv_buffer = recv_buffer
         self.send_buffer = send_buffer
         self.close_reason = ""
+        self._pool = pool or SendPool()
         # Send side (offsets from iss; offset 0 is our SYN).
         self.snd_una = 0
         self.snd_nxt = 0
@@ -252,6 +264,7 @@ class TcpConnection:
             self._want_writable = True
         if n > 0:
             self._sbuf += data[:n]
+            self._pool.used += n
         return n
 
     @property
@@ -373,6 +386,7 @@ class TcpConnection:
         data_acked = min(ack, data_end) - self._data_base
         if data_acked > 0:
             del self._sbuf[:data_acked]
+            self._pool.used -= data_acked
             self._data_base += data_acked
         self.snd_una = ack
         if self.snd_nxt < ack:
@@ -602,6 +616,7 @@ class TcpConnection:
             return
         self.state = S.CLOSED
         self.close_reason = reason
+        self._pool.used -= len(self._sbuf)
         self._sbuf = bytearray()
         self._ooo.clear()
         self._rto_at = self._persist_at = self._state_at = None

@@ -6,9 +6,13 @@ back through :meth:`FakeGuest.deliver`, so the same guest works against the sans
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from gondolin.net import ethernet, icmp, ipv4, tcp
+import anyio
+import anyio.abc
+
+from gondolin.net import ethernet, icmp, ipv4
 from gondolin.net.stack import GATEWAY_IP, GATEWAY_MAC, GUEST_IP, NetworkStack
 from gondolin.net.tcp import ACK, FIN, PSH, RST, SYN, TcpSegment
 from gondolin.net.udp import UdpDatagram
@@ -237,4 +241,40 @@ def tcp_flags(seg: TcpSegment) -> str:
     return "".join(n for bit, n in names if seg.flags & bit)
 
 
-__all__ = ["FakeGuest", "GuestTcp", "pump", "tcp", "tcp_flags", "ip", "GW_IP", "G_IP"]
+
+
+class SocketGuest:
+    """A FakeGuest wired to the driver through a byte stream with QEMU's netdev framing."""
+
+    def __init__(self, stream: anyio.abc.ByteStream, guest: FakeGuest | None = None) -> None:
+        self.stream = stream
+        self.guest = guest or FakeGuest()
+        self._buf = bytearray()
+
+    async def flush(self) -> None:
+        out = b"".join(len(f).to_bytes(4, "big") + f for f in self.guest.take_outbox())
+        if out:
+            await self.stream.send(out)
+
+    async def run_until(self, done: Callable[[], bool], limit: float = 10.0) -> None:
+        """Exchange frames (the guest auto-ACKs) until ``done()`` holds; fails after
+        ``limit`` seconds."""
+        with anyio.fail_after(limit):
+            await self._exchange(done)
+
+    async def settle(self, seconds: float = 0.2) -> None:
+        """Exchange frames for a while without a goal."""
+        with anyio.move_on_after(seconds):
+            await self._exchange(lambda: False)
+
+    async def _exchange(self, done: Callable[[], bool]) -> None:
+        await self.flush()
+        while not done():
+            self._buf += await self.stream.receive()
+            while len(self._buf) >= 4:
+                n = int.from_bytes(self._buf[:4], "big")
+                if len(self._buf) < 4 + n:
+                    break
+                self.guest.deliver(bytes(self._buf[4:4 + n]))
+                del self._buf[:4 + n]
+            await self.flush()

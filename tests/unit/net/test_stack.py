@@ -546,6 +546,7 @@ def test_memory_stays_bounded_under_a_flood() -> None:
     limit = 20 * tcp.RECV_BUFFER + 20 * tcp.MAX_OOO_SEGMENTS * 1500
     assert st.memory_in_use() <= limit
     assert all(len(f.conn._ooo) <= tcp.MAX_OOO_SEGMENTS for f in st._flows.values())
+    assert len(st._timers) <= 4 * len(st._flows) + 64
 
 
 def test_data_and_fin_in_one_segment_keep_order() -> None:
