@@ -1,0 +1,1 @@
+"""QEMU control: command line, process, accelerator choice."""

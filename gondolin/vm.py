@@ -1,0 +1,407 @@
+"""The VM: boot a guest under QEMU, run commands in it, move files in and out, close it for sure."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+import signal as _signal
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Coroutine, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import anyio
+from anyio.abc import SocketListener
+
+from ._log import get_logger
+from .channel import Channel
+from .errors import GondolinError, MissingToolError, VMClosedError, VMDiedError, VMStartError
+from .exec import ExecProcess, StdinSource, StreamMode, normalize_command
+from .fs import GuestFS
+from .images import Image, ImageStore, ensure_image
+from .protocol import DEFAULT_WINDOW, T
+from .qemu import accel as _accel
+from .qemu.argv import MachineSpec, SerialPort, build_argv, parse_memory
+from .qemu.process import QemuProcess, find_qemu
+
+log = get_logger("vm")
+RootfsMode = Literal["cow", "readonly", "memory"]
+CONTROL_PORT = "gondolin.control"
+DEFAULT_START_TIMEOUT = float(os.environ.get("GONDOLIN_START_TIMEOUT", "120"))
+RUN_PREFIX = "gondolin-vm-"
+
+
+def _run_base() -> Path:
+    return Path(tempfile.gettempdir())
+
+
+def gc_run_dirs() -> int:
+    """Remove run directories left behind by host processes that died without cleaning up."""
+    removed = 0
+    for d in _run_base().glob(f"{RUN_PREFIX}*"):
+        try:
+            owner = int((d / "owner.pid").read_text())
+        except (OSError, ValueError):
+            owner = 0
+        if owner and _pid_alive(owner):
+            continue
+        if not owner and time.time() - d.stat().st_mtime < 60:
+            continue  # being created right now
+        shutil.rmtree(d, ignore_errors=True)
+        removed += 1
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class _TaskSet:
+    """Background tasks owned by one VM; cancelled and awaited when it closes."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            coro.close()
+            raise GondolinError("gondolin needs an asyncio event loop (anyio's asyncio backend)") from None
+        task = loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("background task failed: %r", task.exception())
+
+    async def cancel_all(self, timeout: float = 5.0) -> None:
+        tasks = [t for t in self._tasks if not t.done()]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(timeout):
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class VM:
+    """A running micro-VM. Create it with ``await VM.create(...)``; close it with ``await vm.close()``
+    or ``async with``. Every wait has a timeout; nothing (QEMU, sockets, temp files) outlives it."""
+
+    def __init__(self, *, image: Image, memory_mb: int, cpus: int, env: Mapping[str, str], rootfs: RootfsMode,
+                 accel: str, hostname: str, start_timeout: float, label: str | None) -> None:
+        self.id = uuid.uuid4().hex[:12]
+        self.image = image
+        self.memory_mb = memory_mb
+        self.cpus = cpus
+        self.env = dict(env)
+        self.rootfs = rootfs
+        self.accel = accel
+        self.hostname = hostname
+        self.label = label
+        self._start_timeout = start_timeout
+        self._tasks = _TaskSet()
+        self._qemu: QemuProcess | None = None
+        self._channel: Channel | None = None
+        self._listener: SocketListener | None = None
+        self._run_dir: Path | None = None
+        self._closed = False
+        self._close_lock = anyio.Lock()
+        self.fs = GuestFS(self)
+        self.boot_time: float | None = None
+        self.guest_boot_ms: int | None = None
+
+    # -- creation --------------------------------------------------------------
+    @classmethod
+    async def create(
+        cls,
+        *,
+        memory: int | str = 512,
+        cpus: int = 1,
+        env: Mapping[str, str] | None = None,
+        rootfs: RootfsMode = "cow",
+        image: str = "default",
+        hostname: str = "gondolin",
+        start_timeout: float | None = None,
+        label: str | None = None,
+        accel: str | None = None,
+    ) -> VM:
+        """Boot a VM and return it once its agent answers.
+
+        ``memory`` in MiB (or "1G"), ``cpus`` vCPUs, ``env`` defaults for every exec, ``rootfs``:
+        ``"cow"`` (writes go to a throwaway qcow2 overlay), ``"memory"`` (writes go to guest RAM) or
+        ``"readonly"``; ``image``: a ref name, build id or image directory (``"default"`` is built on
+        first use). ``accel``: ``"kvm"``/``"tcg"`` (default: probe once, or ``GONDOLIN_ACCEL``).
+        """
+        if rootfs not in ("cow", "readonly", "memory"):
+            raise ValueError(f"rootfs must be 'cow', 'readonly' or 'memory', not {rootfs!r}")
+        if cpus < 1 or cpus > 64:
+            raise ValueError("cpus must be between 1 and 64")
+        memory_mb = parse_memory(memory)
+        find_qemu()
+        store = ImageStore()
+        img = await anyio.to_thread.run_sync(ensure_image, image, store)
+        timeout = DEFAULT_START_TIMEOUT if start_timeout is None else start_timeout
+        chosen = accel or await _accel.choose(img, cls._probe_boot)
+        vm = cls(image=img, memory_mb=memory_mb, cpus=cpus, env=env or {}, rootfs=rootfs, accel=chosen,
+                 hostname=hostname, start_timeout=timeout, label=label)
+        try:
+            await vm._start()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await vm.close()
+            raise
+        return vm
+
+    @classmethod
+    async def _probe_boot(cls, image: Image, accel: str, timeout: float) -> None:
+        vm = cls(image=image, memory_mb=256, cpus=1, env={}, rootfs="readonly", accel=accel,
+                 hostname="probe", start_timeout=timeout, label="accelerator probe")
+        try:
+            await vm._start()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await vm.close()
+
+    async def _start(self) -> None:
+        t0 = time.monotonic()
+        gc_run_dirs()
+        self._run_dir = Path(tempfile.mkdtemp(prefix=RUN_PREFIX, dir=_run_base()))
+        (self._run_dir / "owner.pid").write_text(str(os.getpid()))
+        control_path = str(self._run_dir / "control.sock")
+        self._listener = await anyio.create_unix_listener(control_path)
+        disk, fmt, readonly, mode = self._prepare_disk()
+        spec = MachineSpec(
+            kernel=str(self.image.kernel), initrd=str(self.image.initrd), disk=disk, disk_format=fmt,
+            disk_readonly=readonly, root_mode=mode, memory_mb=self.memory_mb, cpus=self.cpus,
+            accel=self.accel, ports=(SerialPort(CONTROL_PORT, control_path),),
+            extra_append="gondolin.debug=1 loglevel=6" if os.environ.get("GONDOLIN_GUEST_DEBUG") else "",
+        )
+        self._qemu = QemuProcess(build_argv(spec, find_qemu()))
+        try:
+            self._qemu.start()
+        except OSError as exc:
+            raise VMStartError(f"cannot start QEMU: {exc}") from exc
+        self._tasks.spawn(self._qemu.watch())
+        qemu = self._qemu
+        try:
+            with anyio.fail_after(self._start_timeout):
+                stream = await self._accept_or_exit(self._listener)
+                self._channel = Channel(stream, qemu.console_tail, self._wait_qemu_exit)
+                self._tasks.spawn(self._channel.run())
+                hello = await self._first_message(T.HELLO)
+                self.guest_boot_ms = int(hello.p.get("boot_ms") or 0)
+                await self._configure()
+        except TimeoutError:
+            raise VMStartError(
+                f"the guest agent did not answer within {self._start_timeout:.0f}s (accelerator {self.accel}); "
+                "raise start_timeout / GONDOLIN_START_TIMEOUT, or set GONDOLIN_ACCEL=tcg if KVM hangs here",
+                qemu.console_tail(), code="vm_start_timeout") from None
+        except VMDiedError as exc:
+            raise VMStartError(f"the VM stopped while booting (QEMU exit code {qemu.returncode})",
+                               exc.console or qemu.console_tail()) from None
+        finally:
+            await self._listener.aclose()
+            self._listener = None
+        self.boot_time = time.monotonic() - t0
+        log.debug("vm %s ready in %.3fs (guest agent at %sms uptime)", self.id, self.boot_time, self.guest_boot_ms)
+
+    def _prepare_disk(self) -> tuple[str, str, bool, str]:
+        base = str(self.image.rootfs)
+        if self.rootfs == "readonly":
+            return base, "raw", True, "ro"
+        if self.rootfs == "memory":
+            return base, "raw", True, "overlay"
+        qemu_img = shutil.which("qemu-img")
+        if not qemu_img:
+            raise MissingToolError("qemu-img", "qemu-utils", "create copy-on-write disks")
+        assert self._run_dir is not None
+        overlay = str(self._run_dir / "root.qcow2")
+        proc = subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-F", "raw", "-b", base, overlay],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise VMStartError(f"qemu-img could not create the overlay disk: {proc.stderr.strip()}")
+        return overlay, "qcow2", False, "rw"
+
+    async def _wait_qemu_exit(self) -> None:
+        if self._qemu is not None:
+            await self._qemu.exited.wait()
+
+    async def _accept_or_exit(self, listener: SocketListener) -> Any:
+        """Accept QEMU's connection to the control socket, unless QEMU exits first."""
+        qemu = self._qemu
+        assert qemu is not None
+        result: list[Any] = []
+        async with anyio.create_task_group() as tg:
+            async def accept() -> None:
+                result.append(await listener.accept())
+                tg.cancel_scope.cancel()
+
+            async def exited() -> None:
+                await qemu.exited.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(accept)
+            tg.start_soon(exited)
+        if not result:
+            raise VMStartError(f"QEMU exited at start (exit code {qemu.returncode})", qemu.console_tail())
+        return result[0]
+
+    async def _first_message(self, t: int) -> Any:
+        assert self._channel is not None
+        while True:
+            try:
+                msg = await self._channel.next_unsolicited()
+            except (anyio.EndOfStream, anyio.ClosedResourceError):
+                self._channel.refresh_console()
+                raise self._channel.dead or VMDiedError("the VM stopped while booting") from None
+            if msg.t == t:
+                return msg
+            log.debug("ignoring unsolicited %s during boot", msg.type_name)
+
+    async def _configure(self) -> None:
+        channel = self._require_channel()
+        inbox = channel.open()
+        try:
+            await channel.send_message(T.CONFIGURE, inbox.id, os.urandom(64), clock_ns=time.time_ns(),
+                                       hostname=self.hostname, env=self.env)
+            msg = await inbox.get()
+            if msg.t != T.CONFIGURED:
+                raise VMStartError(f"guest rejected its configuration: {msg.p}")
+            for err in msg.p.get("errors") or []:
+                log.warning("guest configuration: %s", err)
+        finally:
+            inbox.close()
+
+    # -- operations ------------------------------------------------------------
+    def _require_channel(self) -> Channel:
+        if self._closed:
+            raise VMClosedError("this VM is closed")
+        if self._channel is None:
+            raise VMClosedError("this VM is not running")
+        if self._channel.dead is not None:
+            self._channel.refresh_console()
+            raise self._channel.dead
+        return self._channel
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        self._tasks.spawn(coro)
+
+    def exec(
+        self,
+        command: str | list[str] | tuple[str, ...],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | int | None = None,
+        stdin: StdinSource = None,
+        pty: bool = False,
+        rows: int = 24,
+        cols: int = 80,
+        timeout: float | None = None,
+        stdout: StreamMode = "buffer",
+        stderr: StreamMode = "buffer",
+        window: int = DEFAULT_WINDOW,
+    ) -> ExecProcess:
+        """Run a command. A string runs through ``/bin/sh -c``; a list is executed directly (PATH
+        is searched). ``await`` the result for an :class:`ExecResult`, or pipe and iterate.
+
+        ``stdin``: bytes/str/iterable/async iterable to send then close, or ``True`` to write it
+        yourself with ``proc.write()`` / ``proc.close_stdin()``. ``timeout`` (seconds) kills the
+        process in the guest when it expires (``result.timed_out``). ``user``: name or uid.
+        """
+        request: dict[str, Any] = normalize_command(command)
+        if env:
+            request["env"] = {str(k): str(v) for k, v in env.items()}
+        if cwd is not None:
+            if not cwd.startswith("/"):
+                raise ValueError(f"cwd must be an absolute guest path, got {cwd!r}")
+            request["cwd"] = cwd
+        if user is not None:
+            request["user"] = user
+        if pty:
+            request.update(pty=True, rows=rows, cols=cols)
+        if timeout is not None:
+            if timeout <= 0:
+                raise ValueError("timeout must be positive")
+            request["timeout"] = timeout
+        if self._closed:
+            raise VMClosedError("this VM is closed")
+        return ExecProcess(self, request, stdin=stdin, stdout=stdout, stderr=stderr, window=window,
+                           timeout=timeout)
+
+    async def ping(self, timeout: float = 10.0) -> float:
+        """Round trip to the guest agent, in seconds."""
+        channel = self._require_channel()
+        inbox = channel.open()
+        try:
+            t0 = time.perf_counter()
+            with anyio.fail_after(timeout):
+                await channel.send_message(T.PING, inbox.id)
+                await inbox.get()
+            return time.perf_counter() - t0
+        finally:
+            inbox.close()
+
+    @property
+    def running(self) -> bool:
+        return not self._closed and self._channel is not None and self._channel.dead is None
+
+    @property
+    def qemu_pid(self) -> int | None:
+        return self._qemu.pid if self._qemu else None
+
+    def console(self, lines: int = 50) -> list[str]:
+        """The last lines QEMU's serial console printed."""
+        return self._qemu.console_tail(lines) if self._qemu else []
+
+    # -- teardown --------------------------------------------------------------
+    async def close(self) -> None:
+        """Stop the VM and remove everything it created. Safe to call twice, from any task."""
+        async with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+            with anyio.CancelScope(shield=True):
+                if self._channel is not None:
+                    await self._channel.aclose()
+                if self._listener is not None:
+                    await self._listener.aclose()
+                if self._qemu is not None:
+                    await self._qemu.stop()
+                await self._tasks.cancel_all()
+                if self._run_dir is not None:
+                    shutil.rmtree(self._run_dir, ignore_errors=True)
+            log.debug("vm %s closed", self.id)
+
+    async def __aenter__(self) -> VM:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def kill_qemu(self) -> None:
+        """Kill the QEMU process abruptly (for tests of failure handling)."""
+        if self._qemu is not None and self._qemu.pid:
+            os.kill(self._qemu.pid, _signal.SIGKILL)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("running" if self.running else "starting")
+        return f"<VM {self.id} {state} image={self.image.build_id[:12]} accel={self.accel}>"
+
+
+def new_hostname() -> str:
+    return f"gondolin-{secrets.token_hex(3)}"

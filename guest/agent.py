@@ -1,0 +1,828 @@
+"""Gondolin guest agent: PID 1 of the micro-VM and the control service on the control port.
+
+Stdlib only. One single-threaded selector loop serves every exec and file operation, so file
+operations run interleaved with execs instead of waiting behind them. Every byte stream is
+credit-limited in both directions, so no buffer here grows beyond what the host granted.
+
+The wire format lives in ``gondolin.protocol`` (copied next to this file at image build).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import pwd
+import selectors
+import shutil
+import signal
+import socket
+import stat as statmod
+import struct
+import subprocess
+import sys
+import termios
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from gondolin.protocol import (  # noqa: E402
+    DATA_CHUNK,
+    DEFAULT_WINDOW,
+    FrameDecoder,
+    FrameError,
+    Message,
+    T,
+    message,
+)
+
+CONTROL_PORT_NAME = "gondolin.control"
+READ_CHUNK = 64 * 1024  # one read from a child pipe
+CONTROL_READ = 1024 * 1024
+STDIN_WINDOW = 256 * 1024  # bytes of stdin the host may have in flight per exec
+PTY_DRAIN_SECONDS = 0.25  # after the main process exits, how long to drain its output
+PIPE_DRAIN_SECONDS = 0.5  # same for pipes kept open by background children
+RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2]), linux/random.h
+MAX_PATH = 4096
+BOOT_T0 = time.monotonic()
+
+
+def log(msg: str) -> None:
+    try:
+        os.write(2, f"gondolin-agent: {msg}\n".encode())
+    except OSError:
+        pass
+
+
+def find_port(name: str, timeout: float = 10.0) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        base = "/sys/class/virtio-ports"
+        try:
+            for entry in os.listdir(base):
+                try:
+                    with open(f"{base}/{entry}/name") as f:
+                        if f.read().strip() == name:
+                            return f"/dev/{entry}"
+                except OSError:
+                    continue
+        except FileNotFoundError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"virtio port {name!r} not found")
+        time.sleep(0.01)
+
+
+def errno_error(id: int, exc: OSError, op: str) -> bytes:
+    code = errno.errorcode.get(exc.errno or 0, "EIO")
+    return message(
+        T.ERROR,
+        id,
+        code=code,
+        errno=exc.errno or errno.EIO,
+        message=f"{op}: {exc.strerror or exc}" + (f": {exc.filename!r}" if exc.filename else ""),
+    )
+
+
+class Exec:
+    """One running process and the byte streams that connect it to the host."""
+
+    def __init__(self, agent: Agent, id: int, p: dict) -> None:
+        self.agent = agent
+        self.id = id
+        self.pty = bool(p.get("pty"))
+        self.want_stdin = bool(p.get("stdin"))
+        window = int(p.get("window") or DEFAULT_WINDOW)
+        self.credit = {T.STDOUT: window, T.STDERR: window}
+        self.fds: dict[int, int] = {}  # fd -> stream type
+        self.stdin_fd: int | None = None
+        self.stdin_buf = bytearray()
+        self.stdin_eof = False
+        self.stdin_returned = 0  # credit owed back to the host for written stdin bytes
+        self.proc: subprocess.Popen | None = None
+        self.status: int | None = None
+        self.exited_at: float | None = None
+        self.timed_out = False
+        timeout = p.get("timeout")
+        self.deadline = time.monotonic() + float(timeout) if timeout else None
+        self.done = False
+
+    # -- start -------------------------------------------------------------
+    def start(self, p: dict) -> None:
+        agent = self.agent
+        user = p.get("user")
+        env = agent.base_env(user)
+        env.update(agent.vm_env)
+        env.update({str(k): str(v) for k, v in (p.get("env") or {}).items()})
+        uid = gid = None
+        if user is not None:
+            pw = agent.lookup_user(user)
+            uid, gid = pw.pw_uid, pw.pw_gid
+        cwd = p.get("cwd") or env.get("HOME") or "/"
+        if p.get("shell") is not None:
+            argv = ["/bin/sh", "-c", str(p["shell"])]
+        else:
+            argv = [str(a) for a in p["argv"]]
+        if not argv:
+            raise ValueError("empty argv")
+        extra: dict = {}
+        if uid is not None:
+            extra.update(user=uid, group=gid, extra_groups=[])
+        if self.pty:
+            master, slave = os.openpty()
+            self._winsize(master, int(p.get("rows") or 24), int(p.get("cols") or 80))
+            env.setdefault("TERM", "xterm-256color")
+
+            def setctty() -> None:
+                fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+            try:
+                self.proc = subprocess.Popen(
+                    argv, stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env,
+                    start_new_session=True, preexec_fn=setctty, close_fds=True, **extra,
+                )
+            finally:
+                os.close(slave)
+            os.set_blocking(master, False)
+            self.fds[master] = T.STDOUT
+            self.stdin_fd = master
+        else:
+            # Our own pipes (plain fds, not file objects) so closing them is ours alone.
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)
+            in_r, in_w = os.pipe2(os.O_CLOEXEC) if self.want_stdin else (subprocess.DEVNULL, -1)
+            try:
+                self.proc = subprocess.Popen(
+                    argv, stdin=in_r, stdout=out_w, stderr=err_w, cwd=cwd, env=env,
+                    start_new_session=True, close_fds=True, **extra,
+                )
+            except BaseException:
+                for fd in (out_r, err_r, in_w):
+                    if fd >= 0:
+                        os.close(fd)
+                raise
+            finally:
+                for fd in (out_w, err_w, in_r):
+                    if fd >= 0:
+                        os.close(fd)
+            for fd, kind in ((out_r, T.STDOUT), (err_r, T.STDERR)):
+                os.set_blocking(fd, False)
+                self.fds[fd] = kind
+            if in_w >= 0:
+                os.set_blocking(in_w, False)
+                self.stdin_fd = in_w
+        agent.by_pid[self.proc.pid] = self
+        for fd in self.fds:
+            agent.watch_read(fd, self)
+        agent.send(message(T.EXEC_STARTED, self.id, pid=self.proc.pid, stdin_window=STDIN_WINDOW))
+
+    @staticmethod
+    def _winsize(fd: int, rows: int, cols: int) -> None:
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    # -- events ------------------------------------------------------------
+    def on_readable(self, fd: int) -> None:
+        kind = self.fds.get(fd)
+        if kind is None:
+            return
+        credit = self.credit[kind]
+        if credit <= 0:
+            self.agent.unwatch_read(fd)
+            return
+        try:
+            data = os.read(fd, min(READ_CHUNK, credit))
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.EIO:  # EIO: PTY slave closed
+                log(f"exec {self.id}: read: {exc}")
+            data = b""
+        if not data:
+            self._close_fd(fd)
+            self.maybe_finish()
+            return
+        self.credit[kind] -= len(data)
+        self.agent.send(message(kind, self.id, data))
+        if self.credit[kind] <= 0:
+            self.agent.unwatch_read(fd)
+
+    def on_writable(self, fd: int) -> None:
+        self.flush_stdin()
+
+    def add_credit(self, p: dict) -> None:
+        for key, kind in (("stdout", T.STDOUT), ("stderr", T.STDERR)):
+            n = int(p.get(key) or 0)
+            if n > 0:
+                was = self.credit[kind]
+                self.credit[kind] += n
+                if was <= 0:
+                    for fd, k in self.fds.items():
+                        if k == kind:
+                            self.agent.watch_read(fd, self)
+
+    def stdin_data(self, data: bytes) -> None:
+        if self.stdin_fd is None or self.stdin_eof:
+            return
+        if len(self.stdin_buf) + len(data) > STDIN_WINDOW * 2:
+            log(f"exec {self.id}: host exceeded stdin credit; dropping {len(data)} bytes")
+            return
+        self.stdin_buf += data
+        self.flush_stdin()
+
+    def stdin_close(self) -> None:
+        self.stdin_eof = True
+        self.flush_stdin()
+
+    def flush_stdin(self) -> None:
+        fd = self.stdin_fd
+        if fd is None:
+            return
+        while self.stdin_buf:
+            try:
+                n = os.write(fd, self.stdin_buf[:65536])
+            except BlockingIOError:
+                self.agent.watch_write(fd, self)
+                return
+            except OSError:  # reader went away: discard what is left
+                self.stdin_returned += len(self.stdin_buf)
+                self.stdin_buf.clear()
+                break
+            del self.stdin_buf[:n]
+            self.stdin_returned += n
+        self.agent.unwatch_write(fd)
+        if self.stdin_returned:
+            self.agent.send(message(T.CREDIT, self.id, stdin=self.stdin_returned))
+            self.stdin_returned = 0
+        if self.stdin_eof:
+            if self.pty:
+                try:
+                    os.write(fd, b"\x04")
+                except OSError:
+                    pass
+                self.stdin_eof = False  # only one ^D per close
+                self.want_stdin = False
+            else:
+                self.agent.unwatch_write(fd)
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+                self.stdin_fd = None
+
+    def signal(self, signum: int) -> None:
+        if self.proc is None or self.status is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signum)
+        except OSError:
+            try:
+                os.kill(self.proc.pid, signum)
+            except OSError:
+                pass
+
+    def resize(self, rows: int, cols: int) -> None:
+        if self.pty and self.fds:
+            fd = next(iter(self.fds))
+            try:
+                self._winsize(fd, rows, cols)
+            except OSError:
+                pass
+
+    def on_exit(self, status: int) -> None:
+        self.status = status
+        self.exited_at = time.monotonic()
+        self.maybe_finish()
+
+    def check_timers(self, now: float) -> None:
+        if self.status is None and self.deadline is not None and now >= self.deadline:
+            self.timed_out = True
+            self.deadline = None
+            self.signal(signal.SIGKILL)
+        if self.status is not None and self.exited_at is not None and not self.done:
+            limit = PTY_DRAIN_SECONDS if self.pty else PIPE_DRAIN_SECONDS
+            # Output pending behind exhausted credit is not abandoned: the host will grant more.
+            starved = any(self.credit[k] <= 0 for k in self.fds.values())
+            if now - self.exited_at >= limit and not starved:
+                for fd in list(self.fds):
+                    self._close_fd(fd)
+                self.maybe_finish()
+
+    def _close_fd(self, fd: int) -> None:
+        self.agent.unwatch_read(fd)
+        self.fds.pop(fd, None)
+        if fd == self.stdin_fd:
+            self.agent.unwatch_write(fd)
+            self.stdin_fd = None
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+    def maybe_finish(self) -> None:
+        if self.done or self.status is None or self.fds:
+            return
+        self.done = True
+        if self.stdin_fd is not None:
+            self.agent.unwatch_write(self.stdin_fd)
+            try:
+                os.close(self.stdin_fd)
+            except OSError:
+                pass
+            self.stdin_fd = None
+        st = self.status
+        if os.WIFSIGNALED(st):
+            sig = os.WTERMSIG(st)
+            code, signame = 128 + sig, sig
+        else:
+            code, signame = os.WEXITSTATUS(st), None
+        self.agent.send(message(T.EXIT, self.id, exit_code=code, signal=signame, timed_out=self.timed_out))
+        self.agent.execs.pop(self.id, None)
+
+
+class FileRead:
+    def __init__(self, agent: Agent, id: int, p: dict) -> None:
+        self.agent = agent
+        self.id = id
+        self.fd = os.open(agent.check_path(p["path"]), os.O_RDONLY | os.O_CLOEXEC)
+        st = os.fstat(self.fd)
+        if statmod.S_ISDIR(st.st_mode):
+            os.close(self.fd)
+            raise IsADirectoryError(errno.EISDIR, "Is a directory", p["path"])
+        if p.get("offset"):
+            os.lseek(self.fd, int(p["offset"]), os.SEEK_SET)
+        self.remaining = int(p["length"]) if p.get("length") is not None else None
+        self.credit = int(p.get("window") or DEFAULT_WINDOW)
+        self.chunk = max(1024, min(int(p.get("chunk") or DATA_CHUNK), DATA_CHUNK))
+        agent.send(message(T.FILE_DONE, id, size=st.st_size, mode=st.st_mode))
+
+    def pump(self) -> bool:
+        """Send at most one chunk. Returns False when there is nothing to do until more credit."""
+        if self.credit <= 0:
+            return False
+        n = min(self.chunk, self.credit)
+        if self.remaining is not None:
+            n = min(n, self.remaining)
+        try:
+            data = os.read(self.fd, n) if n > 0 else b""
+        except OSError as exc:
+            self.agent.send(errno_error(self.id, exc, "read"))
+            self.close()
+            return False
+        if not data:
+            self.agent.send(message(T.FILE_EOF, self.id))
+            self.close()
+            return False
+        self.credit -= len(data)
+        if self.remaining is not None:
+            self.remaining -= len(data)
+        self.agent.send(message(T.FILE_DATA, self.id, data))
+        return self.credit > 0
+
+    def close(self) -> None:
+        os.close(self.fd)
+        self.agent.reads.pop(self.id, None)
+
+
+class FileWrite:
+    def __init__(self, agent: Agent, id: int, p: dict) -> None:
+        self.agent = agent
+        self.id = id
+        path = agent.check_path(p["path"])
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
+        flags |= os.O_APPEND if p.get("append") else os.O_TRUNC
+        mode = int(p["mode"]) if p.get("mode") is not None else 0o644
+        if p.get("parents"):
+            os.makedirs(os.path.dirname(path) or "/", exist_ok=True)
+        self.fd = os.open(path, flags, mode)
+        if p.get("mode") is not None:
+            os.fchmod(self.fd, mode)
+        if p.get("user") is not None:
+            pw = agent.lookup_user(p["user"])
+            os.fchown(self.fd, pw.pw_uid, pw.pw_gid)
+        self.size = 0
+        self.pending_credit = 0
+        self.error: OSError | None = None
+
+    def data(self, data: bytes) -> None:
+        if self.error is None:
+            try:
+                view = memoryview(data)
+                while view:
+                    n = os.write(self.fd, view)
+                    view = view[n:]
+                self.size += len(data)
+            except OSError as exc:
+                self.error = exc
+        self.pending_credit += len(data)
+        if self.pending_credit >= DEFAULT_WINDOW // 4:
+            self.agent.send(message(T.CREDIT, self.id, file=self.pending_credit))
+            self.pending_credit = 0
+
+    def finish(self) -> None:
+        self.agent.writes.pop(self.id, None)
+        try:
+            os.close(self.fd)
+        except OSError as exc:
+            self.error = self.error or exc
+        if self.error is not None:
+            self.agent.send(errno_error(self.id, self.error, "write"))
+        else:
+            self.agent.send(message(T.FILE_DONE, self.id, size=self.size))
+
+
+class Agent:
+    def __init__(self, port: str) -> None:
+        self.fd = os.open(port, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        self.sel = selectors.DefaultSelector()
+        self.decoder = FrameDecoder()
+        self.out = bytearray()
+        self.execs: dict[int, Exec] = {}
+        self.by_pid: dict[int, Exec] = {}
+        self.reads: dict[int, FileRead] = {}
+        self.writes: dict[int, FileWrite] = {}
+        self.vm_env: dict[str, str] = {}
+        self._login_env: dict[str, str] | None = None
+        self._read_watch: dict[int, object] = {}
+        self._write_watch: dict[int, object] = {}
+        self.writing = False
+        rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.wake_r = rfd
+        signal.set_wakeup_fd(wfd)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.sel.register(self.fd, selectors.EVENT_READ, "control")
+        self.sel.register(self.wake_r, selectors.EVENT_READ, "wake")
+
+    # -- environment -------------------------------------------------------
+    def login_env(self) -> dict[str, str]:
+        """The environment a login shell sets up, computed once (a login shell per exec is slow)."""
+        if self._login_env is None:
+            env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+            try:
+                out = subprocess.run(
+                    ["/bin/sh", "-lc", "exec env -0"], capture_output=True, timeout=20,
+                    env={"HOME": "/root", "USER": "root", "LOGNAME": "root", "SHELL": "/bin/bash",
+                         "PATH": env["PATH"], "TERM": "dumb"}, cwd="/",
+                ).stdout
+                for item in out.split(b"\0"):
+                    k, sep, v = item.decode(errors="replace").partition("=")
+                    if sep and k not in ("PWD", "SHLVL", "_", "OLDPWD", "TERM"):
+                        env[k] = v
+            except (OSError, subprocess.SubprocessError) as exc:
+                log(f"login environment: {exc}")
+            env.setdefault("LANG", "C.UTF-8")
+            self._login_env = env
+        return self._login_env
+
+    def lookup_user(self, user: object) -> pwd.struct_passwd:
+        try:
+            if isinstance(user, int) or (isinstance(user, str) and user.isdigit()):
+                return pwd.getpwuid(int(user))
+            return pwd.getpwnam(str(user))
+        except KeyError:
+            raise LookupError(f"no such user in the guest: {user!r}") from None
+
+    def base_env(self, user: object) -> dict[str, str]:
+        env = dict(self.login_env())
+        pw = self.lookup_user(user if user is not None else 0)
+        env.update(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name, SHELL=pw.pw_shell or "/bin/sh")
+        if pw.pw_uid != 0:
+            env["PATH"] = "/usr/local/bin:/usr/bin:/bin"
+        return env
+
+    @staticmethod
+    def check_path(path: object) -> str:
+        if not isinstance(path, str) or not path.startswith("/") or "\0" in path or len(path) > MAX_PATH:
+            raise OSError(errno.EINVAL, "path must be an absolute path", str(path)[:200])
+        return path
+
+    # -- I/O plumbing ------------------------------------------------------
+    def send(self, frame: bytes) -> None:
+        self.out += frame
+        self.flush()
+
+    def flush(self) -> None:
+        while self.out:
+            try:
+                n = os.write(self.fd, self.out[:1 << 20])
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno in (errno.EAGAIN, errno.ENXIO, errno.EPIPE):
+                    break
+                raise
+            del self.out[:n]
+        want = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.out else 0)
+        if bool(self.out) != self.writing:
+            self.writing = bool(self.out)
+            self.sel.modify(self.fd, want, "control")
+
+    def watch_read(self, fd: int, owner: object) -> None:
+        self._watch(fd, owner, self._read_watch)
+
+    def unwatch_read(self, fd: int) -> None:
+        self._unwatch(fd, self._read_watch)
+
+    def watch_write(self, fd: int, owner: object) -> None:
+        self._watch(fd, owner, self._write_watch)
+
+    def unwatch_write(self, fd: int) -> None:
+        self._unwatch(fd, self._write_watch)
+
+    def _watch(self, fd: int, owner: object, table: dict[int, object]) -> None:
+        if fd in table:
+            return
+        table[fd] = owner
+        self._sync(fd)
+
+    def _unwatch(self, fd: int, table: dict[int, object]) -> None:
+        if table.pop(fd, None) is not None:
+            self._sync(fd)
+
+    def _sync(self, fd: int) -> None:
+        events = (selectors.EVENT_READ if fd in self._read_watch else 0) | (
+            selectors.EVENT_WRITE if fd in self._write_watch else 0
+        )
+        owner = self._read_watch.get(fd) or self._write_watch.get(fd)
+        try:
+            self.sel.get_key(fd)
+            registered = True
+        except KeyError:
+            registered = False
+        if not events:
+            if registered:
+                self.sel.unregister(fd)
+        elif registered:
+            self.sel.modify(fd, events, owner)
+        else:
+            self.sel.register(fd, events, owner)
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            ex = self.by_pid.pop(pid, None)
+            if ex is not None:
+                if ex.proc is not None:
+                    ex.proc.returncode = status  # keep Popen from waiting on it again
+                ex.on_exit(status)
+
+    # -- messages ----------------------------------------------------------
+    def handle(self, m: Message) -> None:
+        t, id, p = m.t, m.id, m.p
+        if t == T.STDIN:
+            ex = self.execs.get(id)
+            if ex:
+                ex.stdin_data(m.data)
+        elif t == T.FILE_DATA:
+            w = self.writes.get(id)
+            if w:
+                w.data(m.data)
+        elif t == T.CREDIT:
+            ex = self.execs.get(id)
+            if ex:
+                ex.add_credit(p)
+            r = self.reads.get(id)
+            if r:
+                r.credit += int(p.get("file") or 0)
+        elif t == T.EXEC:
+            self.start_exec(id, p)
+        elif t == T.STDIN_EOF:
+            ex = self.execs.get(id)
+            if ex:
+                ex.stdin_close()
+        elif t == T.SIGNAL:
+            ex = self.execs.get(id)
+            if ex:
+                ex.signal(int(p.get("signal") or signal.SIGKILL))
+        elif t == T.RESIZE:
+            ex = self.execs.get(id)
+            if ex:
+                ex.resize(int(p.get("rows") or 24), int(p.get("cols") or 80))
+        elif t == T.FILE_EOF:
+            w = self.writes.get(id)
+            if w:
+                w.finish()
+        elif t == T.FILE_READ:
+            self.guard(id, "open", lambda: self.reads.__setitem__(id, FileRead(self, id, p)))
+        elif t == T.FILE_WRITE:
+            def start() -> None:
+                self.writes[id] = FileWrite(self, id, p)
+                self.send(message(T.CREDIT, id, file=0))
+            self.guard(id, "open", start)
+        elif t in (T.STAT, T.LISTDIR, T.MKDIR, T.RENAME, T.REMOVE):
+            self.guard(id, T(t).name.lower(), lambda: self.send(message(T.FILE_DONE, id, **self.fileop(t, p))))
+        elif t == T.CONFIGURE:
+            self.configure(id, p, m.data)
+        elif t == T.PING:
+            self.send(message(T.PONG, id, data=m.data))
+        elif t == T.SHUTDOWN:
+            os.sync()
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.reboot(0x4321FEDC)  # LINUX_REBOOT_CMD_POWER_OFF
+        else:
+            self.send(message(T.ERROR, id, code="unknown_message", message=f"unknown message type {t}"))
+
+    def guard(self, id: int, op: str, fn) -> None:  # type: ignore[no-untyped-def]
+        try:
+            fn()
+        except OSError as exc:
+            self.send(errno_error(id, exc, op))
+        except (LookupError, ValueError, TypeError, KeyError) as exc:
+            self.send(message(T.ERROR, id, code="invalid_request", message=f"{op}: {exc}"))
+
+    def start_exec(self, id: int, p: dict) -> None:
+        if id in self.execs:
+            self.send(message(T.ERROR, id, code="duplicate_id", message=f"exec id {id} is in use"))
+            return
+        ex = Exec(self, id, p)
+        try:
+            ex.start(p)
+        except (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError) as exc:
+            cwd = p.get("cwd")
+            if cwd and exc.filename == cwd:
+                what = f"working directory {cwd!r}"
+            else:
+                what = f"{exc.filename or (p.get('argv') or ['/bin/sh'])[0]!r}"
+            msg = f"gondolin: cannot execute {what}: {exc.strerror}\n"
+            self.send(message(T.EXEC_STARTED, id, pid=0, stdin_window=0))
+            self.send(message(T.STDERR, id, msg.encode()))
+            self.send(message(T.EXIT, id, exit_code=126 if isinstance(exc, PermissionError) else 127,
+                              signal=None, timed_out=False, error=msg.strip()))
+            return
+        except (OSError, LookupError, ValueError, TypeError, KeyError, subprocess.SubprocessError) as exc:
+            self.send(message(T.ERROR, id, code="exec_failed", message=f"cannot start process: {exc}"))
+            return
+        self.execs[id] = ex
+
+    def fileop(self, t: int, p: dict) -> dict:
+        if t == T.STAT:
+            path = self.check_path(p["path"])
+            st = os.stat(path) if p.get("follow", True) else os.lstat(path)
+            return {
+                "mode": st.st_mode, "size": st.st_size, "uid": st.st_uid, "gid": st.st_gid,
+                "mtime_ns": st.st_mtime_ns, "atime_ns": st.st_atime_ns, "ctime_ns": st.st_ctime_ns,
+                "nlink": st.st_nlink, "ino": st.st_ino,
+            }
+        if t == T.LISTDIR:
+            entries = []
+            with os.scandir(self.check_path(p["path"])) as it:
+                for e in it:
+                    kind = "dir" if e.is_dir(follow_symlinks=False) else (
+                        "symlink" if e.is_symlink() else ("file" if e.is_file(follow_symlinks=False) else "other"))
+                    entries.append([e.name, kind])
+            entries.sort()
+            return {"entries": entries}
+        if t == T.MKDIR:
+            path = self.check_path(p["path"])
+            mode = int(p.get("mode") or 0o755)
+            if p.get("parents"):
+                os.makedirs(path, mode, exist_ok=bool(p.get("exist_ok", True)))
+            else:
+                os.mkdir(path, mode)
+            return {}
+        if t == T.RENAME:
+            os.rename(self.check_path(p["src"]), self.check_path(p["dst"]))
+            return {}
+        if t == T.REMOVE:
+            path = os.path.normpath(self.check_path(p["path"]))
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                if p.get("force"):
+                    return {"removed": False}
+                raise
+            if statmod.S_ISDIR(st.st_mode):
+                if p.get("recursive"):
+                    if path == "/":
+                        raise OSError(errno.EPERM, "refusing to remove /", path)
+                    shutil.rmtree(path)
+                else:
+                    os.rmdir(path)
+            else:
+                os.unlink(path)
+            return {"removed": True}
+        raise ValueError(f"unknown file op {t}")
+
+    def configure(self, id: int, p: dict, entropy: bytes) -> None:
+        errors = []
+        if p.get("clock_ns"):
+            try:
+                time.clock_settime_ns(time.CLOCK_REALTIME, int(p["clock_ns"]))
+            except OSError as exc:
+                errors.append(f"clock: {exc}")
+        if entropy:
+            try:
+                fd = os.open("/dev/urandom", os.O_WRONLY)
+                try:
+                    info = struct.pack("ii", len(entropy) * 8, len(entropy)) + entropy
+                    fcntl.ioctl(fd, RNDADDENTROPY, info)
+                except OSError:
+                    os.write(fd, entropy)  # mixes in without crediting
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                errors.append(f"entropy: {exc}")
+        if p.get("hostname"):
+            try:
+                socket.sethostname(str(p["hostname"]))
+            except OSError as exc:
+                errors.append(f"hostname: {exc}")
+        if "env" in p:
+            self.vm_env = {str(k): str(v) for k, v in (p.get("env") or {}).items()}
+        for path, content in (p.get("files") or {}).items():
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "w") as f:
+                    f.write(content)
+            except OSError as exc:
+                errors.append(f"file {path}: {exc}")
+        self.login_env()
+        self.send(message(T.CONFIGURED, id, errors=errors))
+
+    # -- main loop ---------------------------------------------------------
+    def run(self) -> None:
+        self.send(message(T.HELLO, 0, version=1, pid=os.getpid(), boot_ms=int(time.monotonic() * 1000)))
+        while True:
+            busy = [r for r in self.reads.values() if r.credit > 0]
+            timeout: float | None = 0 if busy else None
+            now = time.monotonic()
+            for ex in self.execs.values():
+                for when in (ex.deadline, (ex.exited_at + PIPE_DRAIN_SECONDS) if ex.exited_at else None):
+                    if when is not None:
+                        wait = max(0.0, when - now)
+                        timeout = wait if timeout is None else min(timeout, wait)
+            try:
+                events = self.sel.select(timeout)
+            except InterruptedError:
+                events = []
+            for key, mask in events:
+                owner = key.data
+                if owner == "control":
+                    if mask & selectors.EVENT_WRITE:
+                        self.flush()
+                    if mask & selectors.EVENT_READ:
+                        self.read_control()
+                elif owner == "wake":
+                    try:
+                        while os.read(self.wake_r, 4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+                    self.reap()
+                else:
+                    ex = owner
+                    if mask & selectors.EVENT_READ and key.fd in self._read_watch:
+                        ex.on_readable(key.fd)  # type: ignore[attr-defined]
+                    if mask & selectors.EVENT_WRITE and key.fd in self._write_watch:
+                        ex.on_writable(key.fd)  # type: ignore[attr-defined]
+            self.reap()
+            for r in busy:
+                if r.id in self.reads:
+                    r.pump()
+            now = time.monotonic()
+            for ex in list(self.execs.values()):
+                ex.check_timers(now)
+
+    def read_control(self) -> None:
+        try:
+            data = os.read(self.fd, CONTROL_READ)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            log(f"control port read: {exc}")
+            time.sleep(0.05)
+            return
+        if not data:
+            # Host side not connected (e.g. between a snapshot and its restore): wait for it.
+            time.sleep(0.01)
+            return
+        try:
+            self.decoder.feed(data)
+            msgs = self.decoder.messages()
+        except FrameError as exc:
+            log(f"protocol error from host, resetting decoder: {exc}")
+            self.send(message(T.ERROR, 0, code=exc.code, message=exc.message))
+            self.decoder = FrameDecoder()
+            return
+        for m in msgs:
+            self.handle(m)
+
+
+def main() -> None:
+    port = find_port(CONTROL_PORT_NAME)
+    os.environ.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    agent = Agent(port)
+    try:
+        agent.run()
+    except BaseException as exc:  # PID 1 must not exit quietly: say why, then the VM powers off
+        log(f"fatal: {exc!r}")
+        raise
+
+
+if __name__ == "__main__":
+    main()
