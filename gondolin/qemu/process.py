@@ -108,7 +108,7 @@ class QemuProcess:
         with anyio.CancelScope(shield=True):
             await self._wait_exit()
         self.returncode = self._proc.returncode
-        log.debug("pid %s exited with %s", self._proc.pid, rc)
+        log.debug("pid %s exited with %s", self._proc.pid, self.returncode)
         self.exited.set()
 
     def _feed(self, data: bytes) -> None:
