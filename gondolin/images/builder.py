@@ -100,7 +100,29 @@ class ImageBuilder:
         self.work = cache_root() / "build"
 
     # -- public ------------------------------------------------------------
+    def inputs_key(self) -> str:
+        """Hash of everything that goes into an image except the Debian packages' own contents."""
+        h = hashlib.sha256(self.config.rootfs_key().encode())
+        h.update(",".join(BOOT_MODULES).encode())
+        for f in sorted([GUEST_DIR / "init", *GUEST_DIR.glob("*.py"), *PROTOCOL_DIR.glob("*.py")]):
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+        return h.hexdigest()[:16]
+
+    def is_current(self, ref: str = "default") -> bool:
+        build_id = self.store.ref(ref)
+        if build_id is None:
+            return False
+        try:
+            image = self.store.resolve(build_id)
+        except ImageError:
+            return False
+        return bool(image.manifest.get("inputs_key") == self.inputs_key())
+
     def build(self, ref: str = "default", force: bool = False) -> Image:
+        if not force and self.is_current(ref):
+            image = self.store.resolve(ref)
+            self.progress(f"image '{ref}' is up to date ({image.build_id}); use --force to rebuild")
+            return image
         t0 = time.monotonic()
         self._check_tools()
         self.work.mkdir(parents=True, exist_ok=True)
@@ -110,10 +132,15 @@ class ImageBuilder:
         try:
             extract_vmlinux(kdir / "boot" / f"vmlinuz-{kver}", staging / "vmlinux")
             self._initramfs(kdir, kver, staging / "initrd.img")
-            # A reflink/sparse-aware copy keeps the store small; the base image is never written.
-            subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(rootfs), str(staging / "rootfs.ext4")],
-                           check=True)
+            # VMs only ever open the base image read-only (or as a qcow2 backing file), so the store
+            # may share the build cache's file instead of copying 1+ GB.
+            try:
+                os.link(rootfs, staging / "rootfs.ext4")
+            except OSError:
+                subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(rootfs),
+                                str(staging / "rootfs.ext4")], check=True)
             image = self.store.add(staging, {
+                "inputs_key": self.inputs_key(),
                 "kernel_version": kver, "suite": self.config.suite,
                 "packages": sorted(self.config.packages), "arch": "x86_64", "format": BUILD_FORMAT,
             })
@@ -372,10 +399,12 @@ def ensure_image(ref: str = "default", store: ImageStore | None = None,
                  progress: Progress | None = _stderr_progress) -> Image:
     """Resolve an image; build the default one if it is missing (the first-use path of VM.create)."""
     store = store or ImageStore()
-    if store.ref(ref) is not None:
-        return store.resolve(ref)
     if ref != "default":
         return store.resolve(ref)
+    builder = ImageBuilder(store, progress=progress)
+    if builder.is_current(ref):
+        return store.resolve(ref)
     if progress:
-        progress("default guest image not found: building it once (cached afterwards)")
-    return ImageBuilder(store, progress=progress).build(ref)
+        what = "is out of date (the guest agent changed)" if store.ref(ref) else "not found"
+        progress(f"default guest image {what}: building it (cached afterwards)")
+    return builder.build(ref)

@@ -42,6 +42,28 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def cached_sha256(path: Path) -> str:
+    """sha256 of a file, remembered in a side file keyed by inode, size and mtime (big rootfs
+    images are hashed once, not on every rebuild of the small assets)."""
+    st = path.stat()
+    stamp = f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+    side = path.parent.parent / ".hashes" / f"{st.st_dev}-{st.st_ino}"
+    try:
+        saved_stamp, digest = side.read_text().split()
+        if saved_stamp == stamp:
+            return digest
+    except (OSError, ValueError):
+        pass
+    digest = sha256_file(path)
+    if st.st_size > 64 << 20:
+        try:
+            side.parent.mkdir(parents=True, exist_ok=True)
+            side.write_text(f"{stamp} {digest}\n")
+        except OSError:
+            pass
+    return digest
+
+
 @dataclass(frozen=True)
 class Image:
     """A built guest image: paths to its assets and its manifest."""
@@ -156,7 +178,7 @@ class ImageStore:
             f = staging / name
             if not f.is_file():
                 raise ImageError(f"cannot add image: {name} missing in {staging}")
-            assets[name] = {"sha256": sha256_file(f), "size": f.stat().st_size}
+            assets[name] = {"sha256": cached_sha256(f), "size": f.stat().st_size}
         build_id = hashlib.sha256(
             "".join(f"{n}:{a['sha256']}\n" for n, a in sorted(assets.items())).encode()
         ).hexdigest()[:24]
@@ -169,7 +191,8 @@ class ImageStore:
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         self.objects.mkdir(parents=True, exist_ok=True)
         dest = self.objects / build_id
-        if dest.exists():
+        if dest.exists():  # same content: keep the files, refresh what the manifest says about them
+            os.replace(staging / "manifest.json", dest / "manifest.json")
             shutil.rmtree(staging)
         else:
             os.replace(staging, dest)

@@ -1,0 +1,318 @@
+"""The ``gondolin`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+
+from .errors import GondolinError
+
+
+def _env_pairs(items: list[str]) -> dict[str, str]:
+    env = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"gondolin: --env expects KEY=VALUE, got {item!r}")
+        env[key] = value
+    return env
+
+
+def _vm_options(args: argparse.Namespace) -> dict[str, Any]:
+    opts: dict[str, Any] = {"memory": args.memory, "cpus": args.cpus, "rootfs": args.rootfs, "image": args.image}
+    if getattr(args, "vm_env", None):
+        opts["env"] = _env_pairs(args.vm_env)
+    return opts
+
+
+def _add_vm_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--memory", default="512M", help="guest memory, e.g. 512M or 2G (default 512M)")
+    p.add_argument("--cpus", type=int, default=1, help="virtual CPUs (default 1)")
+    p.add_argument("--rootfs", choices=["cow", "memory", "readonly"], default="cow",
+                   help="root filesystem mode (default cow: writes are discarded with the VM)")
+    p.add_argument("--image", default="default", help="image ref, build id or directory")
+
+
+# -- exec ---------------------------------------------------------------------
+async def _exec(args: argparse.Namespace) -> int:
+    from .vm import VM
+
+    command: str | list[str]
+    argv = list(args.command)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        raise SystemExit("gondolin exec: give a command: gondolin exec -- CMD ARGS, or gondolin exec 'shell string'")
+    command = argv[0] if (len(argv) == 1 and not args.argv_form) else argv
+    async with await VM.create(**_vm_options(args)) as vm:
+        stdin: Any = None
+        if not sys.stdin.isatty() and not args.no_stdin:
+            stdin = _stdin_chunks()
+        proc = vm.exec(command, env=_env_pairs(args.env), cwd=args.cwd, user=args.user, timeout=args.timeout,
+                       stdin=stdin, stdout="pipe", stderr="pipe")
+        async for chunk in proc:
+            out = sys.stdout.buffer if chunk.stream == "stdout" else sys.stderr.buffer
+            out.write(chunk.data)
+            out.flush()
+        result = await proc.wait()
+        if result.timed_out:
+            print(f"gondolin: command killed after its {args.timeout}s timeout", file=sys.stderr)
+        return result.exit_code
+
+
+async def _stdin_chunks() -> Any:
+    fd = sys.stdin.fileno()
+    while True:
+        data = await anyio.to_thread.run_sync(os.read, fd, 65536)
+        if not data:
+            return
+        yield data
+
+
+# -- bash ---------------------------------------------------------------------
+@contextlib.contextmanager
+def _raw_terminal(fd: int) -> Iterator[None]:
+    import termios
+    import tty
+
+    if not os.isatty(fd):
+        yield
+        return
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setraw(fd)
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+async def _bash(args: argparse.Namespace) -> int:
+    from .vm import VM
+
+    async with await VM.create(**_vm_options(args)) as vm:
+        return await interactive_shell(vm, args.command or ["/bin/bash", "-l"], user=args.user)
+
+
+async def interactive_shell(vm: Any, command: list[str], user: str | None = None) -> int:
+    """Attach this terminal to a PTY command in the VM: raw mode, live resize, exit code back."""
+    size = shutil.get_terminal_size()
+    env = {"TERM": os.environ.get("TERM", "xterm-256color")}
+    proc = vm.exec(command, pty=True, rows=size.lines, cols=size.columns, stdin=True, stdout="pipe", env=env,
+                   user=user)
+    await proc.start()
+    in_fd = sys.stdin.fileno()
+    out = sys.stdout.buffer
+    resized = anyio.Event()
+
+    def on_winch(*_: object) -> None:
+        resized.set()
+
+    old = signal.signal(signal.SIGWINCH, on_winch) if os.isatty(in_fd) else None
+    with _raw_terminal(in_fd):
+        async with anyio.create_task_group() as tg:
+            async def pump_in() -> None:
+                os.set_blocking(in_fd, False)
+                try:
+                    while True:
+                        await anyio.wait_readable(in_fd)
+                        try:
+                            data = os.read(in_fd, 65536)
+                        except BlockingIOError:
+                            continue
+                        if not data:
+                            await proc.close_stdin()
+                            return
+                        await proc.write(data)
+                finally:
+                    os.set_blocking(in_fd, True)
+
+            async def watch_size() -> None:
+                nonlocal resized
+                while True:
+                    await resized.wait()
+                    resized = anyio.Event()
+                    s = shutil.get_terminal_size()
+                    await proc.resize(s.lines, s.columns)
+
+            tg.start_soon(pump_in)
+            tg.start_soon(watch_size)
+            async for chunk in proc:
+                out.write(chunk.data)
+                out.flush()
+            tg.cancel_scope.cancel()
+    if old is not None:
+        signal.signal(signal.SIGWINCH, old)
+    result = await proc.wait()
+    return int(result.exit_code)
+
+
+# -- image --------------------------------------------------------------------
+def _image(args: argparse.Namespace) -> int:
+    from .images import ImageBuilder, ImageStore
+
+    store = ImageStore()
+    if args.image_cmd == "build":
+        image = ImageBuilder(store).build(args.ref, force=args.force)
+        print(f"{args.ref} -> {image.build_id} ({image.path})")
+    elif args.image_cmd == "list":
+        refs: dict[str, list[str]] = {}
+        for name, bid in store.list_refs().items():
+            refs.setdefault(bid, []).append(name)
+        images = store.images()
+        if not images:
+            print("no images; build one with: gondolin image build")
+        for img in images:
+            size = sum(int(a.get("size", 0)) for a in img.manifest.get("assets", {}).values())
+            print(f"{img.build_id}  {','.join(refs.get(img.build_id, [])) or '-':<10} "
+                  f"kernel {img.kernel_version}  {img.manifest.get('created', '?')}  {size / 1e6:.0f} MB")
+    elif args.image_cmd == "verify":
+        image = store.resolve(args.ref)
+        problems = store.verify(image)
+        for p in problems:
+            print(f"{image.build_id}: {p}")
+        print("ok" if not problems else f"{len(problems)} problem(s)")
+        return 1 if problems else 0
+    elif args.image_cmd == "rm":
+        for what in store.remove(args.ref):
+            print(f"removed {what}")
+    return 0
+
+
+# -- doctor -------------------------------------------------------------------
+async def _doctor(args: argparse.Namespace) -> int:
+    from .images import ImageStore
+    from .qemu import accel
+    from .qemu.process import find_qemu
+    from .vm import VM
+
+    ok = True
+
+    def line(status: str, what: str, detail: str) -> None:
+        print(f"[{status:^4}] {what:<14} {detail}")
+
+    try:
+        qemu = find_qemu()
+        line("ok", "qemu", f"{qemu} ({accel.qemu_version(qemu)})")
+    except GondolinError as exc:
+        line("FAIL", "qemu", str(exc))
+        return 1
+    for tool, pkg in (("qemu-img", "qemu-utils"), ("mmdebstrap", "mmdebstrap"), ("mke2fs", "e2fsprogs")):
+        found = shutil.which(tool) or (os.path.exists(f"/usr/sbin/{tool}") and f"/usr/sbin/{tool}")
+        line("ok" if found else "warn", tool, str(found) if found else f"missing (apt-get install {pkg})")
+        ok = ok and bool(found or tool == "mmdebstrap")
+    store = ImageStore()
+    try:
+        image = store.resolve(args.image)
+        line("ok", "image", f"{args.image} -> {image.build_id} (kernel {image.kernel_version})")
+    except GondolinError as exc:
+        line("FAIL", "image", str(exc))
+        return 1
+    kvm_ok, why = accel.kvm_usable()
+    line("ok" if kvm_ok else "info", "/dev/kvm", why)
+    choice = await accel.decide(image, VM._probe_boot)
+    line("ok", "accelerator", f"{choice.accel}: {choice.reason}{' (cached)' if choice.cached else ''}")
+    if args.boot:
+        t0 = time.monotonic()
+        async with await VM.create(image=args.image) as vm:
+            r = await vm.exec(["uname", "-sr"])
+            line("ok", "boot", f"{time.monotonic() - t0:.2f}s to first exec: {r.stdout.strip()}")
+    return 0 if ok else 1
+
+
+# -- demo ---------------------------------------------------------------------
+async def _demo(args: argparse.Namespace) -> int:
+    from .vm import VM
+
+    t0 = time.monotonic()
+    print("booting a micro-VM (the first run builds the guest image, ~1 min) ...", flush=True)
+    async with await VM.create(**_vm_options(args)) as vm:
+        print(f"  booted in {time.monotonic() - t0:.2f}s (accelerator {vm.accel})")
+        r = await vm.exec("echo \"hello from $(hostname), kernel $(uname -r), $(nproc) cpu\"; python3 --version")
+        print("  exec:", r.stdout.strip().replace("\n", " | "), f"[exit {r.exit_code}, {r.duration * 1000:.0f} ms]")
+        payload = "written by the host at " + time.strftime("%H:%M:%S") + "\n"
+        await vm.fs.write("/workspace/note.txt", payload)
+        r = await vm.exec("wc -c /workspace/note.txt && sha256sum /workspace/note.txt", cwd="/workspace")
+        print("  guest sees:", r.stdout.strip().replace("\n", " | "))
+        back = await vm.fs.read_text("/workspace/note.txt")
+        print("  read back:", back.strip(), "(matches)" if back == payload else "(MISMATCH)")
+        r = await vm.exec(["id"], user="agent")
+        print("  as agent:", r.stdout.strip())
+    print(f"done in {time.monotonic() - t0:.2f}s; the VM and its files are gone")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gondolin", description="Run untrusted code in local QEMU micro-VMs.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("exec", help="run one command in a fresh VM; its exit code becomes ours")
+    _add_vm_args(p)
+    p.add_argument("--env", "-e", action="append", default=[], help="KEY=VALUE for the command (repeatable)")
+    p.add_argument("--vm-env", action="append", default=[], help="KEY=VALUE for every command in the VM")
+    p.add_argument("--cwd", help="working directory in the guest")
+    p.add_argument("--user", "-u", help="guest user name or uid (default root)")
+    p.add_argument("--timeout", type=float, help="kill the command after this many seconds")
+    p.add_argument("--argv", dest="argv_form", action="store_true",
+                   help="treat a single argument as a program, not a shell string")
+    p.add_argument("--no-stdin", action="store_true", help="do not forward this process's stdin")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS, or one shell string")
+
+    p = sub.add_parser("bash", help="interactive shell in a fresh VM (Ctrl-D exits)")
+    _add_vm_args(p)
+    p.add_argument("--user", "-u", help="guest user name or uid")
+    p.add_argument("command", nargs="*", help="program to run instead of bash -l")
+
+    p = sub.add_parser("image", help="build, list, verify or remove guest images")
+    isub = p.add_subparsers(dest="image_cmd", required=True)
+    b = isub.add_parser("build", help="build the default guest image from Debian packages")
+    b.add_argument("--ref", default="default")
+    b.add_argument("--force", action="store_true", help="rebuild even when cached")
+    isub.add_parser("list", help="list images in the store")
+    v = isub.add_parser("verify", help="check every asset against its manifest hash")
+    v.add_argument("ref", nargs="?", default="default")
+    r = isub.add_parser("rm", help="remove an image ref (and its files when unreferenced)")
+    r.add_argument("ref")
+
+    p = sub.add_parser("doctor", help="check QEMU, tools, image and accelerator")
+    p.add_argument("--image", default="default")
+    p.add_argument("--boot", action="store_true", help="also boot a VM and time it")
+
+    p = sub.add_parser("demo", help="boot a VM, run a command, write a file in and read it back")
+    _add_vm_args(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.cmd == "exec":
+            code = anyio.run(_exec, args)
+        elif args.cmd == "bash":
+            code = anyio.run(_bash, args)
+        elif args.cmd == "image":
+            code = _image(args)
+        elif args.cmd == "doctor":
+            code = anyio.run(_doctor, args)
+        elif args.cmd == "demo":
+            code = anyio.run(_demo, args)
+        else:  # pragma: no cover - argparse enforces the choices
+            code = 2
+    except GondolinError as exc:
+        print(f"gondolin: {exc}", file=sys.stderr)
+        code = 125
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
