@@ -416,6 +416,9 @@ class NetworkStack:
             self._time_wait[flow.key] = None
         self._dirty[flow.id] = None
         self._rearm(flow)
+        self._wake_send_waiters()
+
+    def _wake_send_waiters(self) -> None:
         if self._send_waiters and self._send_total() <= MAX_SEND_TOTAL // 2:
             for flow_id in self._send_waiters:
                 self._events.append(FlowWritable(flow_id))
@@ -463,6 +466,7 @@ class NetworkStack:
             flow.announced = False
             self._events.append(FlowClosed(flow.id, reason))
             self.stats.flows_closed += 1
+        self._wake_send_waiters()  # its send buffer was freed
 
     def _send_rst_for(self, dst_ip: bytes, seg: tcp.TcpSegment) -> None:
         """RST for a segment that matches no flow (RFC 9293 section 3.10.7.1)."""

@@ -268,8 +268,12 @@ class SocketGuest:
             await self._exchange(lambda: False)
 
     async def _exchange(self, done: Callable[[], bool]) -> None:
-        await self.flush()
-        while not done():
+        while True:
+            await self.flush()
+            if done():
+                await self.flush()  # done() may have queued frames
+                return
+            await self.flush()
             self._buf += await self.stream.receive()
             while len(self._buf) >= 4:
                 n = int.from_bytes(self._buf[:4], "big")
@@ -277,4 +281,3 @@ class SocketGuest:
                     break
                 self.guest.deliver(bytes(self._buf[4:4 + n]))
                 del self._buf[:4 + n]
-            await self.flush()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -312,3 +313,93 @@ def test_forwarding_dns_needs_a_resolver(monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_flow_stream_is_a_byte_stream() -> None:
     assert issubclass(FlowStream, anyio.abc.ByteStream)
+
+
+def _self_signed_context(tmp_dir: str) -> ssl.SSLContext:
+    import datetime
+    import os
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "secure.example.com")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1)
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = os.path.join(tmp_dir, "c.pem"), os.path.join(tmp_dir, "k.pem")
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(key_path, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM,
+                                  serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert_path, key_path)
+    return ctx
+
+
+async def test_tls_handler_terminates_tls_over_the_flow_stream(tmp_path: object) -> None:
+    """The flow stream carries a real TLS session (anyio TLSStream on top of it)."""
+    from anyio.streams.tls import TLSStream
+
+    server_ctx = _self_signed_context(str(tmp_path))
+    seen: list[FlowInfo] = []
+
+    async def handler(info: FlowInfo, stream: anyio.abc.ByteStream) -> None:
+        seen.append(info)
+        tls = await TLSStream.wrap(stream, server_side=True, ssl_context=server_ctx,
+                                   standard_compatible=False)
+        request = await tls.receive()
+        await tls.send(b"reply to " + request)
+        await tls.aclose()
+
+    client_ctx = ssl.create_default_context()
+    client_ctx.check_hostname = False
+    client_ctx.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = client_ctx.wrap_bio(incoming, outgoing, server_hostname="secure.example.com")
+
+    async with running(NetworkConfig(flow_handler=handler)) as (_, link):
+        conn = link.guest.connect(PUBLIC, 443)
+        await link.run_until(lambda: conn.state == "established")
+        fed = 0
+
+        def pump_tls() -> None:
+            nonlocal fed
+            incoming.write(bytes(conn.received[fed:]))
+            fed = len(conn.received)
+            out = outgoing.read()
+            if out:
+                conn.send(out)
+
+        def handshake_done() -> bool:
+            pump_tls()
+            try:
+                client.do_handshake()
+            except ssl.SSLWantReadError:
+                pump_tls()
+                return False
+            pump_tls()
+            return True
+
+        await link.run_until(handshake_done)
+        client.write(b"ping")
+        pump_tls()
+        got = bytearray()
+
+        def reply_read() -> bool:
+            pump_tls()
+            try:
+                got.extend(client.read(100))
+            except ssl.SSLWantReadError:
+                return False
+            return got == b"reply to ping"
+
+        await link.run_until(reply_read)
+        assert seen[0].protocol is FlowProtocol.TLS and seen[0].sni == "secure.example.com"
