@@ -14,6 +14,7 @@ from .errors import ENFILE, ESTALE, VfsError
 
 ROOT_NODE = 1
 DEFAULT_MAX_NODES = 1 << 19  # kernel-held inodes before lookups fail with ENFILE
+MAX_DEPTH = 2048  # a path of 4096 bytes has at most this many components
 
 
 class _Node:
@@ -51,6 +52,8 @@ class NodeTable:
         """The node's current path; ESTALE when it is unknown or no longer has one."""
         names: list[str] = []
         while node != ROOT_NODE:
+            if len(names) > MAX_DEPTH:
+                raise VfsError(ESTALE, "path too deep")
             entry = self._get(node)
             if not entry.parent:
                 raise VfsError(ESTALE, "node was removed")
@@ -133,8 +136,10 @@ class NodeTable:
             self._unhook(replaced)
         if node is None or replaced == node:
             return
-        if new_parent not in self._nodes:
-            self._unhook(node)  # the kernel no longer knows the destination directory
+        if new_parent not in self._nodes or self._below(new_parent, node):
+            # The kernel no longer knows the destination, or the provider let a directory
+            # move below itself: keep the table a tree and drop the node's path.
+            self._unhook(node)
             return
         entry = self._nodes[node]
         del self._names[(old_parent, old_name)]
@@ -144,10 +149,29 @@ class NodeTable:
         self._nodes[old_parent].children -= 1
         self._collect(old_parent)
 
+    def _below(self, node: int, top: int) -> bool:
+        """``node`` is ``top`` or lies under it."""
+        for _ in range(MAX_DEPTH + 1):
+            if node == top:
+                return True
+            if node == ROOT_NODE or node not in self._nodes:
+                return False
+            node = self._nodes[node].parent
+        return True
+
     def exchange(self, parent_a: int, name_a: str, parent_b: int, name_b: str) -> None:
         """``rename(RENAME_EXCHANGE)``: the two names swap nodes."""
-        a = self._names.pop((parent_a, name_a), None)
-        b = self._names.pop((parent_b, name_b), None)
+        a = self._names.get((parent_a, name_a))
+        b = self._names.get((parent_b, name_b))
+        if (a is not None and self._below(parent_b, a)) or (
+            b is not None and self._below(parent_a, b)
+        ):
+            for node in (a, b):
+                if node is not None and node in self._nodes:
+                    self._unhook(node)
+            return
+        self._names.pop((parent_a, name_a), None)
+        self._names.pop((parent_b, name_b), None)
         for node, parent, name in ((a, parent_b, name_b), (b, parent_a, name_a)):
             if node is None:
                 continue

@@ -90,7 +90,12 @@ def _translate(pattern: str) -> str:
     for i, comp in enumerate(comps):
         last = i == len(comps) - 1
         if comp == "**":
-            out.append(".*" if last else "(?:.*/)?")
+            if not last:
+                out.append("(?:.*/)?")
+            elif out and out[-1] == "/":
+                out[-1] = "(?:/.*)?"  # "a/**" matches "a" itself too
+            else:
+                out.append(".*")
             continue
         j = 0
         while j < len(comp):

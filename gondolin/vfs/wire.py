@@ -733,10 +733,13 @@ class Request:
     pid: int = 0
 
 
+_OP_VALUES = frozenset(int(op) for op in Op)
+
+
 @dataclass(frozen=True, slots=True)
 class Response:
     id: int
-    op: Op
+    op: int  # an Op, or an unknown number in an error response
     errno: int = 0
     body: _Codec | None = None  # None exactly when errno != 0
 
@@ -758,7 +761,7 @@ def encode_response(resp: Response) -> bytes:
     head = _RESP_HDR.pack(Kind.RESPONSE, resp.op, 0, resp.id, resp.errno)
     if resp.errno:
         return head
-    expected = REPLY_TYPES.get(resp.op)
+    expected = REPLY_TYPES.get(Op(resp.op)) if resp.op in _OP_VALUES else None
     if expected is None or type(resp.body) is not expected:
         raise ValueError(f"{resp.op!r} does not reply with {type(resp.body).__name__}")
     return head + resp.body.pack()
@@ -814,14 +817,15 @@ def decode_response(data: bytes | bytearray | memoryview) -> Response:
     kind, op, _flags, rid, err = _RESP_HDR.unpack_from(buf, 0)
     if kind != Kind.RESPONSE:
         raise WireError(f"not a response (kind {kind})")
+    if err:
+        if err < 0 or len(buf) != _RESP_HDR.size:
+            raise WireError("bad error response", rid, op)
+        # An op this side does not know can still fail (ENOSYS from a newer peer).
+        return Response(id=rid, op=Op(op) if op in _OP_VALUES else op, errno=err)
     try:
         opv = Op(op)
     except ValueError:
         raise WireError(f"unknown op {op}", rid, op) from None
-    if err:
-        if err < 0 or len(buf) != _RESP_HDR.size:
-            raise WireError("bad error response", rid, op)
-        return Response(id=rid, op=opv, errno=err)
     cls = REPLY_TYPES.get(opv)
     if cls is None:
         raise WireError(f"op {op} has no reply", rid, op)
