@@ -142,12 +142,18 @@ class NetworkDriver:
         return self.stack.stats
 
     async def run(self, stream: anyio.abc.ByteStream) -> None:
+        """Serve the guest until ``stream`` ends; raises :class:`NetworkStreamError` if the
+        framing breaks (a QEMU bug or the wrong socket, never something a guest can do)."""
+        error: NetworkStreamError | None = None
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 tg.start_soon(self._writer, stream)
                 tg.start_soon(self._timers)
-                await self._reader(stream)
+                try:
+                    await self._reader(stream)
+                except NetworkStreamError as exc:
+                    error = exc
                 tg.cancel_scope.cancel()
         finally:
             self._tg = None
@@ -156,6 +162,8 @@ class NetworkDriver:
             self._streams.clear()
             with anyio.CancelScope(shield=True):
                 await stream.aclose()
+        if error is not None:
+            raise error
 
     # -- I/O tasks ----------------------------------------------------------------------------
 

@@ -288,9 +288,8 @@ async def test_broken_framing_is_an_error() -> None:
     guest_side = await anyio.abc.UNIXSocketStream.from_socket(b)
     async with guest_side:
         await guest_side.send(b"\xff\xff\xff\xff")
-        with anyio.fail_after(5), pytest.raises(ExceptionGroup) as info:
+        with anyio.fail_after(5), pytest.raises(NetworkStreamError):
             await NetworkDriver().run(host_side)
-        assert info.group_contains(NetworkStreamError)
 
 
 def test_system_resolvers(tmp_path: object) -> None:

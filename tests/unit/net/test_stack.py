@@ -558,3 +558,36 @@ def test_data_and_fin_in_one_segment_keep_order() -> None:
     opened, data, eof = st.events()
     assert isinstance(opened, FlowOpened)
     assert data == FlowData(opened.flow_id, HTTP_GET) and eof == FlowEof(opened.flow_id)
+
+
+def test_open_dns_relays_to_the_address_asked() -> None:
+    st, g = make(dns_mode="open", dns_upstreams=("9.9.9.9",))
+    g.send_udp(ip("1.1.1.1"), 4444, 53, b"\x00\x09" + b"\x00" * 14)
+    g.send_udp(GW_IP, 4445, 53, b"\x00\x0a" + b"\x00" * 14)
+    pump(st, g, 0.0)
+    first, second = st.events()
+    assert isinstance(first, DnsRequest) and isinstance(second, DnsRequest)
+    assert (first.server, second.server) == ("1.1.1.1", "9.9.9.9")
+    st.dns_reply(first.request_id, b"\x00\x09\x81\x80" + bytes(8))
+    pump(st, g, 0.0)
+    assert g.udp[0].src_ip == ip("1.1.1.1") and g.udp[0].dst_port == 4444
+
+
+def test_time_wait_entries_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stack, "MAX_TIME_WAIT", 2)
+    st, g = make()
+    closed = []
+    for _ in range(4):
+        conn = g.connect(PUBLIC, 80)
+        pump(st, g, 0.0)
+        conn.send(HTTP_GET)
+        pump(st, g, 0.0)
+        events = st.events()
+        closed += [e.flow_id for e in events if isinstance(e, FlowClosed)]
+        flow_id = next(e.flow_id for e in events if isinstance(e, FlowOpened))
+        st.flow_close(flow_id)
+        pump(st, g, 0.0)
+        conn.fin()
+        pump(st, g, 0.0)
+    assert len(st._time_wait) == 2 and len(st._flows) == 2
+    assert closed == [1, 2]  # the oldest were forgotten, and the app was told
