@@ -5,6 +5,7 @@ from __future__ import annotations
 from .errors import EROFS, VfsError
 from .provider import (
     ROOT,
+    W_OK,
     Attr,
     Caller,
     FileHandle,
@@ -19,6 +20,11 @@ class ReadonlyProvider(ProviderWrapper):
     @property
     def readonly(self) -> bool:
         return True
+
+    async def access(self, path: str, mask: int, caller: Caller = ROOT) -> None:
+        await self.inner.access(path, mask & ~W_OK, caller)
+        if mask & W_OK:
+            raise VfsError(EROFS)
 
     async def open(self, path: str, mode: OpenMode) -> FileHandle:
         if mode.writes:

@@ -84,11 +84,21 @@ class MountRouter(Provider):
             raise VfsError(EROFS if paths.normalize(path) in self._virtual else ENOENT)
         return hit
 
-    def _writable(self, path: str) -> tuple[Provider, int, str]:
+    async def _writable(self, path: str) -> tuple[Provider, int, str]:
         norm = paths.normalize(path)
         if norm in self._mounts or norm in self._virtual:
             raise VfsError(EBUSY)  # a mount point or a directory above one
-        return self._routed(norm)
+        provider, index, sub = self._routed(norm)
+        parent = paths.parent_of(norm)
+        if parent in self._virtual and parent not in self._mounts:
+            # Inside a synthesised directory: only if the routed provider really has it.
+            try:
+                await provider.getattr(paths.parent_of(sub))
+            except VfsError as exc:
+                if exc.errno in (ENOENT, ENOTDIR):
+                    raise VfsError(EROFS) from None
+                raise
+        return provider, index, sub
 
     @staticmethod
     def _tag(attr: Attr, index: int) -> Attr:
@@ -140,7 +150,12 @@ class MountRouter(Provider):
         if hit is None:
             return SYNTHETIC_STATFS
         provider, _, sub = hit
-        return await provider.statfs(sub)
+        try:
+            return await provider.statfs(sub)
+        except VfsError as exc:
+            if exc.errno in (ENOENT, ENOTDIR) and paths.normalize(path) in self._virtual:
+                return SYNTHETIC_STATFS
+            raise
 
     async def access(self, path: str, mask: int, caller: Caller = ROOT) -> None:
         norm = paths.normalize(path)
@@ -172,35 +187,35 @@ class MountRouter(Provider):
     async def create(
         self, path: str, mode: int, open_mode: OpenMode, caller: Caller = ROOT
     ) -> FileHandle:
-        provider, index, sub = self._writable(path)
+        provider, index, sub = await self._writable(path)
         return _RoutedHandle(await provider.create(sub, mode, open_mode, caller), index)
 
     async def mkdir(self, path: str, mode: int, caller: Caller = ROOT) -> Attr:
-        provider, index, sub = self._writable(path)
+        provider, index, sub = await self._writable(path)
         return self._tag(await provider.mkdir(sub, mode, caller), index)
 
     async def symlink(self, path: str, target: str, caller: Caller = ROOT) -> Attr:
-        provider, index, sub = self._writable(path)
+        provider, index, sub = await self._writable(path)
         return self._tag(await provider.symlink(sub, target, caller), index)
 
     async def link(self, src: str, dst: str) -> Attr:
-        sp, si, ssub = self._writable(src)
-        dp, di, dsub = self._writable(dst)
+        sp, si, ssub = await self._writable(src)
+        dp, di, dsub = await self._writable(dst)
         if si != di:
             raise VfsError(EXDEV)
         return self._tag(await sp.link(ssub, dsub), si)
 
     async def unlink(self, path: str) -> None:
-        provider, _, sub = self._writable(path)
+        provider, _, sub = await self._writable(path)
         await provider.unlink(sub)
 
     async def rmdir(self, path: str) -> None:
-        provider, _, sub = self._writable(path)
+        provider, _, sub = await self._writable(path)
         await provider.rmdir(sub)
 
     async def rename(self, src: str, dst: str, flags: int = 0) -> None:
-        sp, si, ssub = self._writable(src)
-        _, di, dsub = self._writable(dst)
+        sp, si, ssub = await self._writable(src)
+        _, di, dsub = await self._writable(dst)
         if si != di:
             raise VfsError(EXDEV)
         await sp.rename(ssub, dsub, flags)

@@ -6,6 +6,7 @@ import errno as E
 import stat
 
 import anyio
+import anyio.lowlevel
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -438,7 +439,7 @@ async def test_many_concurrent_writers(fs: MemoryProvider) -> None:
             req = w.Request(1000 + i, w.Write(fhs[i], chunk * 100, bytes([i]) * 100))
             raw = await service.handle(w.encode_request(req))
             assert raw is not None and w.decode_response(raw).errno == 0
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
 
     async with anyio.create_task_group() as tg:
         for i in range(10):

@@ -145,7 +145,10 @@ def test_data_travels_raw() -> None:
         (struct.pack("<BBHIIII", 1, 2, 0, 7, 0, 0, 0), True),  # lookup without a body
         (struct.pack("<BBHIIII", 1, 2, 0, 7, 0, 0, 0) + struct.pack("<QI", 1, 99), True),
         (w.encode_request(w.Request(7, w.Getattr(1))) + b"x", True),  # trailing byte
-        (struct.pack("<BBHIIII", 1, 14, 0, 7, 0, 0, 0) + struct.pack("<QQI", 1, 0, w.MAX_IO + 1), True),
+        (
+            struct.pack("<BBHIIII", 1, 14, 0, 7, 0, 0, 0) + struct.pack("<QQI", 1, 0, w.MAX_IO + 1),
+            True,
+        ),
         (struct.pack("<BBHIIII", 1, 3, 0, 7, 0, 0, 0) + struct.pack("<I", 1 << 30), True),
     ],
 )
