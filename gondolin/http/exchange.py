@@ -27,7 +27,7 @@ from .errors import (
     UpstreamError,
 )
 from .hooks import AuditEvent, Decision, HttpHooks, maybe_await
-from .messages import DEFAULT_MAX_BODY, Body, HttpRequest, HttpResponse
+from .messages import DEFAULT_MAX_BODY, Body, HttpRequest, HttpResponse, has_no_body
 from .upstream import MAX_REDIRECTS, UpstreamClient, redirect_request
 
 logger = logging.getLogger(__name__)
@@ -123,7 +123,8 @@ class Exchange:
         secrets: tuple[str, ...],
     ) -> HttpResponse:
         def finished(body: Body) -> None:
-            reason = decision.value if body.finished or body.is_empty else "response body incomplete"
+            complete = body.finished or body.is_empty or has_no_body(request.method, response.status)
+            reason = decision.value if complete else "response body incomplete"
             self._event(conn, request, response.status, decision, reason,
                         response_bytes=body.bytes_read, secrets=secrets)
 

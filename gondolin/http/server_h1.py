@@ -114,9 +114,12 @@ async def _serve_one(conn: _Connection, handler: RequestHandler, scheme: str) ->
     if response.upgraded is not None and response.status == 101:
         await _tunnel(conn, response)
         return False
+    waiting_for_100 = conn.h11.they_are_waiting_for_100_continue
     ok = await _send_response(conn, request.method, response)
     if not ok or conn.h11.our_state is not h11.DONE:
         return False
+    if waiting_for_100 and conn.h11.their_state is not h11.DONE:
+        return False  # the guest never got its 100 Continue: it may or may not send the body
     return await _finish_request_body(conn)
 
 
@@ -232,8 +235,6 @@ async def _finish_request_body(conn: _Connection) -> bool:
     """Swallow a small unread request body so the connection can be reused."""
     if conn.h11.their_state is h11.DONE:
         return True
-    if conn.h11.they_are_waiting_for_100_continue:
-        return False
     drained = 0
     with anyio.move_on_after(DRAIN_TIMEOUT):
         while drained <= DRAIN_LIMIT:

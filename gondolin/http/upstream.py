@@ -163,19 +163,26 @@ class UpstreamClient:
             http2=http2,
             network_backend=self.backend,
         )
-        self._ws_pool = httpcore2.AsyncConnectionPool(
-            ssl_context=upstream_ssl_context(extra_ca_pem),
-            max_connections=MAX_WEBSOCKETS,
-            max_keepalive_connections=0,
-            http1=True,
-            http2=False,
-            network_backend=self.backend,
-        )
+        self._extra_ca_pem = extra_ca_pem
+        self._ws_pool: httpcore2.AsyncConnectionPool | None = None  # built on first WebSocket
+
+    def _websocket_pool(self) -> httpcore2.AsyncConnectionPool:
+        if self._ws_pool is None:
+            self._ws_pool = httpcore2.AsyncConnectionPool(
+                ssl_context=upstream_ssl_context(self._extra_ca_pem),
+                max_connections=MAX_WEBSOCKETS,
+                max_keepalive_connections=0,
+                http1=True,
+                http2=False,
+                network_backend=self.backend,
+            )
+        return self._ws_pool
 
     async def aclose(self) -> None:
         with anyio.CancelScope(shield=True):
             await self._pool.aclose()
-            await self._ws_pool.aclose()
+            if self._ws_pool is not None:
+                await self._ws_pool.aclose()
 
     async def send(self, request: HttpRequest) -> HttpResponse:
         """One hop; redirects are the caller's business (see :func:`redirect_request`)."""
@@ -192,7 +199,7 @@ class UpstreamClient:
             content=content,
             extensions={"timeout": self.timeouts.as_extension()},
         )
-        pool = self._ws_pool if request.upgrade else self._pool
+        pool = self._websocket_pool() if request.upgrade else self._pool
         try:
             response = await pool.handle_async_request(core)
         except HttpMediationError:

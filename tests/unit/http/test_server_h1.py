@@ -179,6 +179,7 @@ async def test_http_1_0_and_head() -> None:
         async with guest_connection(mediator, http_flow()) as guest:
             resp = await h1_roundtrip(guest, get(server, "/bytes/10", method="HEAD"), "HEAD")
             assert resp.status == 200 and resp.body == b"" and resp.headers["content-length"] == "10"
+        assert mediator.hooks.events.events()[-1].reason == "allowed"
         async with guest_connection(mediator, http_flow()) as guest:
             await guest.send(f"GET /stream/5000 HTTP/1.0\r\nHost: {server.authority}\r\n\r\n".encode())
             data = await read_all(guest)

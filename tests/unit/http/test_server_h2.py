@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import anyio
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from gondolin.http import CertificateAuthority, HttpRequest, Limits
+from gondolin.http import CertificateAuthority, HttpRequest, HttpResponse, Limits
+from gondolin.http.server_h2 import H2Server
 
-from .support import UPSTREAM_NAME, H2Result, h2_guest, tls_setup
+from .support import UPSTREAM_NAME, H2Result, byte_stream_pair, h2_guest, read_all, tls_setup
 
 pytestmark = pytest.mark.anyio
 
@@ -109,3 +112,36 @@ async def test_connect_is_refused(mitm_ca: CertificateAuthority, upstream_ca: Ce
         client.conn.send_headers(sid, [(b":method", b"CONNECT"), (b":authority", f"{UPSTREAM_NAME}:443".encode())], end_stream=True)
         await client.flush()
         assert (await client.response(sid)).status == 405
+
+
+class _Echo:
+    async def handle(self, request: HttpRequest) -> HttpResponse:
+        return HttpResponse.text(200, request.target)
+
+    def reject(self, status: int, reason: str, request: HttpRequest | None = None) -> HttpResponse:
+        return HttpResponse.text(status, reason)
+
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+SETTINGS_FRAME = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.binary(max_size=300), st.sampled_from([b"", PREFACE, PREFACE + SETTINGS_FRAME]))
+def test_fuzzed_frames_end_the_connection_cleanly(payload: bytes, prefix: bytes) -> None:
+    async def main() -> None:
+        guest, host = byte_stream_pair()
+
+        async def serve() -> None:
+            try:
+                await H2Server(host, _Echo(), scheme="https").run()
+            finally:
+                await host.aclose()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(serve)
+            await guest.send(prefix + payload)
+            await guest.send_eof()
+            await read_all(guest, limit=2)
+
+    anyio.run(main)
