@@ -22,14 +22,15 @@ import ctypes.util
 import os
 import platform
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TypeVar
 
 import anyio
 import anyio.to_thread
 
 from . import paths
-from .errors import EACCES, EBADF, EBUSY, EINVAL, EISDIR, EOPNOTSUPP, VfsError
+from .errors import EACCES, EBADF, EBUSY, EINVAL, EISDIR, ENOSYS, EOPNOTSUPP, EXDEV, VfsError
 from .provider import (
     ROOT,
     Attr,
@@ -424,6 +425,8 @@ class RealFSProvider(Provider):
     ) -> None:
         self._tree = _Tree(os.fspath(root), use_openat2)
         self._limiter = anyio.CapacityLimiter(max_threads)
+        self._users = 0  # calls in worker threads right now
+        self._closing = False
 
     @property
     def root(self) -> str:
@@ -434,12 +437,28 @@ class RealFSProvider(Provider):
         return self._tree.openat2
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
-        if self._tree.root_fd < 0:
+        """Run a blocking call in a worker thread, translating host errors.
+
+        The root descriptor stays open until every call that may use it has returned, so a
+        close can never let a recycled descriptor number stand in for the root.
+        """
+        if self._closing:
             raise VfsError(EBADF, "provider is closed")
+        self._users += 1
         try:
             return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
         except OSError as exc:
             raise VfsError.from_os_error(exc) from None
+        finally:
+            self._users -= 1
+            if self._closing and not self._users:
+                self._tree.close()
+
+    async def _open_fd(self, *args: object) -> int:
+        # Shielded: a cancelled caller must not lose a descriptor the thread already opened.
+        with anyio.CancelScope(shield=True):
+            fd = await self._run(self._tree.open_file, *args)
+        return fd
 
     async def getattr(self, path: str) -> Attr:
         return await self._run(self._tree.lstat, paths.split(path))
@@ -454,13 +473,13 @@ class RealFSProvider(Provider):
         return await self._run(self._tree.statfs)
 
     async def open(self, path: str, mode: OpenMode) -> FileHandle:
-        fd = await self._run(self._tree.open_file, paths.split(path), mode, None)
+        fd = await self._open_fd(paths.split(path), mode, None)
         return _RealHandle(self, fd, mode)
 
     async def create(
         self, path: str, mode: int, open_mode: OpenMode, caller: Caller = ROOT
     ) -> FileHandle:
-        fd = await self._run(self._tree.open_file, paths.split(path), open_mode, mode & 0o7777)
+        fd = await self._open_fd(paths.split(path), open_mode, mode & 0o7777)
         return _RealHandle(self, fd, open_mode)
 
     async def mkdir(self, path: str, mode: int, caller: Caller = ROOT) -> Attr:
@@ -487,69 +506,74 @@ class RealFSProvider(Provider):
         return await self._run(self._tree.setattr, paths.split(path), changes)
 
     async def aclose(self) -> None:
-        self._tree.close()
+        self._closing = True
+        if not self._users:
+            self._tree.close()
+
+
+class _Fd:
+    """A descriptor closed only once no call is using it (a guest may RELEASE mid-READ)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.users = 0
+        self.closing = False
+
+    @contextmanager
+    def use(self) -> Iterator[int]:
+        if self.closing:
+            raise VfsError(EBADF)
+        self.users += 1
+        try:
+            yield self.fd
+        finally:
+            self.users -= 1
+            if self.closing and not self.users:
+                os.close(self.fd)
+
+    def close(self) -> None:
+        if not self.closing:
+            self.closing = True
+            if not self.users:
+                os.close(self.fd)
 
 
 class _RealHandle(FileHandle):
     def __init__(self, fs: RealFSProvider, fd: int, mode: OpenMode) -> None:
         self._fs = fs
-        self._fd = fd
+        self._fd = _Fd(fd)
         self.mode = mode
-
-    def _live(self) -> int:
-        if self._fd < 0:
-            raise VfsError(EBADF)
-        return self._fd
 
     async def read(self, offset: int, size: int) -> bytes:
         check_io(offset, size)
         if not self.mode.read:
             raise VfsError(EBADF)
-        return await self._fs._run(os.pread, self._live(), size, offset)
+        with self._fd.use() as fd:
+            return await self._fs._run(os.pread, fd, size, offset)
 
     async def write(self, offset: int, data: bytes) -> int:
         check_io(offset, len(data))
         if not self.mode.write:
             raise VfsError(EBADF)
-        # With O_APPEND, Linux pwrite appends whatever the offset says.
-        return await self._fs._run(os.pwrite, self._live(), data, offset)
+        with self._fd.use() as fd:
+            # With O_APPEND, Linux pwrite appends whatever the offset says.
+            return await self._fs._run(os.pwrite, fd, data, offset)
 
     async def getattr(self) -> Attr:
-        st = await self._fs._run(os.fstat, self._live())
-        return self._fs._tree.attr(st)
+        with self._fd.use() as fd:
+            return self._fs._tree.attr(await self._fs._run(os.fstat, fd))
 
     async def setattr(self, changes: SetAttr) -> Attr:
-        fd = self._live()
-
-        def apply() -> os.stat_result:
-            if changes.size is not None:
-                if not self.mode.write:
-                    raise VfsError(EBADF)
-                check_size(changes.size)
-                os.ftruncate(fd, changes.size)
-            if changes.mode is not None:
-                os.fchmod(fd, changes.mode & 0o7777)
-            if changes.uid is not None or changes.gid is not None:
-                os.fchown(
-                    fd,
-                    -1 if changes.uid is None else changes.uid,
-                    -1 if changes.gid is None else changes.gid,
-                )
-            if changes.atime_ns is not None or changes.mtime_ns is not None:
-                cur = os.fstat(fd)
-                os.utime(
-                    fd,
-                    ns=(
-                        cur.st_atime_ns if changes.atime_ns is None else changes.atime_ns,
-                        cur.st_mtime_ns if changes.mtime_ns is None else changes.mtime_ns,
-                    ),
-                )
-            return os.fstat(fd)
-
-        return self._fs._tree.attr(await self._fs._run(apply))
+        if changes.size is not None:
+            if not self.mode.write:
+                raise VfsError(EBADF)
+            check_size(changes.size)
+        with self._fd.use() as fd:
+            return self._fs._tree.attr(await self._fs._run(_fsetattr, fd, changes))
 
     async def fsync(self, datasync: bool) -> None:
-        await self._fs._run(os.fdatasync if datasync else os.fsync, self._live())
+        with self._fd.use() as fd:
+            await self._fs._run(os.fdatasync if datasync else os.fsync, fd)
 
     async def fallocate(self, offset: int, length: int, mode: int) -> None:
         if mode != 0:
@@ -559,7 +583,8 @@ class _RealHandle(FileHandle):
         check_size(offset + length)
         if not self.mode.write:
             raise VfsError(EBADF)
-        await self._fs._run(os.posix_fallocate, self._live(), offset, length)
+        with self._fd.use() as fd:
+            await self._fs._run(os.posix_fallocate, fd, offset, length)
 
     async def copy_to(
         self, offset: int, dst: FileHandle, dst_offset: int, length: int
@@ -567,18 +592,40 @@ class _RealHandle(FileHandle):
         if not isinstance(dst, _RealHandle) or not hasattr(os, "copy_file_range"):
             return None
         try:
-            return await self._fs._run(
-                os.copy_file_range, self._live(), dst._live(), length, offset, dst_offset
-            )
+            with self._fd.use() as src_fd, dst._fd.use() as dst_fd:
+                return await self._fs._run(
+                    os.copy_file_range, src_fd, dst_fd, length, offset, dst_offset
+                )
         except VfsError as exc:
-            if exc.errno in (18, 38, 95, 22):  # EXDEV, ENOSYS, EOPNOTSUPP, EINVAL: fall back
-                return None
+            if exc.errno in (EXDEV, ENOSYS, EOPNOTSUPP, EINVAL):
+                return None  # not on this filesystem pair: read/write instead
             raise
 
     async def release(self) -> None:
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            os.close(fd)
+        self._fd.close()
+
+
+def _fsetattr(fd: int, changes: SetAttr) -> os.stat_result:
+    if changes.size is not None:
+        os.ftruncate(fd, changes.size)
+    if changes.mode is not None:
+        os.fchmod(fd, changes.mode & 0o7777)
+    if changes.uid is not None or changes.gid is not None:
+        os.fchown(
+            fd,
+            -1 if changes.uid is None else changes.uid,
+            -1 if changes.gid is None else changes.gid,
+        )
+    if changes.atime_ns is not None or changes.mtime_ns is not None:
+        cur = os.fstat(fd)
+        os.utime(
+            fd,
+            ns=(
+                cur.st_atime_ns if changes.atime_ns is None else changes.atime_ns,
+                cur.st_mtime_ns if changes.mtime_ns is None else changes.mtime_ns,
+            ),
+        )
+    return os.fstat(fd)
 
 
 __all__ = ["RealFSProvider"]

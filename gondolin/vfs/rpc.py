@@ -28,6 +28,7 @@ from .errors import (
     EINVAL,
     EIO,
     ENFILE,
+    ENOMEM,
     ENOSYS,
     ENOTDIR,
     EPROTO,
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_HANDLES = 16384  # open files + open directories, each
 DEFAULT_MAX_IN_FLIGHT = 64  # requests handled concurrently; more wait in the transport
+DEFAULT_MAX_DIR_ENTRIES = 1 << 20  # entries held in all open-directory snapshots together
 NOTIFY_QUEUE = 1024  # invalidations waiting to be sent; beyond this they are dropped
 _O_CREAT = 0o100
 
@@ -123,6 +125,7 @@ class FsRpcService:
         max_nodes: int = DEFAULT_MAX_NODES,
         max_handles: int = DEFAULT_MAX_HANDLES,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        max_dir_entries: int = DEFAULT_MAX_DIR_ENTRIES,
         clock: Callable[[], int] = time.time_ns,
     ) -> None:
         self.provider = provider
@@ -133,6 +136,8 @@ class FsRpcService:
         self.nodes = NodeTable(max_nodes)
         self._files = _Table(max_handles)
         self._dirs = _Table(max_handles)
+        self.max_dir_entries = max_dir_entries
+        self._dir_entries = 0
         self._clock = clock
         self.stats = FsRpcStats()
         self._notify_send, self._notify_recv = anyio.create_memory_object_stream[bytes](
@@ -293,6 +298,7 @@ class FsRpcService:
         files = list(self._files.items.values())
         self._files.items.clear()
         self._dirs.items.clear()
+        self._dir_entries = 0
         for entry in files:
             await entry.handle.release()
 
@@ -472,7 +478,11 @@ class FsRpcService:
         parent = Attr(ino=1, mode=stat.S_IFDIR | 0o755)
         entries = [(b".", attr), (b"..", parent if req.node != ROOT_NODE else attr)]
         entries.extend((paths.encode(e.name), e.attr) for e in listing)
-        return wire.OpenReply(self._dirs.add(_OpenDir(req.node, entries)), 0)
+        if self._dir_entries + len(entries) > self.max_dir_entries:
+            raise VfsError(ENOMEM, "too many directory entries held open")
+        dh = self._dirs.add(_OpenDir(req.node, entries))
+        self._dir_entries += len(entries)
+        return wire.OpenReply(dh, 0)
 
     async def _readdir(self, req: wire.Readdir) -> wire.ReaddirReply:
         snap: _OpenDir = self._dirs.get(req.dh)
@@ -500,7 +510,8 @@ class FsRpcService:
         return wire.ReaddirReply(plus, tuple(out))
 
     async def _releasedir(self, req: wire.Releasedir) -> wire.EmptyReply:
-        self._dirs.pop(req.dh)
+        snap: _OpenDir = self._dirs.pop(req.dh)
+        self._dir_entries -= len(snap.entries)
         return wire.EmptyReply()
 
     async def _access(self, req: wire.Access) -> wire.EmptyReply:

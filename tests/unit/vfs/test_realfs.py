@@ -226,17 +226,20 @@ async def test_swap_race_never_escapes(tmp_path: Path, outside: Path, mode: str)
         while not stop.is_set():
             os.rename(root / "d", root / "d.real")
             os.symlink(str(outside), root / "d")
+            time.sleep(0.0001)
             os.unlink(root / "d")
             os.rename(root / "d.real", root / "d")
             swaps += 1
+            time.sleep(0.0002)  # leave the real directory in place now and then
 
     thread = threading.Thread(target=swapper, daemon=True)
     thread.start()
     seen_inside = 0
     outside_ino = os.stat(outside / "secret.txt").st_ino
-    deadline = time.monotonic() + 0.8
+    deadline = time.monotonic() + 5
     try:
-        while time.monotonic() < deadline:
+        # Run until the race has gone both ways often enough (or give up after 5 s).
+        while time.monotonic() < deadline and (seen_inside < 20 or swaps < 200):
             try:
                 attr = await provider.getattr("/d/secret.txt")
                 assert attr.ino != outside_ino
@@ -255,5 +258,41 @@ async def test_swap_race_never_escapes(tmp_path: Path, outside: Path, mode: str)
         stop.set()
         thread.join()
         await provider.aclose()
-    assert swaps > 10 and seen_inside > 0  # the race really ran both ways
+    assert swaps >= 200 and seen_inside >= 20  # the race really ran both ways
     _untouched(outside)
+
+
+async def test_release_during_read_keeps_the_descriptor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A guest may RELEASE while a READ is in flight; the fd must not be recycled under it."""
+    (tmp_path / "f").write_bytes(b"mine")
+    (tmp_path / "g").write_bytes(b"other")
+    provider = RealFSProvider(tmp_path)
+    handle = await provider.open("/f", RO)
+    gate = threading.Event()
+    real_pread = os.pread
+
+    def slow_pread(fd: int, n: int, offset: int) -> bytes:
+        gate.wait(5)
+        return real_pread(fd, n, offset)
+
+    monkeypatch.setattr(os, "pread", slow_pread)
+    result: list[bytes] = []
+
+    async def reader() -> None:
+        result.append(await handle.read(0, 10))
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(reader)
+            await anyio.wait_all_tasks_blocked()
+            await handle.release()
+            other = await provider.open("/g", RO)  # would reuse a closed descriptor number
+            gate.set()
+    monkeypatch.setattr(os, "pread", real_pread)
+    assert result == [b"mine"]
+    assert await other.read(0, 10) == b"other"
+    await other.release()
+    assert await errno_of(handle.read(0, 1)) == E.EBADF
+    await provider.aclose()

@@ -462,3 +462,15 @@ def test_fuzz_service_never_raises(data: bytes) -> None:
         await service.handle(header + data)
 
     anyio.run(go)
+
+
+async def test_open_directory_snapshots_are_bounded(fs: MemoryProvider) -> None:
+    service = FsRpcService(fs, max_dir_entries=10)
+    client = Client(service)
+    for i in range(4):
+        await fs.mkdir(f"/d{i}", 0o755)
+    first = await client.ok(w.Opendir(ROOT_NODE))  # ".", "..", 4 entries
+    assert isinstance(first, w.OpenReply)
+    assert await client.err(w.Opendir(ROOT_NODE)) == E.ENOMEM
+    await client.ok(w.Releasedir(first.fh))
+    await client.ok(w.Opendir(ROOT_NODE))
