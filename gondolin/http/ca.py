@@ -25,7 +25,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .policy import normalize_host, parse_ip
@@ -41,6 +41,7 @@ LEAF_CACHE_SIZE = 256  # server contexts kept; the guest picks the names, so thi
 ALPN_PROTOCOLS = ("h2", "http/1.1")
 
 Clock = Callable[[], dt.datetime]
+CAKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey  # we create EC P-256; an RSA CA loads too
 
 
 def _utcnow() -> dt.datetime:
@@ -65,7 +66,7 @@ class CertificateAuthority:
 
     def __init__(
         self,
-        key: ec.EllipticCurvePrivateKey,
+        key: CAKey,
         cert: x509.Certificate,
         *,
         clock: Clock = _utcnow,
@@ -172,8 +173,8 @@ class CertificateAuthority:
         try:
             key = serialization.load_pem_private_key(key_pem, password=None)
             cert = x509.load_pem_x509_certificate(cert_pem)
-            if not isinstance(key, ec.EllipticCurvePrivateKey):
-                return None
+            if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+                raise TypeError(f"unsupported CA key type in {key_path}: use EC or RSA")
             if cert.not_valid_after_utc - RENEW_BEFORE < clock():
                 return None
             return cls(key, cert, clock=clock)

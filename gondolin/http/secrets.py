@@ -29,6 +29,7 @@ PLACEHOLDER_RANDOM_BYTES = 24  # 48 hex characters: unguessable, and never a pla
 PLACEHOLDER_RE = re.compile(f"{PLACEHOLDER_PREFIX}[0-9a-f]{{{2 * PLACEHOLDER_RANDOM_BYTES}}}")
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _FORBIDDEN_VALUE_CHARS = frozenset("\r\n\0")
+MIN_SCANNED_VALUE_LENGTH = 8  # shorter values would block innocent requests by coincidence
 MAX_REVOKED_VALUES = 1024  # old values kept to block their reuse; oldest forgotten first
 _BASIC_PREFIX = "basic "
 _BASIC_HEADERS = frozenset({"authorization", "proxy-authorization"})
@@ -218,10 +219,13 @@ class SecretStore:
                 haystacks.append(_decode_basic(value[len(_BASIC_PREFIX) :]) or "")
         text = "\n".join(haystacks)
         for entry in self._entries.values():
-            if entry.value is not None and entry.value in text and not entry.allows(host):
+            current = entry.value
+            if current is None or len(current) < MIN_SCANNED_VALUE_LENGTH:
+                continue
+            if current in text and not entry.allows(host):
                 raise EgressBlocked(f"value of secret {entry.name} may not be sent to {host}")
         for value, name in self._revoked.items():
-            if value in text:
+            if len(value) >= MIN_SCANNED_VALUE_LENGTH and value in text:
                 raise EgressBlocked(f"a revoked value of secret {name} was sent")
 
     # -- helpers ------------------------------------------------------------------------

@@ -168,3 +168,28 @@ async def handshake_with(client_ca: CertificateAuthority, server_ca: Certificate
         finally:
             await guest.aclose()
     return error
+
+
+def test_an_rsa_ca_placed_by_the_user_is_used(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "corp root")])
+    now = dt.datetime.now(dt.UTC)
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(1).not_valid_before(now - BACKDATE).not_valid_after(now + dt.timedelta(days=400))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(ski, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    (tmp_path / CA_KEY_FILE).write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    (tmp_path / CA_CERT_FILE).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    ca = CertificateAuthority.load_or_create(tmp_path)
+    assert ca.certificate == cert
+    ca.issue_leaf("a.test").verify_directly_issued_by(cert)

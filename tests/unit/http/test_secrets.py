@@ -209,3 +209,12 @@ def test_apply_only_ever_raises_egress_blocked(headers: list[tuple[str, str]], t
     else:
         if host != "api.github.com":
             assert all(VALUE not in v for _, v in out.headers)
+
+
+def test_short_values_are_substituted_but_not_scanned_for() -> None:
+    s = SecretStore({"PIN": Secret("1234", hosts=["bank.test"])})
+    ph = s.placeholders()["PIN"]
+    assert s.apply("bank.test", (("x-pin", ph),), "/", in_query=False).headers == (("x-pin", "1234"),)
+    s.apply("other.test", (("x-n", "1234"),), "/?page=1234", in_query=False)  # coincidence, not a leak
+    with pytest.raises(EgressBlocked):
+        s.apply("other.test", (("x-pin", ph),), "/", in_query=False)
