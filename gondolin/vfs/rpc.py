@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import logging
 import stat
+import struct
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -140,9 +142,8 @@ class FsRpcService:
         self._dir_entries = 0
         self._clock = clock
         self.stats = FsRpcStats()
-        self._notify_send, self._notify_recv = anyio.create_memory_object_stream[bytes](
-            NOTIFY_QUEUE
-        )
+        self._notes: deque[bytes] = deque()  # encoded notifications not yet sent
+        self._wakeup: anyio.Event | None = None  # set when a note arrives for a waiting pump
         self._notify_seq = 0
         self._handlers: dict[type[wire.Body], Callable[[Any], Awaitable[Any]]] = {
             wire.Hello: self._hello,
@@ -208,8 +209,11 @@ class FsRpcService:
                 await reply(response)
 
         async def pump() -> None:
-            async for note in self._notify_recv:
-                await reply(note)
+            while True:
+                while self._notes:
+                    await reply(self._notes.popleft())
+                self._wakeup = anyio.Event()
+                await self._wakeup.wait()
 
         async with anyio.create_task_group() as outer:
             outer.start_soon(pump)
@@ -230,7 +234,15 @@ class FsRpcService:
             known = exc.op in wire.REQUEST_TYPES.keys()
             return wire.encode_error(exc.request_id, exc.op, EINVAL if known else ENOSYS)
         response = await self.dispatch(request)
-        return None if response is None else wire.encode_response(response)
+        if response is None:
+            return None
+        try:
+            return wire.encode_response(response)
+        except (ValueError, struct.error):
+            # A provider handed back something the wire cannot carry (a negative uid, ...).
+            log.exception("cannot encode the reply to %s", request.body.OP.name)
+            self.stats.internal_errors += 1
+            return wire.encode_error(request.id, request.body.OP, EIO)
 
     async def dispatch(self, request: wire.Request) -> wire.Response | None:
         body = request.body
@@ -262,7 +274,11 @@ class FsRpcService:
     # --- invalidation ------------------------------------------------------------------------
 
     def invalidate(self, path: str) -> None:
-        """Tell the guest to drop what its kernel caches about ``path`` (changed on the host)."""
+        """Tell the guest to drop what its kernel caches about ``path`` (changed on the host).
+
+        Call it from the event loop's thread. Notifications wait in a bounded queue; when it
+        is full they are dropped (and counted): the attribute TTL still bounds staleness.
+        """
         parts = paths.split(path)
         node = ROOT_NODE
         for i, name in enumerate(parts):
@@ -278,20 +294,18 @@ class FsRpcService:
 
     def _notify(self, body: wire.Body) -> None:
         self._notify_seq = (self._notify_seq + 1) & 0xFFFFFFFF
-        data = wire.encode_notify(wire.Notify(body, self._notify_seq))
-        try:
-            self._notify_send.send_nowait(data)
-        except anyio.WouldBlock:
-            self.stats.notifications_dropped += 1  # the attribute TTL still bounds staleness
+        if len(self._notes) >= NOTIFY_QUEUE:
+            self.stats.notifications_dropped += 1
+            return
+        self._notes.append(wire.encode_notify(wire.Notify(body, self._notify_seq)))
+        if self._wakeup is not None:
+            self._wakeup.set()
 
     def pending_notifications(self) -> list[bytes]:
         """Take the queued notifications (for drivers that do not use :meth:`serve`)."""
-        out = []
-        while True:
-            try:
-                out.append(self._notify_recv.receive_nowait())
-            except anyio.WouldBlock:
-                return out
+        out = list(self._notes)
+        self._notes.clear()
+        return out
 
     async def aclose(self) -> None:
         """Release every handle the guest left open."""

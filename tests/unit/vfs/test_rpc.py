@@ -397,6 +397,7 @@ async def test_concurrent_requests_complete_out_of_order() -> None:
             got.append(w.decode_response(await from_service.receive()))
             assert got[1].id == 1 and got[1].errno == 0
             await to_service.aclose()  # serve() returns once input ends and all answered
+    await from_service.aclose()
 
 
 async def test_in_flight_limit() -> None:
@@ -422,6 +423,7 @@ async def test_in_flight_limit() -> None:
             assert provider.running == 2
             provider.gate.set()
             ids = sorted([w.decode_response(m).id async for m in from_service])
+    await from_service.aclose()
     assert ids == [1, 2, 3, 4, 5, 6] and provider.peak == 2
 
 
@@ -474,3 +476,17 @@ async def test_open_directory_snapshots_are_bounded(fs: MemoryProvider) -> None:
     assert await client.err(w.Opendir(ROOT_NODE)) == E.ENOMEM
     await client.ok(w.Releasedir(first.fh))
     await client.ok(w.Opendir(ROOT_NODE))
+
+
+class Weird(MemoryProvider):
+    async def getattr(self, path: str) -> Attr:
+        attr = await super().getattr(path)
+        return Attr(ino=attr.ino, mode=attr.mode, uid=-5)  # not representable on the wire
+
+
+async def test_unencodable_reply_is_eio() -> None:
+    service = FsRpcService(Weird())
+    client = Client(service)
+    await service.provider.mkdir("/d", 0o755)
+    assert await client.err(w.Lookup(ROOT_NODE, b"d")) == E.EIO
+    assert service.stats.internal_errors == 1
