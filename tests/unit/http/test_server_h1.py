@@ -243,3 +243,20 @@ def test_fuzzed_guest_bytes_never_escape(payload: bytes, prefix: bytes) -> None:
             assert mediator.stats.flow_errors == 0
 
     anyio.run(main)
+
+
+@pytest.mark.parametrize(
+    ("host", "reason"),
+    [
+        ("93.184.215.14", b"not in allowed_hosts"),  # "*" never matches IP literals
+        ("169.254.169.254", b"not in allowed_hosts"),
+        ("[::ffff:127.0.0.1]:8080", b"not in allowed_hosts"),
+        ("localhost:1", b"internal address"),
+    ],
+)
+async def test_ip_literal_and_internal_hosts_are_blocked(host: str, reason: bytes) -> None:
+    async with setup(allowed_hosts=["*"], allowed_internal_hosts=[]) as (mediator, server):
+        async with guest_connection(mediator, http_flow()) as guest:
+            resp = await h1_roundtrip(guest, f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        assert resp.status == 403 and reason in resp.body
+        assert server.connections == 0
