@@ -414,7 +414,12 @@ def _chmod_nofollow(dirfd: int, name: str, mode: int) -> None:
 
 
 class RealFSProvider(Provider):
-    """A host directory. ``use_openat2=None`` probes the kernel; ``False`` forces the walk."""
+    """A host directory. ``use_openat2=None`` probes the kernel; ``False`` forces the walk.
+
+    ``inline_metadata=True`` runs ``getattr``/``readlink`` on the event loop instead of a
+    worker thread: about 6 us instead of about 170 us per call on a local disk, but a hung
+    network filesystem would then stall the loop. Use it for local directories.
+    """
 
     def __init__(
         self,
@@ -422,8 +427,10 @@ class RealFSProvider(Provider):
         *,
         use_openat2: bool | None = None,
         max_threads: int = DEFAULT_THREADS,
+        inline_metadata: bool = False,
     ) -> None:
         self._tree = _Tree(os.fspath(root), use_openat2)
+        self._inline = inline_metadata
         self._limiter = anyio.CapacityLimiter(max_threads)
         self._users = 0  # calls in worker threads right now
         self._closing = False
@@ -454,6 +461,16 @@ class RealFSProvider(Provider):
             if self._closing and not self._users:
                 self._tree.close()
 
+    async def _meta(self, fn: Callable[..., T], *args: object) -> T:
+        if not self._inline:
+            return await self._run(fn, *args)
+        if self._closing:
+            raise VfsError(EBADF, "provider is closed")
+        try:
+            return fn(*args)
+        except OSError as exc:
+            raise VfsError.from_os_error(exc) from None
+
     async def _open_fd(self, *args: object) -> int:
         # Shielded: a cancelled caller must not lose a descriptor the thread already opened.
         with anyio.CancelScope(shield=True):
@@ -461,13 +478,13 @@ class RealFSProvider(Provider):
         return fd
 
     async def getattr(self, path: str) -> Attr:
-        return await self._run(self._tree.lstat, paths.split(path))
+        return await self._meta(self._tree.lstat, paths.split(path))
 
     async def readdir(self, path: str) -> list[DirEntry]:
         return await self._run(self._tree.readdir, paths.split(path))
 
     async def readlink(self, path: str) -> str:
-        return await self._run(self._tree.readlink, paths.split(path))
+        return await self._meta(self._tree.readlink, paths.split(path))
 
     async def statfs(self, path: str) -> StatFs:
         return await self._run(self._tree.statfs)

@@ -33,6 +33,7 @@ FACTORIES: dict[str, Callable[[Path], Provider]] = {
     "memory": lambda tmp: MemoryProvider(),
     "realfs-openat2": lambda tmp: RealFSProvider(_root(tmp)),
     "realfs-walk": lambda tmp: RealFSProvider(_root(tmp), use_openat2=False),
+    "realfs-inline": lambda tmp: RealFSProvider(_root(tmp), inline_metadata=True),
     "cow": lambda tmp: CopyOnWriteProvider(_root(tmp)),
     "overlay-memory": lambda tmp: OverlayProvider(MemoryProvider()),
     "router": lambda tmp: MountRouter({"/": MemoryProvider()}),

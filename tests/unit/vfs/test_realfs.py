@@ -20,7 +20,7 @@ from .support import NEW, RO, RW, errno_of, names, read_file
 pytestmark = pytest.mark.anyio
 
 SECRET = b"SECRET-OUTSIDE"
-MODES = ["openat2", "walk"]
+MODES = ["openat2", "walk", "walk-inline"]
 
 
 @pytest.fixture
@@ -45,8 +45,9 @@ async def real(
     os.symlink(str(outside / "secret.txt"), root / "filelink")  # symlink to a file outside
     os.symlink("../../outside", root / "sub" / "up")  # from a subdirectory
     use = request.param == "openat2"
+    inline = request.param.endswith("inline")
     try:
-        provider = RealFSProvider(root, use_openat2=use)
+        provider = RealFSProvider(root, use_openat2=use, inline_metadata=inline)
     except OSError:
         pytest.skip("openat2 not available on this kernel")
     yield provider
@@ -215,7 +216,9 @@ async def test_swap_race_never_escapes(tmp_path: Path, outside: Path, mode: str)
     (root / "d").mkdir()
     (root / "d" / "secret.txt").write_bytes(b"inside")
     try:
-        provider = RealFSProvider(root, use_openat2=mode == "openat2")
+        provider = RealFSProvider(
+            root, use_openat2=mode == "openat2", inline_metadata=mode.endswith("inline")
+        )
     except OSError:
         pytest.skip("openat2 not available on this kernel")
     stop = threading.Event()
