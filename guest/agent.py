@@ -38,8 +38,14 @@ from gondolin.protocol import (  # noqa: E402
 )
 
 CONTROL_PORT_NAME = "gondolin.control"
-READ_CHUNK = 64 * 1024  # one read from a child pipe
-CONTROL_READ = 1024 * 1024
+READ_CHUNK = 256 * 1024  # one read from a child pipe
+PIPE_SIZE = 1024 * 1024  # F_SETPIPE_SZ for child output pipes: fewer, larger reads
+# The virtio-console driver hands out at most one 4 KiB buffer per read() and takes at most
+# 32 KiB per write(); readv/writev with that many pieces moves many buffers per system call.
+PORT_READ_PIECE = 4096
+PORT_READ_PIECES = 256
+PORT_WRITE_PIECE = 32 * 1024
+PORT_WRITE_PIECES = 32
 STDIN_WINDOW = 256 * 1024  # bytes of stdin the host may have in flight per exec
 PTY_DRAIN_SECONDS = 0.25  # after the main process exits, how long to drain its output
 PIPE_DRAIN_SECONDS = 0.5  # same for pipes kept open by background children
@@ -167,6 +173,10 @@ class Exec:
                     if fd >= 0:
                         os.close(fd)
             for fd, kind in ((out_r, T.STDOUT), (err_r, T.STDERR)):
+                try:
+                    fcntl.fcntl(fd, 1031, PIPE_SIZE)  # F_SETPIPE_SZ
+                except OSError:
+                    pass
                 os.set_blocking(fd, False)
                 self.fds[fd] = kind
             if in_w >= 0:
@@ -446,6 +456,7 @@ class Agent:
         self._read_watch: dict[int, object] = {}
         self._write_watch: dict[int, object] = {}
         self.writing = False
+        self._read_bufs = [bytearray(PORT_READ_PIECE) for _ in range(PORT_READ_PIECES)]
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wake_r = rfd
         signal.set_wakeup_fd(wfd)
@@ -504,7 +515,14 @@ class Agent:
     def flush(self) -> None:
         while self.out:
             try:
-                n = os.write(self.fd, self.out[:1 << 20])
+                view = memoryview(self.out)
+                pieces = [view[i:i + PORT_WRITE_PIECE]
+                          for i in range(0, min(len(view), PORT_WRITE_PIECE * PORT_WRITE_PIECES), PORT_WRITE_PIECE)]
+                try:
+                    n = os.writev(self.fd, pieces)
+                finally:
+                    del pieces
+                    view.release()
             except BlockingIOError:
                 break
             except OSError as exc:
@@ -789,18 +807,21 @@ class Agent:
                 ex.check_timers(now)
 
     def read_control(self) -> None:
+        bufs = self._read_bufs
         try:
-            data = os.read(self.fd, CONTROL_READ)
+            n = os.readv(self.fd, bufs)
         except BlockingIOError:
             return
         except OSError as exc:
             log(f"control port read: {exc}")
             time.sleep(0.05)
             return
-        if not data:
+        if not n:
             # Host side not connected (e.g. between a snapshot and its restore): wait for it.
             time.sleep(0.01)
             return
+        full, rest = divmod(n, PORT_READ_PIECE)
+        data = b"".join(bufs[:full]) + (bytes(bufs[full][:rest]) if rest else b"")
         try:
             self.decoder.feed(data)
             msgs = self.decoder.messages()

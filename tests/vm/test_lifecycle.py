@@ -1,0 +1,100 @@
+import os
+
+import anyio
+import pytest
+
+from gondolin import VM, VMClosedError, VMDiedError, VMStartError
+from gondolin.sync import VM as SyncVM
+
+from .conftest import qemu_pids
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_killing_qemu_mid_exec_fails_pending_calls_clearly(no_leaks):
+    vm = await VM.create()
+    pid = vm.qemu_pid
+    assert pid in qemu_pids()
+    proc = vm.exec("echo about to sleep; sleep 60")
+    await proc.start()
+    await anyio.sleep(0.3)
+    vm.kill_qemu()
+    with anyio.fail_after(10), pytest.raises(VMDiedError) as err:
+        await proc.wait()
+    assert "stopped" in str(err.value)
+    with pytest.raises(VMDiedError):
+        await vm.exec("true")
+    with pytest.raises(VMDiedError):
+        await vm.fs.read_bytes("/etc/hostname")
+    await vm.close()
+    assert pid not in qemu_pids()
+    with pytest.raises(VMClosedError):
+        vm.exec("true")
+
+
+async def test_rootfs_modes_and_cleanup(no_leaks):
+    async with await VM.create(rootfs="readonly") as vm:
+        r = await vm.exec("touch /usr/x")
+        assert r.exit_code != 0 and "Read-only file system" in r.stderr
+        assert (await vm.exec("echo ok > /tmp/x && cat /tmp/x")).stdout == "ok\n"
+    async with await VM.create(rootfs="memory") as vm:
+        assert (await vm.exec("echo kept > /usr/local/x && cat /usr/local/x")).stdout == "kept\n"
+        assert "overlay" in (await vm.exec("grep ' / ' /proc/mounts")).stdout
+    async with await VM.create(rootfs="cow", env={"VM_WIDE": "yes"}, hostname="box1") as vm:
+        assert (await vm.exec("echo cow > /etc/cow && cat /etc/cow")).stdout == "cow\n"
+        assert (await vm.exec("echo $VM_WIDE $(hostname)")).stdout == "yes box1\n"
+        run_dir = vm._run_dir
+        assert run_dir is not None and (run_dir / "root.qcow2").exists()
+    assert not run_dir.exists()
+
+
+async def test_writes_in_cow_mode_never_reach_the_base_image():
+    async with await VM.create() as vm:
+        await vm.exec("echo scribble > /etc/scribble && sync")
+        base = vm.image.rootfs
+    async with await VM.create() as vm:
+        assert not await vm.fs.exists("/etc/scribble")
+    assert base.exists()
+
+
+async def test_invalid_options_are_refused_before_booting():
+    with pytest.raises(ValueError):
+        await VM.create(rootfs="tmpfs")
+    with pytest.raises(ValueError):
+        await VM.create(memory="12")
+    with pytest.raises(ValueError):
+        await VM.create(cpus=0)
+
+
+async def test_start_timeout_is_a_clear_error(no_leaks):
+    with pytest.raises(VMStartError) as err:
+        await VM.create(start_timeout=0.5)
+    assert err.value.code == "vm_start_timeout" and "start_timeout" in str(err.value)
+
+
+async def test_qemu_that_cannot_start_reports_its_console(monkeypatch, no_leaks):
+    monkeypatch.setenv("GONDOLIN_QEMU", "/bin/false")
+    with pytest.raises(VMStartError) as err:
+        await VM.create(accel="tcg")
+    assert "exit code 1" in str(err.value)
+
+
+def test_sync_facade(no_leaks):
+    with SyncVM.create() as vm:
+        assert vm.exec("echo sync").stdout == "sync\n"
+        vm.fs.write("/tmp/s.txt", "from sync")
+        assert vm.fs.read_text("/tmp/s.txt") == "from sync"
+        assert list(vm.exec_lines("seq 3")) == ["1", "2", "3"]
+        assert vm.exec("exit 4").exit_code == 4
+
+
+async def test_run_dirs_of_dead_owners_are_collected(tmp_path):
+    import tempfile
+
+    from gondolin.vm import RUN_PREFIX, gc_run_dirs
+
+    stale = tempfile.mkdtemp(prefix=RUN_PREFIX)
+    with open(os.path.join(stale, "owner.pid"), "w") as f:
+        f.write("999999999")
+    assert gc_run_dirs() >= 1
+    assert not os.path.exists(stale)
