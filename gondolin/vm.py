@@ -12,6 +12,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +33,42 @@ from .qemu.process import QemuProcess, find_qemu
 log = get_logger("vm")
 RootfsMode = Literal["cow", "readonly", "memory"]
 CONTROL_PORT = "gondolin.control"
+FS_PORT = "gondolin.fs"
+GUEST_IP = "192.168.127.3"
+GATEWAY_IP = "192.168.127.1"
+_CA_CACHE: dict[str, Any] = {}
+
+
+def _load_ca(cls: Any) -> Any:
+    """The per-install MITM CA, loaded once per process."""
+    if "ca" not in _CA_CACHE:
+        _CA_CACHE["ca"] = cls.load_or_create()
+    return _CA_CACHE["ca"]
+
+
+@dataclass(frozen=True)
+class NetworkOptions:
+    dns: str = "synthetic"
+    tcp_hosts: dict[str, str] = field(default_factory=dict)
+    http_hooks: Any = None
+
+
+class Network:
+    """A running VM's network: policy hooks, audit events, counters."""
+
+    def __init__(self, hooks: Any, mediator: Any, driver: Any, ca: Any) -> None:
+        self.hooks = hooks
+        self.mediator = mediator
+        self.driver = driver
+        self.ca = ca
+
+    def events(self) -> list[Any]:
+        """Recent HTTP audit events (allowed and blocked requests, with reasons)."""
+        return list(self.hooks.events.events())
+
+    @property
+    def stats(self) -> Any:
+        return self.driver.stats
 DEFAULT_START_TIMEOUT = float(os.environ.get("GONDOLIN_START_TIMEOUT", "120"))
 RUN_PREFIX = "gondolin-vm-"
 
@@ -102,7 +139,8 @@ class VM:
     or ``async with``. Every wait has a timeout; nothing (QEMU, sockets, temp files) outlives it."""
 
     def __init__(self, *, image: Image, memory_mb: int, cpus: int, env: Mapping[str, str], rootfs: RootfsMode,
-                 accel: str, hostname: str, start_timeout: float, label: str | None) -> None:
+                 accel: str, hostname: str, start_timeout: float, label: str | None,
+                 network: NetworkOptions | None = None, mounts: Mapping[str, Any] | None = None) -> None:
         self.id = uuid.uuid4().hex[:12]
         self.image = image
         self.memory_mb = memory_mb
@@ -116,11 +154,15 @@ class VM:
         self._tasks = _TaskSet()
         self._qemu: QemuProcess | None = None
         self._channel: Channel | None = None
-        self._listener: SocketListener | None = None
+        self._listeners: dict[str, SocketListener] = {}
         self._run_dir: Path | None = None
         self._closed = False
         self._close_lock = anyio.Lock()
         self.fs = GuestFS(self)
+        self._net_options = network
+        self.network: Network | None = None
+        self.mounts: dict[str, Any] = dict(mounts or {})
+        self._vfs_stream: Any = None
         self.boot_time: float | None = None
         self.guest_boot_ms: int | None = None
 
@@ -138,6 +180,11 @@ class VM:
         start_timeout: float | None = None,
         label: str | None = None,
         accel: str | None = None,
+        network: bool = True,
+        dns: str = "synthetic",
+        tcp_hosts: Mapping[str, str] | None = None,
+        http_hooks: Any = None,
+        mounts: Mapping[str, Any] | None = None,
     ) -> VM:
         """Boot a VM and return it once its agent answers.
 
@@ -145,6 +192,12 @@ class VM:
         ``"cow"`` (writes go to a throwaway qcow2 overlay), ``"memory"`` (writes go to guest RAM) or
         ``"readonly"``; ``image``: a ref name, build id or image directory (``"default"`` is built on
         first use). ``accel``: ``"kvm"``/``"tcg"`` (default: probe once, or ``GONDOLIN_ACCEL``).
+
+        Network: ``network=False`` gives the guest no NIC at all. Otherwise every guest connection
+        goes through the host's network stack: ``http_hooks`` (from :func:`gondolin.http.create_http_hooks`)
+        decide which HTTP(S) requests may leave (none without hooks), ``tcp_hosts`` maps
+        ``"name:port"`` to a host ``"ip:port"`` for raw TCP, ``dns`` is ``"synthetic"`` (default),
+        ``"trusted"`` or ``"open"``. ``mounts`` maps guest paths to :mod:`gondolin.vfs` providers.
         """
         if rootfs not in ("cow", "readonly", "memory"):
             raise ValueError(f"rootfs must be 'cow', 'readonly' or 'memory', not {rootfs!r}")
@@ -155,9 +208,15 @@ class VM:
         store = ImageStore()
         img = await anyio.to_thread.run_sync(ensure_image, image, store)
         timeout = DEFAULT_START_TIMEOUT if start_timeout is None else start_timeout
+        net = NetworkOptions(dns=dns, tcp_hosts=dict(tcp_hosts or {}), http_hooks=http_hooks) if network else None
+        if not network and (tcp_hosts or http_hooks is not None):
+            raise ValueError("tcp_hosts and http_hooks need network=True")
+        for guest_path in mounts or {}:
+            if not guest_path.startswith("/") or guest_path.rstrip("/") in ("", "/proc", "/sys", "/dev", "/run"):
+                raise ValueError(f"cannot mount at {guest_path!r}: give an absolute path such as /workspace")
         chosen = accel or await _accel.choose(img, cls._probe_boot)
         vm = cls(image=img, memory_mb=memory_mb, cpus=cpus, env=env or {}, rootfs=rootfs, accel=chosen,
-                 hostname=hostname, start_timeout=timeout, label=label)
+                 hostname=hostname, start_timeout=timeout, label=label, network=net, mounts=mounts)
         try:
             await vm._start()
         except BaseException:
@@ -181,13 +240,20 @@ class VM:
         gc_run_dirs()
         self._run_dir = Path(tempfile.mkdtemp(prefix=RUN_PREFIX, dir=_run_base()))
         (self._run_dir / "owner.pid").write_text(str(os.getpid()))
-        control_path = str(self._run_dir / "control.sock")
-        self._listener = await anyio.create_unix_listener(control_path)
+        sockets = {"control": str(self._run_dir / "control.sock")}
+        ports = [SerialPort(CONTROL_PORT, sockets["control"])]
+        if self.mounts:
+            sockets["fs"] = str(self._run_dir / "fs.sock")
+            ports.append(SerialPort(FS_PORT, sockets["fs"]))
+        if self._net_options is not None:
+            sockets["net"] = str(self._run_dir / "net.sock")
+        for name, path in sockets.items():
+            self._listeners[name] = await anyio.create_unix_listener(path)
         disk, fmt, readonly, mode = self._prepare_disk()
         spec = MachineSpec(
             kernel=str(self.image.kernel), initrd=str(self.image.initrd), disk=disk, disk_format=fmt,
             disk_readonly=readonly, root_mode=mode, memory_mb=self.memory_mb, cpus=self.cpus,
-            accel=self.accel, ports=(SerialPort(CONTROL_PORT, control_path),),
+            accel=self.accel, ports=tuple(ports), net_socket=sockets.get("net"),
             extra_append="gondolin.debug=1 loglevel=6" if os.environ.get("GONDOLIN_GUEST_DEBUG") else "",
         )
         self._qemu = QemuProcess(build_argv(spec, find_qemu()))
@@ -199,9 +265,13 @@ class VM:
         qemu = self._qemu
         try:
             with anyio.fail_after(self._start_timeout):
-                stream = await self._accept_or_exit(self._listener)
-                self._channel = Channel(stream, qemu.console_tail, self._wait_qemu_exit)
+                streams = await self._accept_all()
+                self._channel = Channel(streams["control"], qemu.console_tail, self._wait_qemu_exit)
                 self._tasks.spawn(self._channel.run())
+                if "net" in streams:
+                    await self._start_network(streams["net"])
+                if "fs" in streams:
+                    await self._start_vfs(streams["fs"])
                 hello = await self._first_message(T.HELLO)
                 self.guest_boot_ms = int(hello.p.get("boot_ms") or 0)
                 await self._configure()
@@ -214,10 +284,34 @@ class VM:
             raise VMStartError(f"the VM stopped while booting (QEMU exit code {qemu.returncode})",
                                exc.console or qemu.console_tail()) from None
         finally:
-            await self._listener.aclose()
-            self._listener = None
+            await self._close_listeners()
         self.boot_time = time.monotonic() - t0
         log.debug("vm %s ready in %.3fs (guest agent at %sms uptime)", self.id, self.boot_time, self.guest_boot_ms)
+
+    async def _close_listeners(self) -> None:
+        for listener in self._listeners.values():
+            with anyio.CancelScope(shield=True):
+                await listener.aclose()
+        self._listeners.clear()
+
+    async def _start_network(self, stream: Any) -> None:
+        from .http import CertificateAuthority, HttpMediator, deny_all_hooks
+        from .net import NetworkConfig, NetworkDriver
+
+        opts = self._net_options
+        assert opts is not None
+        hooks = opts.http_hooks if opts.http_hooks is not None else deny_all_hooks()
+        ca = await anyio.to_thread.run_sync(_load_ca, CertificateAuthority)
+        mediator = HttpMediator(hooks, ca)
+        driver = NetworkDriver(NetworkConfig(dns=opts.dns, tcp_hosts=opts.tcp_hosts,  # type: ignore[arg-type]
+                                             flow_handler=mediator))
+        self.network = Network(hooks, mediator, driver, ca)
+        self._tasks.spawn(driver.run(stream))
+
+    async def _start_vfs(self, stream: Any) -> None:
+        from .vfs.port import serve_vfs
+
+        self._tasks.spawn(serve_vfs(stream, self.mounts))
 
     def _prepare_disk(self) -> tuple[str, str, bool, str]:
         base = str(self.image.rootfs)
@@ -240,25 +334,29 @@ class VM:
         if self._qemu is not None:
             await self._qemu.exited.wait()
 
-    async def _accept_or_exit(self, listener: SocketListener) -> Any:
-        """Accept QEMU's connection to the control socket, unless QEMU exits first."""
+    async def _accept_all(self) -> dict[str, Any]:
+        """Accept QEMU's connection on every listener (it connects to all at start), unless it exits first."""
         qemu = self._qemu
         assert qemu is not None
-        result: list[Any] = []
+        result: dict[str, Any] = {}
         async with anyio.create_task_group() as tg:
-            async def accept() -> None:
-                result.append(await listener.accept())
-                tg.cancel_scope.cancel()
+            async def accept(name: str, listener: SocketListener) -> None:
+                result[name] = await listener.accept()
+                if len(result) == len(self._listeners):
+                    tg.cancel_scope.cancel()
 
             async def exited() -> None:
                 await qemu.exited.wait()
                 tg.cancel_scope.cancel()
 
-            tg.start_soon(accept)
+            for name, listener in self._listeners.items():
+                tg.start_soon(accept, name, listener)
             tg.start_soon(exited)
-        if not result:
+        if len(result) != len(self._listeners):
+            for stream in result.values():
+                await stream.aclose()
             raise VMStartError(f"QEMU exited at start (exit code {qemu.returncode})", qemu.console_tail())
-        return result[0]
+        return result
 
     async def _first_message(self, t: int) -> Any:
         assert self._channel is not None
@@ -276,8 +374,14 @@ class VM:
         channel = self._require_channel()
         inbox = channel.open()
         try:
+            extra: dict[str, Any] = {}
+            if self.network is not None:
+                extra["network"] = {"address": f"{GUEST_IP}/24", "gateway": GATEWAY_IP, "dns": GATEWAY_IP}
+                extra["ca_pem"] = self.network.ca.ca_bundle_pem().decode()
+            if self.mounts:
+                extra["mounts"] = sorted(self.mounts)
             await channel.send_message(T.CONFIGURE, inbox.id, os.urandom(64), clock_ns=time.time_ns(),
-                                       hostname=self.hostname, env=self.env)
+                                       hostname=self.hostname, env=self.env, **extra)
             msg = await inbox.get()
             if msg.t != T.CONFIGURED:
                 raise VMStartError(f"guest rejected its configuration: {msg.p}")
@@ -378,11 +482,12 @@ class VM:
             with anyio.CancelScope(shield=True):
                 if self._channel is not None:
                     await self._channel.aclose()
-                if self._listener is not None:
-                    await self._listener.aclose()
+                await self._close_listeners()
                 if self._qemu is not None:
                     await self._qemu.stop()
                 await self._tasks.cancel_all()
+                if self.network is not None:
+                    await self.network.mediator.aclose()
                 if self._run_dir is not None:
                     shutil.rmtree(self._run_dir, ignore_errors=True)
             log.debug("vm %s closed", self.id)

@@ -119,6 +119,7 @@ class Exec:
         agent = self.agent
         user = p.get("user")
         env = agent.base_env(user)
+        env.update(agent.system_env)
         env.update(agent.vm_env)
         env.update({str(k): str(v) for k, v in (p.get("env") or {}).items()})
         uid = gid = None
@@ -457,6 +458,10 @@ class Agent:
         self._write_watch: dict[int, object] = {}
         self.writing = False
         self._read_bufs = [bytearray(PORT_READ_PIECE) for _ in range(PORT_READ_PIECES)]
+        self.system_env: dict[str, str] = {}  # set by configure (CA bundle paths, ...)
+        self.network_ready = False
+        self.ca_mounted = False
+        self.fuse_proc: subprocess.Popen | None = None
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wake_r = rfd
         signal.set_wakeup_fd(wfd)
@@ -750,6 +755,21 @@ class Agent:
                 socket.sethostname(str(p["hostname"]))
             except OSError as exc:
                 errors.append(f"hostname: {exc}")
+        if p.get("network"):
+            try:
+                self.setup_network(p["network"])
+            except (OSError, subprocess.SubprocessError, ValueError) as exc:
+                errors.append(f"network: {exc}")
+        if p.get("ca_pem"):
+            try:
+                self.install_ca(str(p["ca_pem"]))
+            except OSError as exc:
+                errors.append(f"ca: {exc}")
+        if p.get("mounts"):
+            try:
+                self.start_mounts([str(m) for m in p["mounts"]])
+            except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
+                errors.append(f"mounts: {exc}")
         if "env" in p:
             self.vm_env = {str(k): str(v) for k, v in (p.get("env") or {}).items()}
         for path, content in (p.get("files") or {}).items():
@@ -761,6 +781,73 @@ class Agent:
                 errors.append(f"file {path}: {exc}")
         self.login_env()
         self.send(message(T.CONFIGURED, id, errors=errors))
+
+    def setup_network(self, net: dict) -> None:
+        """Static address on eth0 (no DHCP round trips at boot; the host stack also serves DHCP)."""
+        try:
+            with open("/proc/sys/net/ipv6/conf/all/disable_ipv6", "w") as f:
+                f.write("1")
+        except OSError:
+            pass
+        if self.network_ready:
+            return
+        script = (f"link set lo up\nlink set eth0 up\naddr add {net['address']} dev eth0\n"
+                  f"route add default via {net['gateway']}\n")
+        out = subprocess.run(["/sbin/ip", "-batch", "-"], input=script.encode(), capture_output=True, timeout=20)
+        if out.returncode != 0:
+            raise ValueError(out.stderr.decode(errors="replace").strip() or "ip failed")
+        self.network_ready = True
+
+    def install_ca(self, pem: str) -> None:
+        """Trust the host's interception CA: system bundle (bind-mounted, so a read-only root works)
+        plus the environment variables common clients read."""
+        bundle = "/etc/ssl/certs/ca-certificates.crt"
+        ours = "/run/gondolin/ca-bundle.pem"
+        if not self.ca_mounted:
+            try:
+                with open(bundle) as f:
+                    system = f.read()
+            except OSError:
+                system = ""
+            os.makedirs("/run/gondolin", exist_ok=True)
+            with open(ours, "w") as f:
+                f.write(system.rstrip("\n") + "\n" + pem.strip() + "\n")
+            os.chmod(ours, 0o644)
+            if os.path.exists(bundle):
+                libc = ctypes.CDLL(None, use_errno=True)
+                if libc.mount(ours.encode(), bundle.encode(), None, 4096, None) != 0:  # MS_BIND
+                    raise OSError(ctypes.get_errno(), "bind mount of the CA bundle failed")
+            self.ca_mounted = True
+        for var in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS",
+                    "GIT_SSL_CAINFO", "PIP_CERT"):
+            self.system_env[var] = ours
+
+    def start_mounts(self, mounts: list[str]) -> None:
+        """Start the FUSE daemon serving ``mounts`` from the host over the fs port; wait until mounted."""
+        if self.fuse_proc is not None and self.fuse_proc.poll() is None:
+            return
+        daemon = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fuse.py")
+        if not os.path.exists(daemon):
+            raise RuntimeError("this image has no FUSE daemon (guest/fuse.py); rebuild the image")
+        subprocess.run(["/sbin/modprobe", "fuse"], capture_output=True, timeout=20)
+        for m in mounts:
+            os.makedirs(m, exist_ok=True)
+        self.fuse_proc = subprocess.Popen(
+            [sys.executable, "-S", "-E", "-u", daemon, "--port", "gondolin.fs", *[f"--mount={m}" for m in mounts]],
+            start_new_session=True, close_fds=True,
+        )
+        self.by_pid.pop(self.fuse_proc.pid, None)
+        deadline = time.monotonic() + 30
+        while True:
+            with open("/proc/self/mounts") as f:
+                mounted = {line.split()[1] for line in f}
+            if all(m.rstrip("/") in mounted for m in mounts):
+                return
+            if self.fuse_proc.poll() is not None:
+                raise RuntimeError(f"FUSE daemon exited with {self.fuse_proc.returncode}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("FUSE mounts did not appear within 30 s")
+            time.sleep(0.01)
 
     # -- main loop ---------------------------------------------------------
     def run(self) -> None:

@@ -44,6 +44,7 @@ ROOTFS_MODULE_DIRS = ("kernel/fs/fuse", "kernel/fs/9p", "kernel/net/9p", "kernel
 BUILD_FORMAT = 3  # bump when the customisation below changes in a way the cache key cannot see
 GUEST_DIR = Path(__file__).resolve().parent.parent.parent / "guest"
 PROTOCOL_DIR = Path(__file__).resolve().parent.parent / "protocol"
+VFS_WIRE = Path(__file__).resolve().parent.parent / "vfs" / "wire.py"
 
 Progress = Callable[[str], None]
 
@@ -104,7 +105,8 @@ class ImageBuilder:
         """Hash of everything that goes into an image except the Debian packages' own contents."""
         h = hashlib.sha256(self.config.rootfs_key().encode())
         h.update(",".join(BOOT_MODULES).encode())
-        for f in sorted([GUEST_DIR / "init", *GUEST_DIR.glob("*.py"), *PROTOCOL_DIR.glob("*.py")]):
+        for f in sorted([GUEST_DIR / "init", *GUEST_DIR.glob("*.py"), *PROTOCOL_DIR.glob("*.py"),
+                         *([VFS_WIRE] if VFS_WIRE.is_file() else [])]):
             h.update(f.name.encode() + b"\0" + f.read_bytes())
         return h.hexdigest()[:16]
 
@@ -327,6 +329,8 @@ class ImageBuilder:
         for sub in ("fuse.py",):  # optional guest helpers shipped when present
             if (GUEST_DIR / sub).is_file():
                 entries.append((f"gondolin/{sub}", GUEST_DIR / sub, 0o100644))
+        if VFS_WIRE.is_file():  # the FUSE daemon's wire format, shared with the host (stdlib only)
+            entries.append(("gondolin/vfs_wire.py", VFS_WIRE, 0o100644))
         write_newc(out, entries)
 
 
