@@ -1,0 +1,152 @@
+"""Find the benchmark modules, run the selected ones, merge their rows into the report.
+
+A benchmark module is ``benchmarks/bench_<name>.py`` exposing ``async def collect(ctx) -> list[Row]``.
+``python -m benchmarks core net`` runs ``bench_core`` and ``bench_net``; without names every
+module runs. Rows of modules not run this time are kept from the existing report.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+import platform
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Protocol, cast
+
+import anyio
+
+from . import _table
+from ._table import ModuleResult, Row
+
+PREFIX = "bench_"
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUTPUT = REPO / "docs" / "benchmarks.md"
+
+
+@dataclass
+class Context:
+    """What a benchmark module gets: options, a progress logger, and a place for machine facts."""
+
+    quick: bool = False  # fewer repetitions: check that the harness works, not the numbers
+    machine: dict[str, str] = field(default_factory=dict)
+    _out: Callable[[str], None] = field(default=lambda s: print(s, file=sys.stderr, flush=True))
+
+    def reps(self, full: int, quick: int = 1) -> int:
+        return quick if self.quick else full
+
+    def log(self, message: str) -> None:
+        self._out(f"[bench {time.strftime('%H:%M:%S')}] {message}")
+
+
+class BenchModule(Protocol):
+    collect: Callable[[Context], Awaitable[list[Row]]]
+
+
+def available() -> dict[str, str]:
+    """Module short names -> import paths, in table order: core first, then alphabetical."""
+    pkg_dir = str(Path(__file__).parent)
+    names = sorted(i.name[len(PREFIX):] for i in pkgutil.iter_modules([pkg_dir]) if i.name.startswith(PREFIX))
+    names.sort(key=lambda n: n != "core")
+    return {n: f"{__package__}.{PREFIX}{n}" for n in names}
+
+
+def load(module_path: str) -> BenchModule:
+    mod: ModuleType = importlib.import_module(module_path)
+    if not callable(getattr(mod, "collect", None)):
+        raise SystemExit(f"{module_path} has no collect(ctx) function")
+    return cast(BenchModule, mod)
+
+
+def machine_info() -> dict[str, str]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cores": f"{os.cpu_count()}" + (f" ({model})" if model else "")}
+    from gondolin import GondolinError
+    from gondolin.qemu.accel import qemu_version
+    from gondolin.qemu.process import find_qemu
+
+    try:
+        info["QEMU"] = qemu_version(find_qemu())
+    except GondolinError as exc:
+        info["QEMU"] = f"not found ({exc.message})"
+    info["host"] = f"{platform.system()} {platform.release()}, Python {platform.python_version()}"
+    return info
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+async def run_modules(names: Sequence[str], ctx: Context) -> dict[str, ModuleResult]:
+    mods = available()
+    unknown = [n for n in names if n not in mods]
+    if unknown:
+        raise SystemExit(f"unknown benchmark module(s): {', '.join(unknown)}; available: {', '.join(mods)}")
+    selected = list(names) or list(mods)
+    command = " ".join(["python -m benchmarks", *sys.argv[1:]]).strip()
+    ctx.machine.update(machine_info())
+    load_start = _loadavg()
+    results: dict[str, ModuleResult] = {}
+    for name in selected:
+        module = load(mods[name])
+        ctx.log(f"module {name}")
+        started = time.monotonic()
+        rows = await module.collect(ctx)
+        ctx.log(f"module {name} done in {time.monotonic() - started:.0f}s")
+        results[name] = ModuleResult(name, tuple(rows), "", command)
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    ctx.machine["load average (1/5/15 min) at start, end"] = f"{load_start}; {_loadavg()}"
+    return {n: ModuleResult(n, r.rows, date, command, dict(ctx.machine)) for n, r in results.items()}
+
+
+def write_report(current: dict[str, ModuleResult], output: Path | None) -> str:
+    previous: dict[str, ModuleResult] = {}
+    if output is not None and output.exists():
+        previous = _table.loads(output.read_text())
+    results = _table.merge(previous, current)
+    text = _table.render_report(results, list(available()), list(current))
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = output.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, output)
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    parser.add_argument("modules", nargs="*", help="modules to run (default: all); see --list")
+    parser.add_argument("--list", action="store_true", help="list the benchmark modules and exit")
+    parser.add_argument("--quick", action="store_true", help="one repetition each: checks the harness, not the numbers")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help=f"report file (default {DEFAULT_OUTPUT})")
+    parser.add_argument("--no-write", action="store_true", help="print the report, do not write it")
+    args = parser.parse_args(argv)
+    if args.list:
+        for name, path in available().items():
+            print(f"{name}\t{path}")
+        return 0
+    ctx = Context(quick=args.quick)
+    current = anyio.run(run_modules, args.modules, ctx)
+    text = write_report(current, None if args.no_write else args.output)
+    print(text)
+    if not args.no_write:
+        ctx.log(f"wrote {args.output}")
+    failed = [r for res in current.values() for r in res.rows if r.error]
+    return 1 if failed else 0

@@ -1,0 +1,118 @@
+"""The benchmark report: formatting, goals, merging runs. No VMs, no timings asserted."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from benchmarks import Goal, Measure, ModuleResult, Row, available, render_report, render_table
+from benchmarks._table import MAX_SAMPLES_LISTED, fmt_number, loads, merge, render_details
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [(0, "0"), (5.2357, "5.24"), (44.222, "44.2"), (225.4, "225"), (1234.5, "1234"), (0.01234, "0.0123")],
+)
+def test_three_significant_digits(value: float, text: str) -> None:
+    assert fmt_number(value) == text
+
+
+@pytest.mark.parametrize(
+    ("goal", "value", "ratio", "met", "described"),
+    [
+        (Goal(max_ratio=1.2), 6.0, 1.1, True, "<= 1.2x"),
+        (Goal(max_ratio=1.2), 6.0, 1.3, False, "<= 1.2x"),
+        (Goal(min_ratio=0.5), 40.0, 0.4, False, ">= 0.5x"),
+        (Goal(min_ratio=0.5), 40.0, 0.6, True, ">= 0.5x"),
+        (Goal(max_value=50), 7.2, None, True, "<= 50 MB"),
+        (Goal(max_value=50), 51.0, None, False, "<= 50 MB"),
+        (Goal(max_ratio=1.5, max_value=0.25), 0.3, 1.1, False, "<= 1.5x, <= 0.25 MB"),
+        (Goal(max_ratio=1.2), 6.0, None, None, "<= 1.2x"),  # no baseline: cannot judge
+    ],
+)
+def test_goal(goal: Goal, value: float, ratio: float | None, met: bool | None, described: str) -> None:
+    assert goal.met(value, ratio) is met
+    assert goal.describe("MB") == described
+
+
+def _cells(table: str, what: str) -> list[str]:
+    for line in table.splitlines():
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+        if len(cells) > 1 and cells[1] == what:
+            return cells
+    raise AssertionError(f"no row {what!r} in\n{table}")
+
+
+ROWS = [
+    Row("core", "boot", Measure(6.0, "s"), Measure(5.0, "s"), goal=Goal(max_ratio=1.3)),
+    Row("core", "exec", Measure(44.0, "ms"), Measure(32.0, "ms"), goal=Goal(max_ratio=1.2)),
+    Row("core", "copy", Measure(22.0, "MiB/s"), Measure(88.0, "MiB/s")),
+    Row("core", "memory", Measure(7.25, "MB"), goal=Goal(max_value=50)),
+    Row("core", "broken", goal=Goal(max_ratio=1.2), error="VMStartError: no answer"),
+    Row("net", "a|b", Measure(1.0, "s"), Measure(0.0, "s")),
+]
+
+
+@pytest.mark.parametrize(
+    ("what", "expected"),
+    [
+        ("boot", ["core", "boot", "6.00 s", "5.00 s", "1.20x", "<= 1.3x", "yes"]),
+        ("exec", ["core", "exec", "44.0 ms", "32.0 ms", "1.38x", "<= 1.2x", "**no**"]),
+        ("copy", ["core", "copy", "22.0 MiB/s", "88.0 MiB/s", "0.25x", "—", "—"]),
+        ("memory", ["core", "memory", "7.25 MB", "—", "—", "<= 50 MB", "yes"]),
+        ("broken", ["core", "broken", "error", "—", "—", "<= 1.2x", "error"]),
+        ("a\\|b", ["net", "a\\|b", "1.00 s", "0 s", "—", "—", "—"]),  # pipe escaped; zero baseline
+    ],
+)
+def test_table_rows(what: str, expected: list[str]) -> None:
+    table = render_table(ROWS)
+    assert table.splitlines()[0] == "| area | what | ours | baseline | ratio | goal | met? |"
+    assert _cells(table, what) == expected
+
+
+def test_units_of_a_pair_must_agree() -> None:
+    with pytest.raises(ValueError, match="unit|ms"):
+        Row("core", "x", Measure(1.0, "s"), Measure(1.0, "ms"))
+
+
+def test_details_list_samples_and_summarise_long_ones() -> None:
+    few = Row("core", "few", Measure.median_of([3.0, 1.0, 2.0], "s"), baseline_what="plain QEMU")
+    many = Row("core", "many", Measure.median_of(range(1, 51), "ms"))
+    text = render_details([few, many, ROWS[4]])
+    assert "ours 3.00, 1.00, 2.00 s" in text and "baseline is plain QEMU" in text
+    assert MAX_SAMPLES_LISTED < 50
+    assert "50 samples, min/25%/50%/75%/max 1.00/13.0/25.5/38.0/50.0 ms" in text
+    assert "failed: `VMStartError: no answer`" in text
+
+
+def _result(name: str, rows: list[Row], command: str = "python -m benchmarks") -> ModuleResult:
+    return ModuleResult(name, tuple(rows), "2026-01-01 00:00 UTC", command, {"cores": "2"})
+
+
+def test_report_round_trips_and_merges_runs() -> None:
+    old = {"core": _result("core", ROWS[:2]), "net": _result("net", ROWS[5:])}
+    first = render_report(old, ["core", "net"], ["core", "net"])
+    assert loads(first) == old
+    # A later `python -m benchmarks core --quick` replaces core's rows and keeps net's.
+    newer = {"core": _result("core", ROWS[2:4], "python -m benchmarks core --quick")}
+    merged = merge(loads(first), newer)
+    text = render_report(merged, ["core", "net"], ["core"])
+    table = text.split("## Machine")[0]
+    assert "boot" not in table and "| copy |" in table and "a\\|b" in table
+    assert "rows of `net` come from an earlier run" in text
+    assert "- command: `python -m benchmarks core --quick`" in text
+    comment = text[text.index("<!-- benchmarks-data"):]
+    assert "--" not in comment[4:-5]  # an HTML comment may not contain "--"
+    assert loads(text) == merged
+
+
+def test_unparsable_embedded_data_is_ignored() -> None:
+    assert loads("<!-- benchmarks-data {not json} -->") == {}
+    assert loads("no data here") == {}
+
+
+def test_core_module_is_listed_first() -> None:
+    mods = available()
+    assert next(iter(mods)) == "core"
+    assert mods["core"] == "benchmarks.bench_core"
