@@ -102,9 +102,19 @@ async def _bash(args: argparse.Namespace) -> int:
         return await interactive_shell(vm, args.command or ["/bin/bash", "-l"], user=args.user)
 
 
+def _terminal_size() -> os.terminal_size:
+    """The real size of our terminal (COLUMNS/LINES from the environment can be stale)."""
+    for fd in (1, 0, 2):
+        try:
+            return os.get_terminal_size(fd)
+        except OSError:
+            continue
+    return shutil.get_terminal_size()
+
+
 async def interactive_shell(vm: Any, command: list[str], user: str | None = None) -> int:
     """Attach this terminal to a PTY command in the VM: raw mode, live resize, exit code back."""
-    size = shutil.get_terminal_size()
+    size = _terminal_size()
     env = {"TERM": os.environ.get("TERM", "xterm-256color")}
     proc = vm.exec(command, pty=True, rows=size.lines, cols=size.columns, stdin=True, stdout="pipe", env=env,
                    user=user)
@@ -120,12 +130,21 @@ async def interactive_shell(vm: Any, command: list[str], user: str | None = None
     with _raw_terminal(in_fd):
         async with anyio.create_task_group() as tg:
             async def pump_in() -> None:
+                pollable = True
                 os.set_blocking(in_fd, False)
                 try:
                     while True:
-                        await anyio.wait_readable(in_fd)
+                        if pollable:
+                            try:
+                                await anyio.wait_readable(in_fd)
+                            except PermissionError:  # a regular file or /dev/null: epoll refuses it
+                                pollable = False
+                                os.set_blocking(in_fd, True)
                         try:
-                            data = os.read(in_fd, 65536)
+                            if pollable:
+                                data = os.read(in_fd, 65536)
+                            else:
+                                data = await anyio.to_thread.run_sync(os.read, in_fd, 65536)
                         except BlockingIOError:
                             continue
                         if not data:
@@ -140,7 +159,7 @@ async def interactive_shell(vm: Any, command: list[str], user: str | None = None
                 while True:
                     await resized.wait()
                     resized = anyio.Event()
-                    s = shutil.get_terminal_size()
+                    s = _terminal_size()
                     await proc.resize(s.lines, s.columns)
 
             tg.start_soon(pump_in)
