@@ -41,7 +41,7 @@ BOOT_MODULES = ("virtio_pci", "virtio_blk", "virtio_console", "virtio_rng", "vir
 # Copied into the rootfs so the guest can `modprobe` them on demand.
 ROOTFS_MODULE_DIRS = ("kernel/fs/fuse", "kernel/fs/9p", "kernel/net/9p", "kernel/fs/netfs",
                       "kernel/fs/fscache", "kernel/net/vmw_vsock", "kernel/drivers/char/hw_random")
-BUILD_FORMAT = 3  # bump when the customisation below changes in a way the cache key cannot see
+BUILD_FORMAT = 4  # bump when the customisation below changes in a way the cache key cannot see
 GUEST_DIR = Path(__file__).resolve().parent.parent.parent / "guest"
 PROTOCOL_DIR = Path(__file__).resolve().parent.parent / "protocol"
 VFS_WIRE = Path(__file__).resolve().parent.parent / "vfs" / "wire.py"
@@ -125,6 +125,20 @@ class ImageBuilder:
             image = self.store.resolve(ref)
             self.progress(f"image '{ref}' is up to date ({image.build_id}); use --force to rebuild")
             return image
+        import fcntl
+
+        self.work.mkdir(parents=True, exist_ok=True)
+        with open(self.work / ".lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.progress("another process is building the image; waiting for it")
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            if not force and self.is_current(ref):  # built while we waited
+                return self.store.resolve(ref)
+            return self._build_locked(ref, force)
+
+    def _build_locked(self, ref: str, force: bool) -> Image:
         t0 = time.monotonic()
         self._check_tools()
         self.work.mkdir(parents=True, exist_ok=True)
@@ -297,6 +311,8 @@ class ImageBuilder:
         for sub in ROOTFS_MODULE_DIRS:
             if (src / sub).is_dir():
                 shutil.copytree(src / sub, dst / sub, dirs_exist_ok=True)
+        for ko in dst.rglob("*.ko"):
+            ko.write_bytes(strip_module_signature(ko.read_bytes()))
         for name in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
             if (src / name).exists():
                 shutil.copy2(src / name, dst / name)
@@ -320,7 +336,8 @@ class ImageBuilder:
         listed = []
         for rel in order:
             name = rel.replace("/", "_")  # flat: initramfs keeps only what boot needs
-            entries.append((f"lib/modules/{name}", kdir / "lib" / "modules" / kver / rel, 0o100644))
+            module = strip_module_signature((kdir / "lib" / "modules" / kver / rel).read_bytes())
+            entries.append((f"lib/modules/{name}", module, 0o100644))
             listed.append(name)
         entries.append(("etc/gondolin-modules", ("\n".join(listed) + "\n").encode(), 0o100644))
         entries.append(("gondolin/agent.py", GUEST_DIR / "agent.py", 0o100644))
@@ -361,6 +378,27 @@ def extract_vmlinux(bzimage: Path, out: Path) -> None:
                 return
             start = data.find(magic, start + 1)
     raise ImageError(f"cannot find an xz- or gzip-compressed ELF kernel inside {bzimage}")
+
+
+MODULE_SIG_MAGIC = b"~Module signature appended~\n"
+
+
+def strip_module_signature(data: bytes) -> bytes:
+    """Drop the appended signature of a kernel module.
+
+    The guest kernel does not enforce signatures (CONFIG_MODULE_SIG_FORCE is off), but it still
+    verifies any signature present: RSA + sha256 per module under TCG costs most of the time
+    the initramfs spends loading modules. Layout (scripts/sign-file.c): module, signature,
+    struct module_signature (12 bytes, big-endian sig_len in the last 4), then the magic.
+    """
+    if not data.endswith(MODULE_SIG_MAGIC):
+        return data
+    end = len(data) - len(MODULE_SIG_MAGIC)
+    sig_len = int.from_bytes(data[end - 4 : end], "big")
+    start = end - 12 - sig_len
+    if start <= 0:
+        return data
+    return data[:start]
 
 
 def module_load_order(modules_dep: Path, wanted: Iterable[str]) -> list[str]:
