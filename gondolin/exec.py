@@ -70,7 +70,7 @@ class OutputChunk:
         return self.data.decode(errors="replace")
 
 
-_STREAM = {T.STDOUT: "stdout", T.STDERR: "stderr"}
+_STREAM: dict[int, str] = {T.STDOUT: "stdout", T.STDERR: "stderr"}
 
 
 class ExecProcess:
@@ -89,7 +89,7 @@ class ExecProcess:
         self._vm = vm
         self._request = request
         self._stdin_source = stdin
-        self._modes = {T.STDOUT: stdout, T.STDERR: stderr}
+        self._modes: dict[int, StreamMode] = {T.STDOUT: stdout, T.STDERR: stderr}
         self._window = window
         self._timeout = timeout
         self._inbox: Inbox | None = None
@@ -97,7 +97,7 @@ class ExecProcess:
         self._start_error: BaseException | None = None
         self._start_lock = anyio.Lock()
         self._buffers: dict[int, list[bytes]] = {T.STDOUT: [], T.STDERR: []}
-        self._unreturned = {T.STDOUT: 0, T.STDERR: 0}
+        self._unreturned: dict[int, int] = {T.STDOUT: 0, T.STDERR: 0}
         self._result: ExecResult | None = None
         self._t0 = time.monotonic()
         self._stdin_closed = False
@@ -232,9 +232,9 @@ class ExecProcess:
             assert self._inbox is not None
             n, self._unreturned[t] = self._unreturned[t], 0
             self._inbox.grant(t, n)
-            key = "stdout" if t == T.STDOUT else "stderr"
+            grant = {"stdout": n} if t == T.STDOUT else {"stderr": n}
             try:
-                await self._vm._require_channel().send_message(T.CREDIT, self._inbox.id, **{key: n})
+                await self._vm._require_channel().send_message(T.CREDIT, self._inbox.id, b"", **grant)
             except GondolinError:
                 pass  # surfaced by the next inbox.get()
 

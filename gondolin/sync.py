@@ -122,7 +122,7 @@ class VM:
                     break
             self._portal.call(proc.wait)
         finally:
-            self._portal.call(agen.aclose)
+            self._portal.call(agen.aclose)  # type: ignore[attr-defined,call-arg]
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``await fn(async_vm, *args)`` on the VM's event loop (escape hatch to the async API)."""

@@ -430,10 +430,10 @@ def module_load_order(modules_dep: Path, wanted: Iterable[str]) -> list[str]:
         order.append(mod)
 
     for name in wanted:
-        mod = by_name.get(name.replace("-", "_"))
-        if mod is None:
+        found = by_name.get(name.replace("-", "_"))
+        if found is None:
             continue  # built into this kernel
-        visit(mod, ())
+        visit(found, ())
     return order
 
 
