@@ -284,8 +284,8 @@ class FsRpcService:
         for i, name in enumerate(parts):
             child = self.nodes.child(node, name)
             if child is None:
-                if i == len(parts) - 1:
-                    self._notify(wire.InvalEntry(node, paths.encode(name)))
+                # The guest holds nothing below here, but may cache this name as absent.
+                self._notify(wire.InvalEntry(node, paths.encode(name)))
                 return
             if i == len(parts) - 1:
                 self._notify(wire.InvalEntry(node, paths.encode(name)))

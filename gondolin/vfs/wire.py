@@ -885,16 +885,22 @@ class FrameSplitter:
         self._buf = bytearray()
 
     def feed(self, data: bytes) -> list[bytes]:
-        self._buf += data
+        buf = self._buf
+        buf += data
         out: list[bytes] = []
-        while len(self._buf) >= 4:
-            (length,) = _FRAME_LEN.unpack_from(self._buf, 0)
-            if length > MAX_MESSAGE:
-                raise WireError(f"frame of {length} bytes exceeds MAX_MESSAGE")
-            if len(self._buf) < 4 + length:
-                break
-            out.append(bytes(self._buf[4 : 4 + length]))
-            del self._buf[: 4 + length]
+        pos = 0
+        end = len(buf)
+        with memoryview(buf) as view:
+            while end - pos >= 4:
+                (length,) = _FRAME_LEN.unpack_from(buf, pos)
+                if length > MAX_MESSAGE:
+                    raise WireError(f"frame of {length} bytes exceeds MAX_MESSAGE")
+                if end - pos < 4 + length:
+                    break
+                out.append(bytes(view[pos + 4 : pos + 4 + length]))
+                pos += 4 + length
+        if pos:
+            del buf[:pos]  # once per feed, not once per message
         return out
 
     @property

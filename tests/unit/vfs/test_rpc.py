@@ -336,12 +336,13 @@ async def test_invalidate(client: Client, service: FsRpcService) -> None:
     assert isinstance(f, w.CreateReply)
     service.invalidate("/d/f")
     service.invalidate("/d/unknown")
-    service.invalidate("/nope/deeper")  # nothing cached there: nothing to say
+    service.invalidate("/nope/deeper")  # only "nope" may be cached (as absent)
     notes = [w.decode_notify(n).body for n in service.pending_notifications()]
     assert notes == [
         w.InvalEntry(d.node, b"f"),
         w.InvalInode(f.entry.node, 0, 0),
         w.InvalEntry(d.node, b"unknown"),
+        w.InvalEntry(ROOT_NODE, b"nope"),
     ]
     for _ in range(2000):
         service.invalidate("/")
