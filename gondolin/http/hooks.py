@@ -20,6 +20,7 @@ from typing import Any, TypeAlias, TypeVar
 from .messages import HttpRequest, HttpResponse
 from .policy import EgressPolicy
 from .secrets import Secret, SecretStore
+from .upstream import Resolver
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +110,10 @@ class HttpHooks:
     on_response: OnResponse | None = None
     is_request_allowed: IsRequestAllowed | None = None
     events: EventLog = field(default_factory=EventLog)
+    # Upstream side: how the host resolves names (None: the host's resolver) and one more CA
+    # to trust besides the host store. The mediator uses these unless given its own.
+    resolver: Resolver | None = None
+    upstream_ca_pem: bytes | None = None
 
     def env(self) -> dict[str, str]:
         """``{SECRET_NAME: placeholder}`` to pass as guest environment."""
@@ -127,6 +132,8 @@ def create_http_hooks(
     is_request_allowed: IsRequestAllowed | None = None,
     on_event: Callable[[AuditEvent], None] | None = None,
     max_events: int = MAX_RECENT_EVENTS,
+    resolver: Resolver | None = None,
+    upstream_ca_pem: bytes | None = None,
 ) -> tuple[HttpHooks, dict[str, str]]:
     """Build the HTTP policy for a VM; returns ``(hooks, env)``.
 
@@ -134,6 +141,9 @@ def create_http_hooks(
     ``allowed_internal_hosts`` may resolve to internal addresses and are implicitly allowed.
     A secret's ``hosts`` scope where it may be sent; it does not add to ``allowed_hosts``.
     ``env`` maps each secret name to the placeholder the guest should see.
+    ``resolver`` (``async (host, port) -> [ip, ...]``) replaces the host's resolver for upstream
+    names (split-horizon setups, tests); every address it returns is still checked by policy.
+    ``upstream_ca_pem`` adds one CA to the host trust store for upstream TLS verification.
     """
     hooks = HttpHooks(
         policy=EgressPolicy(
@@ -145,6 +155,8 @@ def create_http_hooks(
         on_response=on_response,
         is_request_allowed=is_request_allowed,
         events=EventLog(on_event, max_events=max_events),
+        resolver=resolver,
+        upstream_ca_pem=upstream_ca_pem,
     )
     return hooks, hooks.env()
 

@@ -76,9 +76,9 @@ class HttpMediator:
         self.limits = limits or Limits()
         self.upstream = UpstreamClient(
             self.hooks.policy,
-            resolver=resolver,
+            resolver=resolver if resolver is not None else self.hooks.resolver,
             connector=connector,
-            extra_ca_pem=upstream_ca_pem,
+            extra_ca_pem=upstream_ca_pem if upstream_ca_pem is not None else self.hooks.upstream_ca_pem,
             http2=upstream_http2,
             timeouts=timeouts,
         )

@@ -349,3 +349,27 @@ async def test_flows_it_does_not_serve_are_closed(protocol: str) -> None:
         async with guest_connection(mediator, FlowInfo(kind, "192.168.127.3", 1, "192.0.2.1", 22, None)) as guest:
             assert await read_all(guest) == b""
     assert mediator.stats.refused_flows == 1
+
+
+# -- upstream settings carried by the hooks (what VM.create passes on) ---------------------
+
+
+async def test_resolver_and_upstream_ca_come_from_the_hooks(mitm_ca: CertificateAuthority, upstream_ca: CertificateAuthority) -> None:
+    from gondolin.http import create_http_hooks
+
+    from .support import static_resolver, upstream_tls_context
+
+    async with upstream_server(upstream_tls_context(upstream_ca, UPSTREAM_NAME)) as server:
+        for trusted, status in ((True, 200), (False, 502)):
+            hooks, _ = create_http_hooks(
+                allowed_internal_hosts=[UPSTREAM_NAME],
+                resolver=static_resolver({UPSTREAM_NAME: ["127.0.0.1"]}),
+                upstream_ca_pem=upstream_ca.cert_pem if trusted else None,
+            )
+            async with HttpMediator(hooks, mitm_ca) as mediator, tls_guest(mediator, mitm_ca) as guest:
+                resp = await h1_roundtrip(guest, request(server, "/echo"))
+                assert resp.status == status
+    hooks, _ = create_http_hooks(allowed_hosts=["*.test"], resolver=static_resolver({}))
+    async with HttpMediator(hooks, mitm_ca) as mediator, tls_guest(mediator, mitm_ca) as guest:
+        resp = await h1_roundtrip(guest, request(server, "/echo"))
+        assert resp.status == 502 and b"cannot resolve" in resp.body
