@@ -254,7 +254,9 @@ class VM:
             kernel=str(self.image.kernel), initrd=str(self.image.initrd), disk=disk, disk_format=fmt,
             disk_readonly=readonly, root_mode=mode, memory_mb=self.memory_mb, cpus=self.cpus,
             accel=self.accel, ports=tuple(ports), net_socket=sockets.get("net"),
-            extra_append="gondolin.debug=1 loglevel=6" if os.environ.get("GONDOLIN_GUEST_DEBUG") else "",
+            extra_append=" ".join(filter(None, (
+                "gondolin.debug=1 loglevel=6" if os.environ.get("GONDOLIN_GUEST_DEBUG") else "",
+                os.environ.get("GONDOLIN_KERNEL_APPEND", "")))),
         )
         self._qemu = QemuProcess(build_argv(spec, find_qemu()))
         try:
