@@ -307,10 +307,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="boot a VM, run a command, write a file in and read it back")
     _add_vm_args(p)
+
+    p = sub.add_parser("mcp", help="serve sandboxes to MCP clients (Claude Desktop, Claude Code, ...)",
+                       add_help=False)
+    p.add_argument("mcp_args", nargs=argparse.REMAINDER, help="options of gondolin-mcp (see gondolin mcp --help)")
     return parser
 
 
+def _mcp(mcp_args: list[str]) -> int:
+    try:
+        from mcp_server.__main__ import main as mcp_main
+    except ImportError as exc:
+        print(f"gondolin mcp needs the MCP extra: pip install 'gondolin[mcp]' ({exc})", file=sys.stderr)
+        return 2
+    mcp_main(mcp_args, prog="gondolin mcp")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
+    raw = sys.argv[1:] if argv is None else list(argv)
+    if raw[:1] == ["mcp"]:  # every option belongs to gondolin-mcp, --help included
+        sys.exit(_mcp(raw[1:]))
     args = build_parser().parse_args(argv)
     try:
         if args.cmd == "exec":
@@ -323,6 +340,8 @@ def main(argv: list[str] | None = None) -> None:
             code = anyio.run(_doctor, args)
         elif args.cmd == "demo":
             code = anyio.run(_demo, args)
+        elif args.cmd == "mcp":
+            code = _mcp(args.mcp_args)
         else:  # pragma: no cover - argparse enforces the choices
             code = 2
     except GondolinError as exc:

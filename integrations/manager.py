@@ -1,0 +1,467 @@
+"""The sandbox manager: named sandboxes with an owner, a cap, idle reaping and a sure shutdown.
+
+    async with SandboxManager(config) as manager:
+        sandbox = await manager.create(SandboxCreateInput())
+        ...
+    # every VM the manager started is closed here, whatever happened
+
+Everything the model may choose (image, size, network profile, secrets, mounts) is checked
+against the :class:`~integrations.config.OperatorConfig` here, before a VM exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import os
+import posixpath
+import secrets as _random
+import shutil
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from gondolin.errors import GondolinError
+
+from . import runtime
+from .config import MOUNT_MODE_RANK, NetworkProfile, OperatorConfig
+from .errors import ToolError, translate
+from .models import CheckpointInfo, MountInfo, SandboxCreateInput, SandboxInfo
+from .output import Redactor
+from .sessions import ExecSession
+
+VMFactory = Callable[..., Awaitable[Any]]
+Clock = Callable[[], float]
+CLOSE_TIMEOUT_S = 30.0  # per VM, at shutdown
+
+
+def iso(ts: float) -> str:
+    return _dt.datetime.fromtimestamp(ts, _dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{_random.token_hex(4)}"
+
+
+@dataclass
+class Sandbox:
+    """One live sandbox: its VM plus what the manager knows about it."""
+
+    id: str
+    name: str | None
+    vm: Any
+    image: str
+    cpus: int
+    memory_mb: int
+    network: str
+    profile: NetworkProfile
+    secret_names: list[str]
+    mounts: list[MountInfo]
+    env: dict[str, str]
+    created_at: float
+    ttl_s: int
+    last_used: float
+    hooks: Any = None
+    default_cwd: str | None = None
+    from_checkpoint: str | None = None
+    execs: dict[str, ExecSession] = field(default_factory=dict)
+    busy: int = 0
+    _exec_counter: int = 0
+
+    def next_exec_id(self) -> str:
+        self._exec_counter += 1
+        return f"ex_{self._exec_counter}"
+
+    @property
+    def running(self) -> bool:
+        return bool(getattr(self.vm, "running", False))
+
+    def expires_at(self) -> float:
+        return self.last_used + self.ttl_s
+
+    def info(self) -> SandboxInfo:
+        return SandboxInfo(
+            sandbox_id=self.id, name=self.name, status="running" if self.running else "stopped",
+            image=self.image, cpus=self.cpus, memory_mb=self.memory_mb, network=self.network,
+            network_summary=self.profile.summary(), secrets=list(self.secret_names), mounts=list(self.mounts),
+            created_at=iso(self.created_at), expires_at=iso(self.expires_at()), ttl_s=self.ttl_s,
+            running_execs=sum(1 for s in self.execs.values() if s.running), from_checkpoint=self.from_checkpoint,
+        )
+
+
+@dataclass
+class CheckpointRecord:
+    id: str
+    path: str
+    sandbox_id: str
+    name: str | None
+    created_at: float
+    disk_only: bool
+    spec: dict[str, Any]  # the sandbox's creation choices, to start a new sandbox from it
+
+    def info(self) -> CheckpointInfo:
+        return CheckpointInfo(checkpoint_id=self.id, sandbox_id=self.sandbox_id, name=self.name,
+                              created_at=iso(self.created_at), size_bytes=_tree_size(self.path),
+                              disk_only=self.disk_only)
+
+
+def _tree_size(path: str) -> int:
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.path.getsize(os.path.join(root, name))
+    return total
+
+
+class SandboxManager:
+    """Owns every sandbox it creates. Use as ``async with``; all VMs close on exit."""
+
+    def __init__(self, config: OperatorConfig | None = None, *, environ: Mapping[str, str] | None = None,
+                 clock: Clock = time.time, vm_factory: VMFactory | None = None,
+                 reap: bool = True) -> None:
+        self.config = config or OperatorConfig()
+        self._environ = dict(os.environ if environ is None else environ)
+        self._clock = clock
+        self._vm_factory = vm_factory
+        self._reap = reap
+        self._sandboxes: dict[str, Sandbox] = {}
+        self._pending = 0
+        self._checkpoints: dict[str, CheckpointRecord] = {}
+        self._checkpoint_dir: str | None = None
+        self._own_checkpoint_dir = False
+        self._tg: TaskGroup | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
+        self.redactor = Redactor({name: value for name in self.config.secrets
+                                  if (value := self.config.secret_value(name, self._environ))})
+        self.reaped: list[str] = []
+
+    # -- lifetime --------------------------------------------------------------------------
+    async def __aenter__(self) -> SandboxManager:
+        stack = contextlib.AsyncExitStack()
+        self._tg = await stack.enter_async_context(anyio.create_task_group())
+        self._stack = stack
+        if self._reap:
+            self._tg.start_soon(self._reaper)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            await self.close_all()
+        finally:
+            assert self._tg is not None and self._stack is not None
+            self._tg.cancel_scope.cancel()
+            stack, self._stack, self._tg = self._stack, None, None
+            await stack.__aexit__(None, None, None)
+
+    async def close_all(self) -> None:
+        with anyio.CancelScope(shield=True):
+            for sandbox_id in list(self._sandboxes):
+                await self._close(sandbox_id)
+            if self._own_checkpoint_dir and self._checkpoint_dir:
+                shutil.rmtree(self._checkpoint_dir, ignore_errors=True)
+                self._checkpoint_dir = None
+                self._checkpoints.clear()
+
+    @property
+    def task_group(self) -> TaskGroup:
+        if self._tg is None:
+            raise RuntimeError("use the SandboxManager as `async with SandboxManager(...) as manager:`")
+        return self._tg
+
+    async def _reaper(self) -> None:
+        while True:
+            await anyio.sleep(self.config.limits.reap_interval_s)
+            await self.reap_expired()
+
+    async def reap_expired(self, now: float | None = None) -> list[str]:
+        """Destroy sandboxes idle past their TTL (not while a tool call is using them)."""
+        now = self._clock() if now is None else now
+        expired = [s.id for s in self._sandboxes.values() if s.busy == 0 and now >= s.expires_at()]
+        for sandbox_id in expired:
+            await self._close(sandbox_id)
+            self.reaped.append(sandbox_id)
+        return expired
+
+    # -- lookup ----------------------------------------------------------------------------
+    def list(self) -> list[Sandbox]:
+        return list(self._sandboxes.values())
+
+    def get(self, sandbox_id: str) -> Sandbox:
+        sandbox = self._sandboxes.get(sandbox_id)
+        if sandbox is None:
+            live = ", ".join(sorted(self._sandboxes)) or "none"
+            raise ToolError("sandbox_not_found", f"no sandbox with id {sandbox_id!r} (live sandboxes: {live})",
+                            "Call sandbox_list to see live sandboxes, or sandbox_create to make one. "
+                            "Idle sandboxes are destroyed after their ttl_s.")
+        sandbox.last_used = self._clock()
+        if not sandbox.running:
+            raise ToolError("sandbox_not_running", f"sandbox {sandbox_id} is not running (its VM stopped)",
+                            "Destroy it with sandbox_destroy and create a new one.")
+        return sandbox
+
+    @contextlib.contextmanager
+    def use(self, sandbox_id: str) -> Any:
+        """Hold a sandbox for the length of a tool call: it is not reaped meanwhile."""
+        sandbox = self.get(sandbox_id)
+        sandbox.busy += 1
+        try:
+            yield sandbox
+        finally:
+            sandbox.busy -= 1
+            sandbox.last_used = self._clock()
+
+    # -- create / destroy ------------------------------------------------------------------
+    async def create(self, request: SandboxCreateInput, *, progress: Any = None) -> Sandbox:
+        if request.from_checkpoint:
+            return await self.restore(request.from_checkpoint, overrides=request)
+        spec = self._resolve(request)
+        return await self._start(spec, progress=progress)
+
+    def _resolve(self, request: SandboxCreateInput) -> dict[str, Any]:
+        """Check the model's choices against the operator's configuration."""
+        cfg = self.config
+        limits = cfg.limits
+        image = request.image or cfg.default_image
+        if image not in cfg.allowed_images:
+            raise ToolError("not_allowed", f"image {image!r} is not allowed",
+                            f"Allowed images: {', '.join(cfg.allowed_images)} (or omit image).")
+        cpus = request.cpus or limits.default_cpus
+        if cpus > limits.max_cpus:
+            raise ToolError("not_allowed", f"cpus={cpus} exceeds the server's limit of {limits.max_cpus}")
+        memory = request.memory_mb or limits.default_memory_mb
+        if memory > limits.max_memory_mb:
+            raise ToolError("not_allowed", f"memory_mb={memory} exceeds the server's limit of {limits.max_memory_mb}")
+        ttl = request.ttl_s or limits.default_ttl_s
+        if ttl > limits.max_ttl_s:
+            raise ToolError("not_allowed", f"ttl_s={ttl} exceeds the server's limit of {limits.max_ttl_s}")
+        profiles = cfg.profiles()
+        network = request.network or cfg.default_network
+        if network not in profiles:
+            raise ToolError("not_allowed", f"unknown network profile {network!r}",
+                            f"Configured profiles: {', '.join(sorted(profiles))}.")
+        secret_names = list(dict.fromkeys(request.secrets or []))
+        for name in secret_names:
+            if name not in cfg.secrets:
+                known = ", ".join(sorted(cfg.secrets)) or "none"
+                raise ToolError("not_allowed", f"unknown secret {name!r} (configured secrets: {known})",
+                                "Secrets are configured by the operator; you can only name them.")
+            if not cfg.secret_value(name, self._environ):
+                raise ToolError("not_allowed", f"secret {name!r} is configured but has no value in the server's "
+                                               "environment", "Ask the operator to set it, or continue without it.")
+        if secret_names and not profiles[network].enabled:
+            raise ToolError("invalid_argument", f"secrets need network access, and profile {network!r} has none",
+                            "Pick a network profile that allows the secret's hosts.")
+        env = dict(cfg.env)
+        for var in request.env or []:
+            env[var.name] = var.value
+        mounts = [self._check_mount(m.host_path, m.guest_path, m.mode) for m in request.mounts or []]
+        guest_paths = [m.guest_path for m in mounts]
+        if len(set(guest_paths)) != len(guest_paths):
+            raise ToolError("invalid_argument", "two mounts share one guest_path")
+        return {"name": request.name, "image": image, "cpus": cpus, "memory_mb": memory, "ttl_s": ttl,
+                "network": network, "secrets": secret_names, "env": env, "mounts": mounts}
+
+    def _check_mount(self, host_path: str, guest_path: str | None, mode: str | None) -> MountInfo:
+        if not host_path or not os.path.isabs(host_path):
+            raise ToolError("invalid_argument", f"mount host_path must be absolute, got {host_path!r}")
+        real = os.path.realpath(host_path)
+        roots = self.config.mounts
+        root = next((r for r in sorted(roots, key=lambda r: -len(r.host_path))
+                     if real == r.host_path or real.startswith(r.host_path.rstrip("/") + "/")), None)
+        if root is None:
+            approved = ", ".join(r.host_path for r in roots) or "none"
+            raise ToolError("not_allowed", f"host path {host_path!r} is outside every approved mount root "
+                                           f"(approved: {approved})",
+                            "Only directories the operator approved can be mounted.")
+        if not os.path.isdir(real):
+            raise ToolError("path_not_found", f"host directory {host_path!r} does not exist")
+        chosen = mode or ("cow" if MOUNT_MODE_RANK[root.mode] >= MOUNT_MODE_RANK["cow"] else "ro")
+        if MOUNT_MODE_RANK[chosen] > MOUNT_MODE_RANK[root.mode]:
+            raise ToolError("not_allowed", f"mode {chosen!r} is not allowed under {root.host_path} "
+                                           f"(at most {root.mode!r})")
+        if guest_path is None:
+            if root.guest_path is not None:
+                rel = os.path.relpath(real, root.host_path)
+                guest_path = root.guest_path if rel == "." else posixpath.join(root.guest_path, rel)
+            else:
+                guest_path = "/mnt/" + (os.path.basename(real) or "host")
+        if not guest_path.startswith("/") or "\0" in guest_path:
+            raise ToolError("invalid_argument", f"guest_path must be absolute, got {guest_path!r}")
+        guest_path = posixpath.normpath(guest_path)
+        if guest_path in ("/", "/proc", "/sys", "/dev", "/etc", "/usr", "/bin", "/sbin", "/lib"):
+            raise ToolError("invalid_argument", f"cannot mount over {guest_path}")
+        return MountInfo(guest_path=guest_path, host_path=real, mode=chosen)  # type: ignore[arg-type]
+
+    def _reserve(self) -> None:
+        cap = self.config.limits.max_sandboxes
+        if len(self._sandboxes) + self._pending >= cap:
+            raise ToolError("sandbox_limit", f"the server allows at most {cap} live sandboxes",
+                            "Destroy a sandbox you no longer need (sandbox_list shows them), then retry.")
+        self._pending += 1
+
+    def _vm_options(self, spec: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
+        profile = self.config.profiles()[spec["network"]]
+        secrets = {name: self.config.secret_value(name, self._environ) or "" for name in spec["secrets"]}
+        net_kwargs, hooks, secret_env = runtime.network_options(
+            profile, {n: (v, self.config.secrets[n].hosts) for n, v in secrets.items()})
+        env = {**spec["env"], **secret_env}
+        options: dict[str, Any] = {"image": spec["image"], "cpus": spec["cpus"], "memory": spec["memory_mb"],
+                                   "env": env, "rootfs": self.config.rootfs, "label": spec.get("name"),
+                                   **net_kwargs}
+        if spec["mounts"]:
+            options["mounts"] = runtime.mount_providers(spec["mounts"])
+        return options, hooks
+
+    async def _start(self, spec: dict[str, Any], *, progress: Any = None,
+                     boot: Callable[[dict[str, Any]], Awaitable[Any]] | None = None,
+                     from_checkpoint: str | None = None) -> Sandbox:
+        self._reserve()
+        try:
+            options, hooks = self._vm_options(spec)
+            if progress is not None:
+                await progress(0, None, "booting the sandbox VM")
+            try:
+                vm = await (boot(options) if boot else self._boot(options))
+            except GondolinError as exc:
+                raise translate(exc) from exc
+            now = self._clock()
+            sandbox = Sandbox(
+                id=_new_id("sb"), name=spec["name"], vm=vm, image=spec["image"], cpus=spec["cpus"],
+                memory_mb=spec["memory_mb"], network=spec["network"],
+                profile=self.config.profiles()[spec["network"]], secret_names=list(spec["secrets"]),
+                mounts=list(spec["mounts"]), env=dict(spec["env"]), created_at=now, ttl_s=spec["ttl_s"],
+                last_used=now, hooks=hooks, from_checkpoint=from_checkpoint)
+            sandbox.default_cwd = await runtime.default_cwd(vm)
+            self._sandboxes[sandbox.id] = sandbox
+            return sandbox
+        finally:
+            self._pending -= 1
+
+    async def _boot(self, options: dict[str, Any]) -> Any:
+        factory = self._vm_factory or runtime.vm_create
+        return await factory(**options)
+
+    async def destroy(self, sandbox_id: str) -> bool:
+        if sandbox_id not in self._sandboxes:
+            return False
+        await self._close(sandbox_id)
+        return True
+
+    async def _close(self, sandbox_id: str) -> None:
+        sandbox = self._sandboxes.pop(sandbox_id, None)
+        if sandbox is None:
+            return
+        with anyio.CancelScope(shield=True):
+            for session in sandbox.execs.values():
+                session.cancel()
+            with anyio.move_on_after(CLOSE_TIMEOUT_S):
+                await sandbox.vm.close()
+
+    # -- exec sessions ---------------------------------------------------------------------
+    def start_exec(self, sandbox: Sandbox, command: str, *, env: dict[str, str] | None, cwd: str | None,
+                   user: str | None, stdin: str | None, stdin_open: bool, timeout: float) -> ExecSession:
+        limit = self.config.limits.max_execs_per_sandbox
+        if sum(1 for s in sandbox.execs.values() if s.running) >= limit:
+            raise ToolError("sandbox_limit", f"{limit} commands are already running in this sandbox",
+                            "Wait for them with exec_poll or stop them with exec_kill.")
+        while len(sandbox.execs) >= limit:  # forget the oldest finished session
+            oldest = next(k for k, s in sandbox.execs.items() if not s.running)
+            del sandbox.execs[oldest]
+        stdin_source: Any = True if stdin_open else stdin
+        try:
+            proc = sandbox.vm.exec(command, env=env or None, cwd=cwd, user=user, stdin=stdin_source,
+                                   timeout=timeout, stdout="pipe", stderr="pipe")
+        except (GondolinError, ValueError) as exc:
+            raise translate(exc) from exc
+        session = ExecSession(sandbox.next_exec_id(), proc, command, buffer_bytes=self.config.limits.exec_buffer_bytes,
+                              redactor=self.redactor, stdin_open=stdin_open)
+        sandbox.execs[session.exec_id] = session
+        self.task_group.start_soon(session.run)
+        return session
+
+    def get_exec(self, sandbox: Sandbox, exec_id: str) -> ExecSession:
+        session = sandbox.execs.get(exec_id)
+        if session is None:
+            raise ToolError("exec_not_found", f"no command {exec_id!r} in sandbox {sandbox.id}",
+                            "exec_id values come from exec; finished commands are forgotten after a while.")
+        return session
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def _checkpoint_root(self) -> str:
+        if self._checkpoint_dir is None:
+            if self.config.checkpoint_dir:
+                os.makedirs(self.config.checkpoint_dir, exist_ok=True)
+                self._checkpoint_dir = self.config.checkpoint_dir
+            else:
+                self._checkpoint_dir = tempfile.mkdtemp(prefix="gondolin-checkpoints-")
+                self._own_checkpoint_dir = True
+        return self._checkpoint_dir
+
+    def list_checkpoints(self, sandbox_id: str | None = None) -> list[CheckpointRecord]:
+        return [c for c in self._checkpoints.values() if sandbox_id is None or c.sandbox_id == sandbox_id]
+
+    async def checkpoint(self, sandbox: Sandbox, name: str | None, disk_only: bool) -> CheckpointRecord:
+        cap = self.config.limits.max_checkpoints
+        if len(self._checkpoints) >= cap:
+            raise ToolError("not_allowed", f"the server keeps at most {cap} checkpoints")
+        checkpoint_id = _new_id("cp")
+        path = os.path.join(self._checkpoint_root(), checkpoint_id)
+        await runtime.take_checkpoint(sandbox.vm, path, disk_only=disk_only)
+        spec = {"name": sandbox.name, "image": sandbox.image, "cpus": sandbox.cpus, "memory_mb": sandbox.memory_mb,
+                "ttl_s": sandbox.ttl_s, "network": sandbox.network, "secrets": list(sandbox.secret_names),
+                "env": dict(sandbox.env), "mounts": list(sandbox.mounts)}
+        record = CheckpointRecord(checkpoint_id, path, sandbox.id, name, self._clock(), disk_only, spec)
+        self._checkpoints[checkpoint_id] = record
+        return record
+
+    def get_checkpoint(self, checkpoint_id: str) -> CheckpointRecord:
+        record = self._checkpoints.get(checkpoint_id)
+        if record is None:
+            raise ToolError("checkpoint_not_found", f"no checkpoint {checkpoint_id!r}",
+                            "Call checkpoint_list to see checkpoints.")
+        return record
+
+    async def restore(self, checkpoint_id: str, *, sandbox_id: str | None = None,
+                      overrides: SandboxCreateInput | None = None) -> Sandbox:
+        record = self.get_checkpoint(checkpoint_id)
+        runtime.require_restore()
+        spec = dict(record.spec)
+        if overrides is not None:
+            if overrides.name:
+                spec["name"] = overrides.name
+            if overrides.ttl_s:
+                spec["ttl_s"] = min(overrides.ttl_s, self.config.limits.max_ttl_s)
+
+        profile = self.config.profiles()[spec["network"]]
+        policy_matters = bool(profile.allowed_hosts or profile.allowed_internal_hosts or profile.tcp_hosts
+                              or spec["secrets"])
+
+        async def boot(options: dict[str, Any]) -> Any:
+            return await runtime.resume_checkpoint(record.path, options, policy_matters=policy_matters)
+
+        if sandbox_id is None:
+            return await self._start(spec, boot=boot, from_checkpoint=checkpoint_id)
+        old = self.get(sandbox_id)
+        options, hooks = self._vm_options(spec)
+        try:
+            vm = await boot(options)
+        except GondolinError as exc:
+            raise translate(exc) from exc
+        with anyio.CancelScope(shield=True):
+            for session in old.execs.values():
+                session.cancel()
+            old.execs.clear()
+            previous, old.vm, old.hooks = old.vm, vm, hooks
+            old.from_checkpoint = checkpoint_id
+            with anyio.move_on_after(CLOSE_TIMEOUT_S):
+                await previous.close()
+        return old
+

@@ -1,0 +1,129 @@
+"""``gondolin-mcp`` / ``gondolin mcp``: serve Gondolin sandboxes over MCP (stdio or streamable HTTP).
+
+Operator configuration comes from a TOML file (``--config`` or ``$GONDOLIN_MCP_CONFIG``) and
+flags, which add to it. Secret values are read from this process's environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+
+from integrations.config import ConfigError, OperatorConfig, load_config
+
+ENV_CONFIG = "GONDOLIN_MCP_CONFIG"
+
+
+def build_parser(prog: str = "gondolin-mcp") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Serve Gondolin micro-VM sandboxes to MCP clients.")
+    p.add_argument("--config", default=os.environ.get(ENV_CONFIG),
+                   help=f"operator configuration (TOML); default ${ENV_CONFIG}")
+    p.add_argument("--transport", choices=["stdio", "streamable-http"], default="stdio")
+    p.add_argument("--host", default="127.0.0.1", help="streamable-http: address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8765, help="streamable-http: port (default 8765)")
+    p.add_argument("--stateless", action="store_true", help="streamable-http: no MCP sessions (any request, any time)")
+    p.add_argument("--tools", help="comma-separated tool names to expose (default: all)")
+    p.add_argument("--max-sandboxes", type=int, help="live sandboxes at once")
+    p.add_argument("--ttl", type=int, help="default idle seconds before a sandbox is destroyed")
+    p.add_argument("--memory", type=int, help="default guest memory in MiB")
+    p.add_argument("--image", action="append", default=[], help="allow this image (the first one is the default)")
+    p.add_argument("--network-profile", action="append", default=[], metavar="NAME=HOST[,HOST...]",
+                   help="a network profile allowing HTTP(S) to these host patterns (repeatable)")
+    p.add_argument("--default-network", help="profile used when the model does not choose one")
+    p.add_argument("--secret", action="append", default=[], metavar="NAME=HOST[,HOST...]",
+                   help="a secret the model may bind by name; its value is read from $NAME (repeatable)")
+    p.add_argument("--mount-root", action="append", default=[], metavar="PATH[:ro|cow|rw]",
+                   help="a host directory sandboxes may mount (default mode ro; repeatable)")
+    p.add_argument("--log-level", default="WARNING", help="server log level on stderr (default WARNING)")
+    return p
+
+
+def _pairs(items: Sequence[str], flag: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for item in items:
+        name, sep, hosts = item.partition("=")
+        if not sep or not name or not hosts:
+            raise ConfigError(f"{flag} expects NAME=HOST[,HOST...], got {item!r}")
+        out[name] = [h.strip() for h in hosts.split(",") if h.strip()]
+    return out
+
+
+def config_from_args(args: argparse.Namespace) -> OperatorConfig:
+    overrides: dict[str, Any] = {}
+    limits: dict[str, Any] = {}
+    if args.max_sandboxes is not None:
+        limits["max_sandboxes"] = args.max_sandboxes
+    if args.ttl is not None:
+        limits["default_ttl_s"] = args.ttl
+        limits["max_ttl_s"] = max(args.ttl, 4 * 3600)
+    if args.memory is not None:
+        limits["default_memory_mb"] = args.memory
+        limits["max_memory_mb"] = max(args.memory, 4096)
+    if limits:
+        overrides["limits"] = limits
+    if args.image:
+        overrides["allowed_images"] = list(args.image)
+        overrides["default_image"] = args.image[0]
+    profiles = _pairs(args.network_profile, "--network-profile")
+    if profiles:
+        overrides["network_profiles"] = {name: {"allowed_hosts": hosts} for name, hosts in profiles.items()}
+    if args.default_network:
+        overrides["default_network"] = args.default_network
+    secrets = _pairs(args.secret, "--secret")
+    if secrets:
+        overrides["secrets"] = {name: {"hosts": hosts} for name, hosts in secrets.items()}
+    mounts = []
+    for item in args.mount_root:
+        path, _, mode = item.rpartition(":") if item.rsplit(":", 1)[-1] in ("ro", "cow", "rw") else (item, "", "ro")
+        mounts.append({"host_path": path, "mode": mode or "ro"})
+    if mounts:
+        overrides["mounts"] = mounts
+    return load_config(args.config, **overrides)
+
+
+async def serve(server: Any, args: argparse.Namespace) -> None:
+    """Run until the client goes away or a signal arrives; the lifespan then closes every sandbox."""
+    async with anyio.create_task_group() as tg:
+        async def on_signal() -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP, signal.SIGINT) as signals:
+                async for _ in signals:
+                    tg.cancel_scope.cancel()
+                    return
+
+        tg.start_soon(on_signal)
+        if args.transport == "stdio":
+            await server.run_stdio_async()
+        else:
+            await server.run_streamable_http_async(host=args.host, port=args.port, stateless_http=args.stateless)
+        tg.cancel_scope.cancel()
+
+
+def main(argv: Sequence[str] | None = None, *, prog: str = "gondolin-mcp") -> None:
+    args = build_parser(prog).parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        sys.exit(2)
+    from .server import build_server
+
+    tools = [t.strip() for t in args.tools.split(",") if t.strip()] if args.tools else None
+    try:
+        server = build_server(config, tools=tools)
+    except ValueError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        sys.exit(2)
+    anyio.run(serve, server, args)
+
+
+if __name__ == "__main__":
+    main()
