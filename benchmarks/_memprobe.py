@@ -1,6 +1,6 @@
 """Run in a fresh process: host RSS before and after creating N idle VMs. Prints one JSON line.
 
-``python -m benchmarks._memprobe N``. QEMU's own memory is reported apart (``qemu_rss``): the
+``python -m benchmarks._memprobe N [IMAGE]``. QEMU's own memory is reported apart (``qemu_rss``): the
 goal is about what the Python host process spends per VM besides QEMU.
 """
 
@@ -23,18 +23,18 @@ def rss_bytes(pid: int | str = "self") -> int:
     raise OSError(f"no VmRSS for pid {pid}")
 
 
-async def probe(n: int) -> dict[str, object]:
+async def probe(n: int, image: str = "default") -> dict[str, object]:
     from gondolin import VM
     from gondolin.images import ImageStore, ensure_image
 
     # One-time work that is no VM's cost: resolving the image (and anyio's worker thread).
-    await anyio.to_thread.run_sync(ensure_image, "default", ImageStore())
+    await anyio.to_thread.run_sync(ensure_image, image, ImageStore())
     gc.collect()
     before = rss_bytes()
     vms: list[VM] = []
 
     async def create() -> None:
-        vms.append(await VM.create())
+        vms.append(await VM.create(image=image))
 
     try:
         async with anyio.create_task_group() as tg:
@@ -53,7 +53,8 @@ async def probe(n: int) -> dict[str, object]:
 
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 3
-    print(json.dumps(anyio.run(probe, n)), flush=True)
+    image = sys.argv[2] if len(sys.argv) > 2 else "default"
+    print(json.dumps(anyio.run(probe, n, image)), flush=True)
 
 
 if __name__ == "__main__":

@@ -129,27 +129,41 @@ async def raw_guest(image: Image, *, accel: str, extra_args: Sequence[str] = (),
         qemu = QemuProcess(build_argv(raw_spec(image, sock, accel=accel, memory_mb=memory_mb,
                                                extra_args=extra_args), find_qemu()))
         stream: ByteStream | None = None
-        async with anyio.create_task_group() as tg:
-            try:
-                t0 = time.perf_counter()
-                qemu.start()
-                tg.start_soon(qemu.watch)
+        try:
+            async with anyio.create_task_group() as tg:
                 try:
-                    with anyio.fail_after(timeout):
-                        stream = await _accept_or_exit(listener, qemu)
-                        first = await stream.receive(READ_SIZE)
-                        first_byte_s = time.perf_counter() - t0
-                except TimeoutError:
-                    raise RawBootError(f"no byte from the raw guest's agent within {timeout:.0f}s: "
-                                       + " | ".join(qemu.console_tail(10))) from None
-                except anyio.EndOfStream:
-                    raise RawBootError("the raw guest closed its control port at boot: "
-                                       + " | ".join(qemu.console_tail(10))) from None
-                yield RawGuest(stream, first, first_byte_s, qemu)
-            finally:
+                    t0 = time.perf_counter()
+                    qemu.start()
+                    tg.start_soon(qemu.watch)
+                    stream, first = await _first_byte(listener, qemu, timeout)
+                    yield RawGuest(stream, first, time.perf_counter() - t0, qemu)
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        if stream is not None:
+                            await stream.aclose()
+                        await listener.aclose()
+                        await qemu.stop()
+                    tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # The console watcher never fails on its own: a group holds the caller's one error.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+
+
+async def _first_byte(listener: SocketListener, qemu: QemuProcess, timeout: float) -> tuple[ByteStream, bytes]:
+    try:
+        with anyio.fail_after(timeout):
+            stream = await _accept_or_exit(listener, qemu)
+            try:
+                return stream, await stream.receive(READ_SIZE)
+            except BaseException:
                 with anyio.CancelScope(shield=True):
-                    if stream is not None:
-                        await stream.aclose()
-                    await listener.aclose()
-                    await qemu.stop()
-                tg.cancel_scope.cancel()
+                    await stream.aclose()
+                raise
+    except TimeoutError:
+        raise RawBootError(f"no byte from the raw guest's agent within {timeout:.0f}s: "
+                           + " | ".join(qemu.console_tail(10))) from None
+    except anyio.EndOfStream:
+        raise RawBootError("the raw guest closed its control port at boot: "
+                           + " | ".join(qemu.console_tail(10))) from None

@@ -34,10 +34,13 @@ class Context:
     """What a benchmark module gets: options, a progress logger, and a place for machine facts."""
 
     quick: bool = False  # fewer repetitions: check that the harness works, not the numbers
+    reps_override: int | None = None  # --reps: repetitions of each boot / copy measurement
     machine: dict[str, str] = field(default_factory=dict)
     _out: Callable[[str], None] = field(default=lambda s: print(s, file=sys.stderr, flush=True))
 
     def reps(self, full: int, quick: int = 1) -> int:
+        if self.reps_override is not None:
+            return self.reps_override
         return quick if self.quick else full
 
     def log(self, message: str) -> None:
@@ -135,6 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("modules", nargs="*", help="modules to run (default: all); see --list")
     parser.add_argument("--list", action="store_true", help="list the benchmark modules and exit")
     parser.add_argument("--quick", action="store_true", help="one repetition each: checks the harness, not the numbers")
+    parser.add_argument("--reps", type=int, default=None, help="repetitions of each boot and copy (default 3)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help=f"report file (default {DEFAULT_OUTPUT})")
     parser.add_argument("--no-write", action="store_true", help="print the report, do not write it")
     args = parser.parse_args(argv)
@@ -142,7 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, path in available().items():
             print(f"{name}\t{path}")
         return 0
-    ctx = Context(quick=args.quick)
+    if args.reps is not None and args.reps < 1:
+        parser.error("--reps must be at least 1")
+    ctx = Context(quick=args.quick, reps_override=args.reps)
     current = anyio.run(run_modules, args.modules, ctx)
     text = write_report(current, None if args.no_write else args.output)
     print(text)

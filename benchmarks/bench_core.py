@@ -3,12 +3,14 @@
 | ours                                         | baseline, same run                                  |
 |----------------------------------------------|-----------------------------------------------------|
 | VM.create + exec(["/bin/true"])              | plain QEMU, same argv, to the agent's first byte    |
-| exec(["/bin/true"]) round trip, warm VM       | os.fork + os.execv + os.waitpid inside the guest    |
-| vm.fs upload / download of 64 MiB (/tmp)      | the same copy through QEMU's virtio-9p (-virtfs)    |
-| host RSS per idle VM, QEMU excluded          | (absolute goal, no baseline)                         |
+| exec(["/bin/true"]) round trip, warm VM      | os.fork + os.execv + os.waitpid inside the guest    |
+| vm.fs upload / download of 64 MiB (/tmp)     | the same copy through QEMU's virtio-9p (-virtfs)    |
+| host RSS per idle VM, QEMU excluded          | (absolute goal, no baseline)                        |
 
-Stages run one after another so VMs never compete with each other for the CPU, except the
-memory probe, which boots its VMs together in a fresh process.
+Stages: (1) a warm VM and a raw QEMU guest with a 9p share, both up, while blocks of exec round
+trips alternate with in-guest fork+exec blocks and each copy alternates with its 9p twin;
+(2) cold boots, raw / readonly / cow in turn; (3) memory, in a fresh process that boots its VMs
+together. Interleaving makes drift in the machine's load hit both sides of a pair alike.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,8 +31,9 @@ import anyio
 from gondolin import VM
 from gondolin.images import Image, ImageStore, ensure_image
 from gondolin.qemu import accel as _accel
+from gondolin.vm import RootfsMode
 
-from ._raw import raw_guest
+from ._raw import RawGuest, raw_guest
 from ._runner import REPO, Context
 from ._table import Goal, Measure, Row
 
@@ -39,6 +43,7 @@ COPY_SIZE = 64 * MiB
 COPY_BLOCK = 4 * MiB  # host writes the test file in blocks of this size
 EXEC_ROUNDS = 50
 EXEC_WARMUP = 5
+EXEC_BLOCK = 10  # host round trips and in-guest fork+execs alternate in blocks of this many
 MEMORY_VMS = 3
 STAGE_TIMEOUT = 600.0  # one stage (all repetitions of one pair)
 NINEP_TAG = "benchfs"
@@ -47,7 +52,7 @@ NINEP_MOUNT = "/tmp/9p"
 # In-guest baseline for the exec round trip (runs under the guest's python3).
 FORK_EXEC_SCRIPT = """
 import json, os, sys, time
-n, warm = int(sys.argv[1]), 5
+n, warm = int(sys.argv[1]), 2
 out = []
 for i in range(n + warm):
     t = time.perf_counter()
@@ -99,7 +104,6 @@ class Results:
     measures: dict[str, Measure] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     notes: dict[str, list[str]] = field(default_factory=dict)
-    build_ids: set[str] = field(default_factory=set)  # images the VMs booted (more than one: rebuilt mid-run)
 
     def note(self, key: str, text: str) -> None:
         self.notes.setdefault(key, []).append(text)
@@ -136,32 +140,40 @@ def pairs(cold_reps: int, exec_rounds: int) -> list[Pair]:
 async def collect(ctx: Context) -> list[Row]:
     res = Results()
     cold_reps = ctx.reps(3)
-    exec_rounds = ctx.reps(EXEC_ROUNDS, 10)
+    exec_rounds = 10 if ctx.quick else EXEC_ROUNDS
     with tempfile.TemporaryDirectory(prefix="gondolin-bench-") as tmp:
-        shared = Path(tmp)
-        stages: list[tuple[str, tuple[str, ...], Callable[[], Awaitable[None]]]] = [
-            ("warm VM: exec round trip and vm.fs copies", ("exec", "fork", "h2g", "g2h"),
-             lambda: _warm_vm_stage(ctx, res, shared, exec_rounds)),
+        stages: list[tuple[str, tuple[str, ...], Callable[[Setup], Awaitable[None]]]] = [
+            ("warm VM next to a raw 9p guest: exec round trip and 64 MiB copies",
+             ("exec", "fork", "h2g", "g2h", "9p_h2g", "9p_g2h"),
+             lambda s: _warm_stage(ctx, res, s, exec_rounds)),
             ("cold create vs raw QEMU boot", ("cold_ro", "cold_cow", "raw_boot"),
-             lambda: _cold_stage(ctx, res, cold_reps)),
-            ("virtio-9p copy baseline", ("9p_h2g", "9p_g2h"), lambda: _ninep_stage(ctx, res, shared)),
-            ("host memory per idle VM", ("memory",), lambda: _memory_stage(ctx, res)),
+             lambda s: _cold_stage(ctx, res, s, cold_reps)),
+            ("host memory per idle VM", ("memory",), lambda s: _memory_stage(ctx, res, s)),
         ]
+        try:
+            setup = await _setup(ctx, Path(tmp))
+        except Exception as exc:  # noqa: BLE001 - reported as error rows; cancellation passes
+            _failed(ctx, res, "setup", [k for _, keys, _ in stages for k in keys], exc)
+            return _rows(res, cold_reps, exec_rounds)
         for title, keys, stage in stages:
             ctx.log(f"core: {title}")
             try:
                 with anyio.fail_after(STAGE_TIMEOUT):
-                    await stage()
+                    await stage(setup)
             # A failed stage becomes error rows and the other stages still run. Cancellation is a
             # BaseException and passes through.
             except Exception as exc:  # noqa: BLE001
-                ctx.log(f"core: {title} failed:\n{traceback.format_exc()}")
-                first = (str(exc).strip().splitlines() or [""])[0]
-                for key in keys:
-                    res.errors.setdefault(key, f"{type(exc).__name__}: {first}"[:300])
-    if len(res.build_ids) > 1:
-        res.note("cold_ro", f"the image changed during the run ({', '.join(sorted(res.build_ids))}): numbers are suspect")
+                _failed(ctx, res, title, keys, exc)
     return _rows(res, cold_reps, exec_rounds)
+
+
+def _failed(ctx: Context, res: Results, title: str, keys: Sequence[str], exc: BaseException) -> None:
+    ctx.log(f"core: {title} failed:\n{''.join(traceback.format_exception(exc))}")
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    first = (str(exc).strip().splitlines() or [""])[0]
+    for key in keys:
+        res.errors.setdefault(key, f"{type(exc).__name__}: {first}"[:300])
 
 
 def _rows(res: Results, cold_reps: int, exec_rounds: int) -> list[Row]:
@@ -177,79 +189,125 @@ def _rows(res: Results, cold_reps: int, exec_rounds: int) -> list[Row]:
     return rows
 
 
-# -- stage 1: one warm VM ---------------------------------------------------------------------
-async def _warm_vm_stage(ctx: Context, res: Results, shared: Path, exec_rounds: int) -> None:
-    src = shared / "in.bin"
-    await anyio.to_thread.run_sync(_write_random, src, COPY_SIZE)
-    vm = await VM.create()
-    try:
-        choice = await _accel.decide(vm.image, VM._probe_boot)
-        reason = choice.reason if len(choice.reason) <= 110 else choice.reason[:110] + "..."
-        ctx.machine["accelerator"] = f"{vm.accel} ({reason})"
-        ctx.machine["guest image"] = f"{vm.image.build_id} (kernel {vm.image.kernel_version})"
+# -- setup: one image for the whole run ---------------------------------------------------------
+@dataclass(frozen=True)
+class Setup:
+    image: Image  # pinned: VMs are created with image=<build id>, so a concurrent rebuild of
+    accel: str  # "default" (someone editing guest/) cannot land in the middle of a measurement
+    shared: Path  # host directory exported over 9p; holds the 64 MiB test file
+
+
+async def _setup(ctx: Context, shared: Path) -> Setup:
+    image = await anyio.to_thread.run_sync(ensure_image, "default", ImageStore())
+    choice = await _accel.decide(image, VM._probe_boot)
+    reason = choice.reason if len(choice.reason) <= 110 else choice.reason[:110] + "..."
+    ctx.machine["accelerator"] = f"{choice.accel} ({reason})"
+    ctx.machine["guest image"] = (f"{image.build_id} (kernel {image.kernel_version}), pinned for the run: "
+                                  "VMs are created with image=<build id>")
+    await anyio.to_thread.run_sync(_write_random, shared / "in.bin", COPY_SIZE)
+    return Setup(image, choice.accel, shared)
+
+
+# -- stage 1: a warm VM and a raw 9p guest side by side, measurements interleaved -----------------
+async def _warm_stage(ctx: Context, res: Results, setup: Setup, exec_rounds: int) -> None:
+    async with AsyncExitStack() as stack:
+        vm = await VM.create(image=setup.image.build_id)
+        stack.push_async_callback(vm.close)
         ctx.machine["VM shape"] = f"{vm.cpus} vCPU, {vm.memory_mb} MiB"
         ctx.log(f"core: warm VM up in {vm.boot_time:.1f}s ({vm.accel})")
-        res.build_ids.add(vm.image.build_id)
+        ninep: RawGuest | None = None
+        try:
+            ninep = await stack.enter_async_context(_ninep_guest(setup))
+        except Exception as exc:  # noqa: BLE001 - the baseline is lost, ours is still measured
+            _failed(ctx, res, "9p guest", ("9p_h2g", "9p_g2h"), exc)
         await _exec_pair(ctx, res, vm, exec_rounds)
-        await _copy_ours(ctx, res, vm, src, shared / "out-ours.bin")
-    finally:
-        await vm.close()
+        await _copy_pairs(ctx, res, vm, ninep, setup, ctx.reps(3))
+
+
+@asynccontextmanager
+async def _ninep_guest(setup: Setup) -> AsyncIterator[RawGuest]:
+    virtfs = f"local,path={setup.shared},mount_tag={NINEP_TAG},security_model=none"
+    async with raw_guest(setup.image, accel=setup.accel, extra_args=("-virtfs", virtfs)) as g:
+        await g.check(["/bin/sh", "-c",
+                       f"modprobe 9p && modprobe 9pnet_virtio && mkdir -p {NINEP_MOUNT} && "
+                       f"mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 {NINEP_TAG} {NINEP_MOUNT}"])
+        yield g
 
 
 async def _exec_pair(ctx: Context, res: Results, vm: VM, rounds: int) -> None:
+    """Blocks of host round trips alternate with blocks of in-guest fork+exec, so a change in
+    machine load during the stage hits both sides."""
     for _ in range(EXEC_WARMUP):
         await vm.exec(["/bin/true"])
-    samples = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        r = await vm.exec(["/bin/true"])
-        samples.append(time.perf_counter() - t0)
+    ours: list[float] = []
+    guest: list[float] = []
+    for _ in range(max(1, rounds // EXEC_BLOCK)):
+        for _ in range(EXEC_BLOCK):
+            t0 = time.perf_counter()
+            r = await vm.exec(["/bin/true"])
+            ours.append(time.perf_counter() - t0)
+            if r.exit_code != 0:
+                raise BenchError(f"/bin/true exited {r.exit_code}: {r.stderr}")
+        r = await vm.exec(["/usr/bin/python3", "-c", FORK_EXEC_SCRIPT, str(EXEC_BLOCK)], timeout=300)
         if r.exit_code != 0:
-            raise BenchError(f"/bin/true exited {r.exit_code}: {r.stderr}")
-    res.measures["exec"] = Measure.median_of((s * 1000 for s in samples), "ms")
-    ctx.log(f"core: exec round trip median {res.measures['exec'].value:.1f} ms")
-    r = await vm.exec(["/usr/bin/python3", "-c", FORK_EXEC_SCRIPT, str(rounds)], timeout=300)
-    if r.exit_code != 0:
-        raise BenchError(f"in-guest fork+exec script exited {r.exit_code}: {r.stderr[-500:]}")
-    res.measures["fork"] = Measure.median_of((s * 1000 for s in json.loads(r.stdout)), "ms")
-    ctx.log(f"core: in-guest fork+exec median {res.measures['fork'].value:.1f} ms")
+            raise BenchError(f"in-guest fork+exec script exited {r.exit_code}: {r.stderr[-500:]}")
+        guest.extend(json.loads(r.stdout))
+    res.measures["exec"] = Measure.median_of((s * 1000 for s in ours), "ms")
+    res.measures["fork"] = Measure.median_of((s * 1000 for s in guest), "ms")
+    ctx.log(f"core: exec round trip median {res.measures['exec'].value:.1f} ms, "
+            f"in-guest fork+exec {res.measures['fork'].value:.1f} ms")
 
 
-async def _copy_ours(ctx: Context, res: Results, vm: VM, src: Path, dst: Path) -> None:
-    reps = ctx.reps(3)
+async def _copy_pairs(ctx: Context, res: Results, vm: VM, ninep: RawGuest | None, setup: Setup, reps: int) -> None:
+    src = setup.shared / "in.bin"
+    dst = setup.shared / "out-ours.bin"
     guest = "/tmp/bench-in.bin"
-    up, down = [], []
-    for _ in range(reps):
+    up: list[float] = []
+    down: list[float] = []
+    up9: list[float] = []
+    down9: list[float] = []
+    for i in range(reps):
         await vm.fs.remove(guest, force=True)
         t0 = time.perf_counter()
-        n = await vm.fs.upload(src, guest)
+        _check_size("upload", await vm.fs.upload(src, guest))
         up.append(time.perf_counter() - t0)
-        _check_size("upload", n)
-    for _ in range(reps):
+        if ninep is not None:
+            up9.append(await _ninep_copy(ninep, f"{NINEP_MOUNT}/in.bin", "/tmp/in.bin"))
         dst.unlink(missing_ok=True)
         t0 = time.perf_counter()
-        n = await vm.fs.download(guest, dst)
+        _check_size("download", await vm.fs.download(guest, dst))
         down.append(time.perf_counter() - t0)
-        _check_size("download", n)
         _check_size("downloaded file", dst.stat().st_size)
-    dst.unlink(missing_ok=True)
+        if ninep is not None:
+            down9.append(await _ninep_copy(ninep, "/tmp/in.bin", f"{NINEP_MOUNT}/out.bin"))
+            _check_size("file written through 9p", (setup.shared / "out.bin").stat().st_size)
+        ctx.log(f"core: copy rep {i + 1}/{reps}: upload {_mibs(up[-1])}, download {_mibs(down[-1])}"
+                + (f"; 9p read {_mibs(up9[-1])}, write {_mibs(down9[-1])}" if ninep is not None else ""))
     await vm.fs.remove(guest, force=True)
+    for f in (dst, setup.shared / "out.bin"):
+        f.unlink(missing_ok=True)
     res.measures["h2g"] = _throughput(up)
     res.measures["g2h"] = _throughput(down)
-    ctx.log(f"core: vm.fs upload {res.measures['h2g'].value:.0f} MiB/s, download {res.measures['g2h'].value:.0f} MiB/s")
+    if ninep is not None:
+        res.measures["9p_h2g"] = _throughput(up9)
+        res.measures["9p_g2h"] = _throughput(down9)
+
+
+async def _ninep_copy(g: RawGuest, src: str, dst: str) -> float:
+    out = json.loads(await g.check(["/usr/bin/python3", "-c", COPY_SCRIPT, src, dst, "1"], timeout=300))
+    _check_size(f"9p copy {src} -> {dst}", out["bytes"])
+    return float(out["seconds"][0])
 
 
 # -- stage 2: cold boots, interleaved so drift in machine load hits both sides alike -----------
-async def _cold_stage(ctx: Context, res: Results, reps: int) -> None:
-    image = await _image()
-    accel = await _accel.choose(image, VM._probe_boot)
+async def _cold_stage(ctx: Context, res: Results, setup: Setup, reps: int) -> None:
     raw, ro, cow = [], [], []
     guest_ms: list[int] = []
     for i in range(reps):
-        async with raw_guest(image, accel=accel) as g:
+        async with raw_guest(setup.image, accel=setup.accel) as g:
             raw.append(g.first_byte_s)
-        ro.append(await _cold_create("readonly", guest_ms, res.build_ids))
-        cow.append(await _cold_create("cow", guest_ms, res.build_ids))
+        ro.append(await _cold_create(setup, "readonly", guest_ms))
+        cow.append(await _cold_create(setup, "cow", guest_ms))
         ctx.log(f"core: cold rep {i + 1}/{reps}: raw {raw[-1]:.2f}s, readonly {ro[-1]:.2f}s, cow {cow[-1]:.2f}s")
     res.measures["raw_boot"] = Measure.median_of(raw, "s")
     res.measures["cold_ro"] = Measure.median_of(ro, "s")
@@ -258,17 +316,12 @@ async def _cold_stage(ctx: Context, res: Results, reps: int) -> None:
         res.note("cold_ro", f"the agent sent HELLO at a guest uptime of {min(guest_ms)}-{max(guest_ms)} ms")
 
 
-async def _image() -> Image:
-    return await anyio.to_thread.run_sync(ensure_image, "default", ImageStore())
-
-
-async def _cold_create(rootfs: str, guest_ms: list[int], build_ids: set[str]) -> float:
+async def _cold_create(setup: Setup, rootfs: RootfsMode, guest_ms: list[int]) -> float:
     t0 = time.perf_counter()
-    vm = await VM.create(rootfs=rootfs)  # type: ignore[arg-type]
+    vm = await VM.create(rootfs=rootfs, image=setup.image.build_id)
     try:
         r = await vm.exec(["/bin/true"])
         elapsed = time.perf_counter() - t0
-        build_ids.add(vm.image.build_id)
         if vm.guest_boot_ms:
             guest_ms.append(vm.guest_boot_ms)
     finally:
@@ -278,47 +331,20 @@ async def _cold_create(rootfs: str, guest_ms: list[int], build_ids: set[str]) ->
     return elapsed
 
 
-# -- stage 3: the same copies through QEMU's own 9p ---------------------------------------------
-async def _ninep_stage(ctx: Context, res: Results, shared: Path) -> None:
-    image = await _image()
-    accel = await _accel.choose(image, VM._probe_boot)
-    src = shared / "in.bin"
-    if not src.exists():
-        await anyio.to_thread.run_sync(_write_random, src, COPY_SIZE)
-    out = shared / "out.bin"
-    virtfs = f"local,path={shared},mount_tag={NINEP_TAG},security_model=none"
-    reps = ctx.reps(3)
-    async with raw_guest(image, accel=accel, extra_args=("-virtfs", virtfs)) as g:
-        await g.check(["/bin/sh", "-c",
-                       f"modprobe 9p && modprobe 9pnet_virtio && mkdir -p {NINEP_MOUNT} && "
-                       f"mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 {NINEP_TAG} {NINEP_MOUNT}"])
-        up = json.loads(await g.check(["/usr/bin/python3", "-c", COPY_SCRIPT, f"{NINEP_MOUNT}/in.bin",
-                                       "/tmp/in.bin", str(reps)], timeout=300))
-        _check_size("9p read", up["bytes"])
-        down = json.loads(await g.check(["/usr/bin/python3", "-c", COPY_SCRIPT, "/tmp/in.bin",
-                                         f"{NINEP_MOUNT}/out.bin", str(reps)], timeout=300))
-        _check_size("9p write", down["bytes"])
-    _check_size("file written through 9p", out.stat().st_size)
-    out.unlink()
-    res.measures["9p_h2g"] = _throughput(up["seconds"])
-    res.measures["9p_g2h"] = _throughput(down["seconds"])
-    ctx.log(f"core: 9p read {res.measures['9p_h2g'].value:.0f} MiB/s, write {res.measures['9p_g2h'].value:.0f} MiB/s")
-
-
-# -- stage 4: host memory per idle VM, in a fresh process ----------------------------------------
-async def _memory_stage(ctx: Context, res: Results) -> None:
+# -- stage 3: host memory per idle VM, in a fresh process ----------------------------------------
+async def _memory_stage(ctx: Context, res: Results, setup: Setup) -> None:
     n = MEMORY_VMS
-    proc = await anyio.run_process([sys.executable, "-m", "benchmarks._memprobe", str(n)], cwd=REPO,
-                                   check=False, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = await anyio.run_process(
+        [sys.executable, "-m", "benchmarks._memprobe", str(n), setup.image.build_id], cwd=REPO, check=False)
     if proc.returncode != 0:
         tail = proc.stderr.decode(errors="replace").strip().splitlines()[-5:]
         raise BenchError(f"memory probe exited {proc.returncode}: {' | '.join(tail)}")
     data = json.loads(proc.stdout.decode().strip().splitlines()[-1])
     per_vm = (data["after"] - data["before"]) / data["n"]
     res.measures["memory"] = Measure(per_vm / 1e6, "MB")
+    res.note("memory", f"RSS of a fresh host process {data['before'] / 1e6:.1f} MB before and "
+                       f"{data['after'] / 1e6:.1f} MB after creating {n} idle VMs")
     qemu = data["qemu_rss"]
-    res.note("memory", f"RSS of the host process {data['before'] / 1e6:.1f} MB before and {data['after'] / 1e6:.1f} MB "
-                       f"after creating {n} idle VMs")
     if qemu:
         res.note("memory", f"for scale, each QEMU process held {min(qemu) / 1e6:.0f}-{max(qemu) / 1e6:.0f} MB RSS")
     ctx.log(f"core: {per_vm / 1e6:.1f} MB host RSS per idle VM")
@@ -334,6 +360,10 @@ def _write_random(path: Path, size: int) -> None:
 def _check_size(what: str, n: int) -> None:
     if n != COPY_SIZE:
         raise BenchError(f"{what}: {n} bytes moved, expected {COPY_SIZE}")
+
+
+def _mibs(seconds: float) -> str:
+    return f"{COPY_SIZE / MiB / seconds:.0f} MiB/s"
 
 
 def _throughput(seconds: list[float]) -> Measure:

@@ -116,3 +116,23 @@ def test_core_module_is_listed_first() -> None:
     mods = available()
     assert next(iter(mods)) == "core"
     assert mods["core"] == "benchmarks.bench_core"
+
+
+def test_core_rows_from_partial_results() -> None:
+    from benchmarks import Context
+    from benchmarks.bench_core import Results, _failed, _rows
+
+    res = Results()
+    res.measures["exec"] = Measure(44.0, "ms")
+    res.measures["h2g"] = Measure(22.0, "MiB/s")
+    logged: list[str] = []
+    ctx = Context(_out=logged.append)
+    _failed(ctx, res, "9p guest", ("9p_h2g",), ExceptionGroup("g", [RuntimeError("no virtfs\nmore")]))
+    rows = {r.what.split(",")[0].split(" (")[0]: r for r in _rows(res, 3, 50)}
+    exec_row = rows['exec(["/bin/true"]) round trip']
+    assert not exec_row.error and exec_row.baseline is None and exec_row.met is None
+    assert "baseline failed: not measured" in exec_row.note
+    copy = rows["copy 64 MiB host -> guest /tmp"]
+    assert copy.ours == Measure(22.0, "MiB/s") and "baseline failed: RuntimeError: no virtfs" in copy.note
+    assert rows["cold create -> first exec"].error == "not measured"
+    assert logged and "no virtfs" in logged[0]
