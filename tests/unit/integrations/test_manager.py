@@ -1,0 +1,242 @@
+import anyio
+import pytest
+
+from gondolin.errors import VMStartError
+from integrations import (
+    MountRoot,
+    NetworkProfile,
+    OperatorConfig,
+    SandboxManager,
+    SecretSpec,
+    ToolError,
+)
+from integrations.config import Limits
+from integrations.models import EnvVar, MountRequest, SandboxCreateInput
+
+from .fakes import FakeVM, fake_factory
+
+pytestmark = pytest.mark.anyio
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1_000_000.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def booted():
+    return []
+
+
+@pytest.fixture
+def factory(booted):
+    return fake_factory(booted)
+
+
+def manager(factory, clock=None, **config):
+    cfg = OperatorConfig(**config)
+    return SandboxManager(cfg, vm_factory=factory, clock=clock or Clock(), reap=False,
+                          environ={"API_TOKEN": "value-of-the-token"})
+
+
+async def test_create_passes_the_profile_to_the_runtime(factory, booted):
+    cfg = dict(network_profiles={"api": NetworkProfile(allowed_hosts=("api.example.com",))},
+               secrets={"API_TOKEN": SecretSpec(hosts=("api.example.com",))})
+    async with manager(factory, **cfg) as mgr:
+        sb = await mgr.create(SandboxCreateInput(network="api", secrets=["API_TOKEN"], env=[EnvVar(name="A", value="1")]))
+    opts = booted[0].options
+    assert opts["network"] is True and opts["dns"] == "synthetic"
+    hooks = opts["http_hooks"]
+    assert hooks.policy.host_allowed("api.example.com") and not hooks.policy.host_allowed("evil.com")
+    assert hooks.secrets.placeholders()["API_TOKEN"] == opts["env"]["API_TOKEN"]
+    assert opts["env"]["A"] == "1"
+    placeholder = opts["env"]["API_TOKEN"]
+    assert placeholder.startswith("GONDOLIN_SECRET_") and "value-of-the-token" not in str(opts["env"])
+    assert sb.info().secrets == ["API_TOKEN"]
+    assert booted[0].closed == 1  # closed at shutdown
+
+
+async def test_offline_profile_has_no_nic(factory, booted):
+    async with manager(factory) as mgr:
+        await mgr.create(SandboxCreateInput(network="offline"))
+    assert booted[0].options["network"] is False and "http_hooks" not in booted[0].options
+
+
+@pytest.mark.parametrize(
+    ("request_", "code"),
+    [
+        (SandboxCreateInput(image="other"), "not_allowed"),
+        (SandboxCreateInput(cpus=64), "not_allowed"),
+        (SandboxCreateInput(memory_mb=65536), "not_allowed"),
+        (SandboxCreateInput(ttl_s=10**7), "not_allowed"),
+        (SandboxCreateInput(network="internet"), "not_allowed"),
+        (SandboxCreateInput(secrets=["NOPE"]), "not_allowed"),
+        (SandboxCreateInput(secrets=["UNSET"]), "not_allowed"),
+        (SandboxCreateInput(secrets=["API_TOKEN"], network="offline"), "invalid_argument"),
+        (SandboxCreateInput(mounts=[MountRequest(host_path="/etc")]), "not_allowed"),
+        (SandboxCreateInput(mounts=[MountRequest(host_path="relative")]), "invalid_argument"),
+        (SandboxCreateInput(from_checkpoint="cp_missing"), "checkpoint_not_found"),
+    ],
+)
+async def test_choices_outside_the_config_are_refused_before_booting(factory, booted, request_, code):
+    cfg = dict(secrets={"API_TOKEN": SecretSpec(hosts=("a.com",)), "UNSET": SecretSpec(hosts=("a.com",))})
+    async with manager(factory, **cfg) as mgr:
+        with pytest.raises(ToolError) as err:
+            await mgr.create(request_)
+    assert err.value.code == code
+    assert not booted
+
+
+async def test_mounts_stay_inside_approved_roots(factory, booted, tmp_path):
+    (tmp_path / "proj" / "sub").mkdir(parents=True)
+    outside = tmp_path.parent
+    roots = (MountRoot(host_path=str(tmp_path / "proj"), mode="cow", guest_path="/workspace/proj"),)
+    async with manager(factory, mounts=roots) as mgr:
+        sb = await mgr.create(SandboxCreateInput(mounts=[MountRequest(host_path=str(tmp_path / "proj" / "sub"))]))
+        assert [m.model_dump() for m in sb.mounts] == [
+            {"guest_path": "/workspace/proj/sub", "host_path": str(tmp_path / "proj" / "sub"), "mode": "cow"}]
+        assert set(booted[0].options["mounts"]) == {"/workspace/proj/sub"}
+        for bad in (str(tmp_path / "proj" / ".." / ".."), str(outside), str(tmp_path / "proj-evil")):
+            with pytest.raises(ToolError) as err:
+                await mgr.create(SandboxCreateInput(mounts=[MountRequest(host_path=bad)]))
+            assert err.value.code in ("not_allowed", "path_not_found")
+        with pytest.raises(ToolError, match="at most 'cow'"):
+            await mgr.create(SandboxCreateInput(mounts=[MountRequest(host_path=str(tmp_path / "proj"), mode="rw")]))
+        (tmp_path / "proj" / "link").symlink_to(outside)
+        with pytest.raises(ToolError) as err:
+            await mgr.create(SandboxCreateInput(mounts=[MountRequest(host_path=str(tmp_path / "proj" / "link"))]))
+        assert err.value.code == "not_allowed"
+
+
+async def test_the_cap_counts_live_and_booting_sandboxes(booted):
+    gate = anyio.Event()
+
+    async def slow_factory(**options):
+        await gate.wait()
+        vm = FakeVM(**options)
+        booted.append(vm)
+        return vm
+
+    async with manager(slow_factory, limits=Limits(max_sandboxes=2)) as mgr:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(mgr.create, SandboxCreateInput())
+            tg.start_soon(mgr.create, SandboxCreateInput())
+            await anyio.sleep(0.01)
+            with pytest.raises(ToolError) as err:
+                await mgr.create(SandboxCreateInput())
+            assert err.value.code == "sandbox_limit"
+            gate.set()
+        assert len(mgr.list()) == 2
+        await mgr.destroy(mgr.list()[0].id)
+        await mgr.create(SandboxCreateInput())
+    assert all(vm.closed == 1 for vm in booted)
+
+
+async def test_a_failed_boot_frees_its_slot_and_is_a_tool_error():
+    async def failing(**options):
+        raise VMStartError("qemu exploded")
+
+    async with manager(failing, limits=Limits(max_sandboxes=1)) as mgr:
+        for _ in range(2):
+            with pytest.raises(ToolError) as err:
+                await mgr.create(SandboxCreateInput())
+            assert err.value.code == "vm_start_failed"
+
+
+async def test_idle_sandboxes_are_reaped_but_busy_ones_are_not(factory, booted):
+    clock = Clock()
+    async with manager(factory, clock=clock) as mgr:
+        a = await mgr.create(SandboxCreateInput(ttl_s=60))
+        b = await mgr.create(SandboxCreateInput(ttl_s=600))
+        c = await mgr.create(SandboxCreateInput(ttl_s=60))
+        clock.now += 30
+        mgr.get(c.id)  # using a sandbox pushes its expiry back
+        clock.now += 40
+        with mgr.use(a.id):
+            assert await mgr.reap_expired() == []  # a is in use
+        clock.now += 1
+        assert await mgr.reap_expired() == []  # a was just used
+        clock.now += 60
+        assert sorted(await mgr.reap_expired()) == sorted([a.id, c.id])
+        assert [s.id for s in mgr.list()] == [b.id]
+        with pytest.raises(ToolError) as err:
+            mgr.get(a.id)
+        assert err.value.code == "sandbox_not_found"
+    assert [vm.closed for vm in booted] == [1, 1, 1]
+
+
+async def test_the_reaper_task_runs_on_its_own(factory, booted):
+    clock = Clock()
+    cfg = OperatorConfig(limits=Limits(reap_interval_s=0.01))
+    async with SandboxManager(cfg, vm_factory=factory, clock=clock) as mgr:
+        sb = await mgr.create(SandboxCreateInput(ttl_s=10))
+        clock.now += 11
+        with anyio.fail_after(5):
+            while mgr.list():  # noqa: ASYNC110 - polling the reaper's effect is the point
+                await anyio.sleep(0.01)
+        assert mgr.reaped == [sb.id]
+
+
+async def test_shutdown_closes_everything_even_when_cancelled(factory, booted):
+    with anyio.CancelScope() as scope:
+        async with manager(factory) as mgr:
+            await mgr.create(SandboxCreateInput())
+            await mgr.create(SandboxCreateInput())
+            scope.cancel()
+            await anyio.sleep(1)
+    assert [vm.closed for vm in booted] == [1, 1]
+
+
+async def test_a_stopped_vm_is_reported(factory, booted):
+    async with manager(factory) as mgr:
+        sb = await mgr.create(SandboxCreateInput())
+        booted[0].running = False
+        with pytest.raises(ToolError) as err:
+            mgr.get(sb.id)
+        assert err.value.code == "sandbox_not_running"
+        assert sb.info().status == "stopped"
+
+
+async def test_checkpoints_without_runtime_support_are_not_supported(factory):
+    async with manager(factory) as mgr:
+        sb = await mgr.create(SandboxCreateInput())
+        with pytest.raises(ToolError) as err:
+            await mgr.checkpoint(sb, None, False)
+        assert err.value.code == "not_supported"
+
+
+async def test_checkpoints_use_the_runtime_api_when_present(factory, booted, monkeypatch, tmp_path):
+    import integrations.runtime as runtime
+
+    saved = []
+
+    class Checkpoint:
+        @classmethod
+        def load(cls, path):
+            inst = cls()
+            inst.path = path
+            return inst
+
+        async def resume(self, **options):
+            vm = FakeVM(**options, resumed_from=self.path)
+            booted.append(vm)
+            return vm
+
+    async def checkpoint(path, disk_only=False):
+        saved.append((path, disk_only))
+
+    monkeypatch.setattr(runtime, "_checkpoint_class", lambda: Checkpoint)
+    async with manager(factory, checkpoint_dir=str(tmp_path)) as mgr:
+        sb = await mgr.create(SandboxCreateInput(name="base"))
+        booted[0].checkpoint = checkpoint
+        record = await mgr.checkpoint(sb, "before", False)
+        assert saved == [(record.path, False)] and record.path.startswith(str(tmp_path))
+        forked = await mgr.restore(record.id)
+        assert forked.id != sb.id and forked.from_checkpoint == record.id
+        assert booted[-1].options["resumed_from"] == record.path
+        rolled = await mgr.restore(record.id, sandbox_id=sb.id)
+        assert rolled.id == sb.id and booted[0].closed == 1 and sb.vm is booted[-1]
+        assert [c.id for c in mgr.list_checkpoints(sb.id)] == [record.id]
