@@ -34,6 +34,84 @@ def _vm_options(args: argparse.Namespace) -> dict[str, Any]:
     return opts
 
 
+# -- network policy for exec and bash ---------------------------------------------
+MAX_REPORTED_REQUESTS = 100  # refused requests kept for the report after the command
+
+
+def _parse_secret(item: str) -> tuple[str, str, list[str]]:
+    """``NAME=ENVVAR@host[,host...]`` -> (NAME, ENVVAR, hosts)."""
+    name, sep, rest = item.partition("=")
+    envvar, at, hosts_text = rest.rpartition("@")
+    hosts = [h.strip() for h in hosts_text.split(",") if h.strip()]
+    if not sep or not name or not at or not envvar or not hosts:
+        raise SystemExit(f"gondolin: --secret expects NAME=ENVVAR@host[,host], got {item!r}")
+    return name, envvar, hosts
+
+
+class RefusedRequests:
+    """Audit-event observer that keeps refused requests to print when the command is done."""
+
+    def __init__(self, limit: int = MAX_REPORTED_REQUESTS) -> None:
+        self.events: list[Any] = []
+        self.more = 0
+        self._limit = limit
+
+    def __call__(self, event: Any) -> None:
+        if event.decision.value in ("allowed", "answered"):
+            return
+        if len(self.events) < self._limit:
+            self.events.append(event)
+        else:
+            self.more += 1
+
+    def report(self, out: Any) -> None:
+        for e in self.events:
+            default = {"http": 80, "https": 443}.get(e.scheme)
+            where = e.host if e.port in (0, default) else f"{e.host}:{e.port}"
+            print(f"gondolin: {e.decision.value} {e.method or '?'} {e.scheme}://{where}{e.path}: {e.reason}", file=out)
+        if self.more:
+            print(f"gondolin: ... and {self.more} more refused requests", file=out)
+
+
+def _egress_options(args: argparse.Namespace, refused: RefusedRequests) -> dict[str, Any]:
+    """``http_hooks`` and the secrets' placeholders in ``env`` from --allow-host / --secret."""
+    from .http import Secret, create_http_hooks
+
+    secrets: dict[str, Secret] = {}
+    for item in args.secret:
+        name, envvar, hosts = _parse_secret(item)
+        value = os.environ.get(envvar)
+        if not value:
+            raise SystemExit(f"gondolin: --secret {name}: the host environment variable {envvar} is not set")
+        try:
+            secrets[name] = Secret(value, hosts=hosts)
+        except ValueError as exc:
+            raise SystemExit(f"gondolin: --secret {name}: {exc}") from None
+    try:
+        hooks, placeholders = create_http_hooks(allowed_hosts=args.allow_host, secrets=secrets, on_event=refused)
+    except ValueError as exc:
+        raise SystemExit(f"gondolin: {exc}") from None
+    for name, secret in secrets.items():
+        for host in secret.hosts:
+            if "*" not in host and not hooks.policy.host_allowed(host):
+                print(f"gondolin: note: secret {name} may go to {host}, but no --allow-host lets requests "
+                      f"reach it", file=sys.stderr)
+    env = _env_pairs(getattr(args, "vm_env", None) or [])
+    clash = sorted(set(env) & set(placeholders))
+    if clash:
+        raise SystemExit(f"gondolin: {', '.join(clash)} given both as --secret and --vm-env")
+    return {"http_hooks": hooks, "env": {**env, **placeholders}}
+
+
+def _add_net_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-host", action="append", default=[], metavar="HOST",
+                   help="let HTTP(S) requests reach HOST (pattern such as *.github.com; repeatable; "
+                        "default: no egress at all)")
+    p.add_argument("--secret", action="append", default=[], metavar="NAME=ENVVAR@HOST[,HOST]",
+                   help="the guest sees a placeholder in $NAME; requests to HOST carry the value of the "
+                        "host environment variable ENVVAR instead (repeatable)")
+
+
 def _add_vm_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory", default="512M", help="guest memory, e.g. 512M or 2G (default 512M)")
     p.add_argument("--cpus", type=int, default=1, help="virtual CPUs (default 1)")
@@ -53,20 +131,24 @@ async def _exec(args: argparse.Namespace) -> int:
     if not argv:
         raise SystemExit("gondolin exec: give a command: gondolin exec -- CMD ARGS, or gondolin exec 'shell string'")
     command = argv[0] if (len(argv) == 1 and not args.argv_form) else argv
-    async with await VM.create(**_vm_options(args)) as vm:
-        stdin: Any = None
-        if not sys.stdin.isatty() and not args.no_stdin:
-            stdin = _stdin_chunks()
-        proc = vm.exec(command, env=_env_pairs(args.env), cwd=args.cwd, user=args.user, timeout=args.timeout,
-                       stdin=stdin, stdout="pipe", stderr="pipe")
-        async for chunk in proc:
-            out = sys.stdout.buffer if chunk.stream == "stdout" else sys.stderr.buffer
-            out.write(chunk.data)
-            out.flush()
-        result = await proc.wait()
-        if result.timed_out:
-            print(f"gondolin: command killed after its {args.timeout}s timeout", file=sys.stderr)
-        return result.exit_code
+    refused = RefusedRequests()
+    async with await VM.create(**{**_vm_options(args), **_egress_options(args, refused)}) as vm:
+        try:
+            stdin: Any = None
+            if not sys.stdin.isatty() and not args.no_stdin:
+                stdin = _stdin_chunks()
+            proc = vm.exec(command, env=_env_pairs(args.env), cwd=args.cwd, user=args.user, timeout=args.timeout,
+                           stdin=stdin, stdout="pipe", stderr="pipe")
+            async for chunk in proc:
+                out = sys.stdout.buffer if chunk.stream == "stdout" else sys.stderr.buffer
+                out.write(chunk.data)
+                out.flush()
+            result = await proc.wait()
+            if result.timed_out:
+                print(f"gondolin: command killed after its {args.timeout}s timeout", file=sys.stderr)
+            return result.exit_code
+        finally:
+            refused.report(sys.stderr)
 
 
 async def _stdin_chunks() -> Any:
@@ -98,8 +180,12 @@ def _raw_terminal(fd: int) -> Iterator[None]:
 async def _bash(args: argparse.Namespace) -> int:
     from .vm import VM
 
-    async with await VM.create(**_vm_options(args)) as vm:
-        return await interactive_shell(vm, args.command or ["/bin/bash", "-l"], user=args.user)
+    refused = RefusedRequests()
+    async with await VM.create(**{**_vm_options(args), **_egress_options(args, refused)}) as vm:
+        try:
+            return await interactive_shell(vm, args.command or ["/bin/bash", "-l"], user=args.user)
+        finally:
+            refused.report(sys.stderr)  # after the terminal left raw mode
 
 
 def _terminal_size() -> os.terminal_size:
@@ -275,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("exec", help="run one command in a fresh VM; its exit code becomes ours")
     _add_vm_args(p)
+    _add_net_args(p)
     p.add_argument("--env", "-e", action="append", default=[], help="KEY=VALUE for the command (repeatable)")
     p.add_argument("--vm-env", action="append", default=[], help="KEY=VALUE for every command in the VM")
     p.add_argument("--cwd", help="working directory in the guest")
@@ -287,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bash", help="interactive shell in a fresh VM (Ctrl-D exits)")
     _add_vm_args(p)
+    _add_net_args(p)
     p.add_argument("--user", "-u", help="guest user name or uid")
     p.add_argument("command", nargs="*", help="program to run instead of bash -l")
 

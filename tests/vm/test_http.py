@@ -16,6 +16,7 @@ import subprocess
 import zipfile
 from pathlib import Path
 
+import anyio
 import pytest
 
 from gondolin import VM
@@ -331,3 +332,22 @@ with cf.ThreadPoolExecutor(32) as ex:
     r = await sh(http_vm, "python3 /tmp/conc.py", timeout=180)
     assert r.stdout.strip() == f"[(200, {64 * 1024})]", r.stderr
     assert len([e for e in http_vm.network.events() if e.path == f"/bytes/{64 * 1024}"]) == 64
+
+
+async def test_cli_flags_and_refused_request_report():
+    import os
+    import sys
+
+    env = {**os.environ, "CLI_FAKE_TOKEN": "tok_cli_" + secrets.token_hex(8)}
+    script = ('echo "$TOK"; curl -s -o /dev/null -w "%{http_code}\\n" http://blocked.example/p?q=1; '
+              'curl -s -o /dev/null -w "%{http_code}\\n" -H "Authorization: Bearer $TOK" http://allowed.example/')
+    proc = await anyio.run_process(
+        [sys.executable, "-m", "gondolin.cli", "exec", "--allow-host", "allowed.example",
+         "--secret", "TOK=CLI_FAKE_TOKEN@api.example", "--", script], env=env, check=False)
+    out, err = proc.stdout.decode(), proc.stderr.decode()
+    assert proc.returncode == 0, err
+    placeholder, first, second = out.split()
+    assert placeholder.startswith("GONDOLIN_SECRET_") and env["CLI_FAKE_TOKEN"] not in out + err
+    assert (first, second) == ("403", "403")
+    assert "gondolin: blocked GET http://blocked.example/p: egress to blocked.example is denied" in err
+    assert "gondolin: blocked GET http://allowed.example/: secret TOK may not be sent to allowed.example" in err
