@@ -413,7 +413,7 @@ class SandboxManager:
         if len(self._checkpoints) >= cap:
             raise ToolError("not_allowed", f"the server keeps at most {cap} checkpoints")
         checkpoint_id = _new_id("cp")
-        path = os.path.join(self._checkpoint_root(), checkpoint_id)
+        path = os.path.join(self._checkpoint_root(), checkpoint_id + ".ckpt")
         await runtime.take_checkpoint(sandbox.vm, path, disk_only=disk_only)
         spec = {"name": sandbox.name, "image": sandbox.image, "cpus": sandbox.cpus, "memory_mb": sandbox.memory_mb,
                 "ttl_s": sandbox.ttl_s, "network": sandbox.network, "secrets": list(sandbox.secret_names),

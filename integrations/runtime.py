@@ -142,7 +142,10 @@ async def resume_checkpoint(path: str, options: dict[str, Any], *, policy_matter
     if inspect.isawaitable(loaded):
         loaded = await loaded
     resume = loaded.resume
-    kwargs = {k: v for k, v in options.items() if k not in ("image", "rootfs") and accepts(resume, k)}
+    # The machine shape, image and network mode are part of the checkpoint; only live host
+    # objects (policy hooks, mount providers) and the environment are passed again.
+    fixed = ("image", "rootfs", "memory", "cpus", "network", "dns", "tcp_hosts")
+    kwargs = {k: v for k, v in options.items() if k not in fixed and accepts(resume, k)}
     dropped = [k for k in ("http_hooks", "mounts") if options.get(k) and k not in kwargs]
     if not policy_matters and dropped == ["http_hooks"]:
         dropped = []  # a deny-all policy is what a resumed VM has without hooks

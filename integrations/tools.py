@@ -12,6 +12,7 @@ import base64
 import binascii
 import hashlib
 import json
+import logging
 import posixpath
 import stat as stat_mod
 from collections import deque
@@ -32,6 +33,7 @@ from .files import apply_edit, glob_match, glob_regex, guest_path, parse_mode, s
 from .manager import SandboxManager, iso
 from .sessions import ExecSession, ProgressFn
 
+log = logging.getLogger("gondolin.integrations")
 TOOL_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
 STAT_CONCURRENCY = 16  # parallel stat calls while listing a directory
 DEFAULT_LIST_ENTRIES = 500
@@ -672,6 +674,9 @@ class ToolRegistry:
         except ToolError as exc:
             return self._error(spec.name, exc.info())
         except GondolinError as exc:
+            return self._error(spec.name, translate(exc).info())
+        except Exception as exc:  # a bug or an unexpected runtime error: report it, never crash the caller
+            log.exception("tool %s failed", spec.name)
             return self._error(spec.name, translate(exc).info())
         redacted = self.manager.redactor.redact_obj(output.model_dump(mode="json"))
         output = spec.output_model.model_validate(redacted)
