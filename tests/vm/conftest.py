@@ -18,7 +18,9 @@ async def vm():
 
 
 def qemu_pids() -> set[int]:
-    out = subprocess.run(["pgrep", "-f", "qemu-system"], capture_output=True, text=True).stdout
+    """QEMU processes started by this test process (other test runs may share the machine)."""
+    out = subprocess.run(["pgrep", "-P", str(os.getpid()), "-f", "qemu-system"],
+                         capture_output=True, text=True).stdout
     return {int(p) for p in out.split()}
 
 
@@ -32,9 +34,21 @@ def no_leaks():
     import tempfile
 
     before_pids = qemu_pids()
-    before_dirs = {d for d in os.listdir(tempfile.gettempdir()) if d.startswith("gondolin-vm-")}
+    def own_dirs() -> set[str]:
+        base = tempfile.gettempdir()
+        out = set()
+        for d in os.listdir(base):
+            if d.startswith("gondolin-vm-"):
+                try:
+                    if int(open(os.path.join(base, d, "owner.pid")).read()) == os.getpid():
+                        out.add(d)
+                except (OSError, ValueError):
+                    continue
+        return out
+
+    before_dirs = own_dirs()
     yield
     leaked_pids = qemu_pids() - before_pids
-    dirs = {d for d in os.listdir(tempfile.gettempdir()) if d.startswith("gondolin-vm-")} - before_dirs
+    dirs = own_dirs() - before_dirs
     assert not leaked_pids, f"QEMU processes left behind: {leaked_pids}"
     assert not dirs, f"run directories left behind: {dirs}"

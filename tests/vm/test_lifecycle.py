@@ -88,7 +88,7 @@ def test_sync_facade(no_leaks):
         assert vm.exec("exit 4").exit_code == 4
 
 
-async def test_run_dirs_of_dead_owners_are_collected(tmp_path):
+def test_run_dirs_of_dead_owners_are_collected(tmp_path):
     import tempfile
 
     from gondolin.vm import RUN_PREFIX, gc_run_dirs
