@@ -8,9 +8,10 @@ The guest is untrusted: data beyond the credit the host granted is a protocol vi
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
 from anyio.abc import ByteStream
@@ -103,13 +104,15 @@ class Inbox:
 
 class Channel:
     def __init__(self, stream: ByteStream, console: Callable[[], list[str]],
-                 before_death: Callable[[], Awaitable[None]] | None = None) -> None:
+                 before_death: Callable[[], Awaitable[None]] | None = None, *, first_id: int = _FIRST_ID) -> None:
+        # A restored guest may still hold replies for the ids of the host that saved it, so a
+        # channel to a restored VM starts its ids elsewhere (``first_id``).
         self._stream = stream
         self._console = console
         self._before_death = before_death
         self._send_lock = anyio.Lock()
         self._inboxes: dict[int, Inbox] = {}
-        self._ids = itertools.count(_FIRST_ID)
+        self._ids = itertools.count(first_id)
         self.dead: GondolinError | None = None
         self.unsolicited: MemoryObjectSendStream[Message]
         self._unsolicited_recv: MemoryObjectReceiveStream[Message]
@@ -136,6 +139,24 @@ class Channel:
 
     async def send_message(self, t: int, id: int, data: bytes = b"", **p: object) -> None:
         await self.send(encode(Message(t, id, p, data)))
+
+    @contextlib.asynccontextmanager
+    async def quiesced(self, timeout: float = 30.0) -> AsyncIterator[None]:
+        """Hold back every host send, after the guest has answered a PING (so it has read all we
+        sent): a snapshot taken inside the block cannot hold half a host frame."""
+        async with self._send_lock:
+            inbox = self.open()
+            try:
+                try:
+                    await self._stream.send(encode(Message(T.PING, inbox.id)))
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                    self.kill(VMDiedError("the VM's control connection broke while sending", self._console()))
+                    raise self.dead from exc  # type: ignore[misc]
+                with anyio.fail_after(timeout):
+                    await inbox.get()
+            finally:
+                inbox.close()
+            yield
 
     async def next_unsolicited(self) -> Message:
         return await self._unsolicited_recv.receive()

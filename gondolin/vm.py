@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import os
 import secrets
 import shutil
@@ -11,10 +13,10 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 from anyio.abc import SocketListener
@@ -29,6 +31,12 @@ from .protocol import DEFAULT_WINDOW, T
 from .qemu import accel as _accel
 from .qemu.argv import MachineSpec, SerialPort, build_argv, parse_memory
 from .qemu.process import QemuProcess, find_qemu
+from .qemu.qmp import QmpClient
+from .snapshot import RestoreSource, Section, prepare_restored_disk, resync_control
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
+    from .templates import MachineShape, TemplateStore
 
 log = get_logger("vm")
 RootfsMode = Literal["cow", "readonly", "memory"]
@@ -165,6 +173,12 @@ class VM:
         self._vfs_stream: Any = None
         self.boot_time: float | None = None
         self.guest_boot_ms: int | None = None
+        self.created = time.time()
+        self.restored_from: str | None = None  # "template" or "checkpoint" when not booted cold
+        self._qmp: QmpClient | None = None
+        self._qmp_lock = anyio.Lock()
+        self._snapshot_lock = anyio.Lock()
+        self._session: Any = None
 
     # -- creation --------------------------------------------------------------
     @classmethod
@@ -185,8 +199,9 @@ class VM:
         tcp_hosts: Mapping[str, str] | None = None,
         http_hooks: Any = None,
         mounts: Mapping[str, Any] | None = None,
+        warm: bool = True,
     ) -> VM:
-        """Boot a VM and return it once its agent answers.
+        """Start a VM and return it once its agent answers.
 
         ``memory`` in MiB (or "1G"), ``cpus`` vCPUs, ``env`` defaults for every exec, ``rootfs``:
         ``"cow"`` (writes go to a throwaway qcow2 overlay), ``"memory"`` (writes go to guest RAM) or
@@ -198,7 +213,42 @@ class VM:
         decide which HTTP(S) requests may leave (none without hooks), ``tcp_hosts`` maps
         ``"name:port"`` to a host ``"ip:port"`` for raw TCP, ``dns`` is ``"synthetic"`` (default),
         ``"trusted"`` or ``"open"``. ``mounts`` maps guest paths to :mod:`gondolin.vfs` providers.
+
+        ``warm=True`` (default) restores the VM from a saved template of this image and machine
+        shape (a fraction of a second) instead of booting it; the first VM of a shape boots cold
+        and saves the template. ``warm=False`` always boots cold. See docs/snapshots.md.
         """
+        make = await cls._factory(memory=memory, cpus=cpus, env=env, rootfs=rootfs, image=image, hostname=hostname,
+                                  start_timeout=start_timeout, label=label, accel=accel, network=network, dns=dns,
+                                  tcp_hosts=tcp_hosts, http_hooks=http_hooks, mounts=mounts)
+        if warm:
+            from .templates import create_warm
+
+            return await create_warm(make)
+        vm = make()
+        await vm._launch()
+        return vm
+
+    @classmethod
+    async def _factory(
+        cls,
+        *,
+        memory: int | str = 512,
+        cpus: int = 1,
+        env: Mapping[str, str] | None = None,
+        rootfs: RootfsMode = "cow",
+        image: str = "default",
+        hostname: str = "gondolin",
+        start_timeout: float | None = None,
+        label: str | None = None,
+        accel: str | None = None,
+        network: bool = True,
+        dns: str = "synthetic",
+        tcp_hosts: Mapping[str, str] | None = None,
+        http_hooks: Any = None,
+        mounts: Mapping[str, Any] | None = None,
+    ) -> Callable[[], VM]:
+        """Check the options and resolve the image; return a constructor of unstarted VMs."""
         if rootfs not in ("cow", "readonly", "memory"):
             raise ValueError(f"rootfs must be 'cow', 'readonly' or 'memory', not {rootfs!r}")
         if cpus < 1 or cpus > 64:
@@ -215,15 +265,19 @@ class VM:
             if not guest_path.startswith("/") or guest_path.rstrip("/") in ("", "/proc", "/sys", "/dev", "/run"):
                 raise ValueError(f"cannot mount at {guest_path!r}: give an absolute path such as /workspace")
         chosen = accel or await _accel.choose(img, cls._probe_boot)
-        vm = cls(image=img, memory_mb=memory_mb, cpus=cpus, env=env or {}, rootfs=rootfs, accel=chosen,
-                 hostname=hostname, start_timeout=timeout, label=label, network=net, mounts=mounts)
+        return functools.partial(cls, image=img, memory_mb=memory_mb, cpus=cpus, env=env or {}, rootfs=rootfs,
+                                 accel=chosen, hostname=hostname, start_timeout=timeout, label=label, network=net,
+                                 mounts=mounts)
+
+    async def _launch(self, *, restore: RestoreSource | None = None, disk: Section | None = None,
+                      save_template: tuple[TemplateStore, MachineShape] | None = None) -> None:
+        """Start this VM (cold, or from saved state); close it if that fails."""
         try:
-            await vm._start()
+            await self._start(restore=restore, disk=disk, save_template=save_template)
         except BaseException:
             with anyio.CancelScope(shield=True):
-                await vm.close()
+                await self.close()
             raise
-        return vm
 
     @classmethod
     async def _probe_boot(cls, image: Image, accel: str, timeout: float) -> None:
@@ -235,29 +289,57 @@ class VM:
             with anyio.CancelScope(shield=True):
                 await vm.close()
 
-    async def _start(self) -> None:
-        t0 = time.monotonic()
-        gc_run_dirs()
-        self._run_dir = Path(tempfile.mkdtemp(prefix=RUN_PREFIX, dir=_run_base()))
-        (self._run_dir / "owner.pid").write_text(str(os.getpid()))
-        sockets = {"control": str(self._run_dir / "control.sock")}
-        ports = [SerialPort(CONTROL_PORT, sockets["control"])]
+    def _machine_spec(self, run_dir: Path) -> MachineSpec:
+        """The QEMU machine for this VM; every per-VM path lives under ``run_dir``."""
+        ports = [SerialPort(CONTROL_PORT, str(run_dir / "control.sock"))]
         if self.mounts:
-            sockets["fs"] = str(self._run_dir / "fs.sock")
-            ports.append(SerialPort(FS_PORT, sockets["fs"]))
-        if self._net_options is not None:
-            sockets["net"] = str(self._run_dir / "net.sock")
-        for name, path in sockets.items():
-            self._listeners[name] = await anyio.create_unix_listener(path)
-        disk, fmt, readonly, mode = self._prepare_disk()
-        spec = MachineSpec(
+            ports.append(SerialPort(FS_PORT, str(run_dir / "fs.sock")))
+        disk, fmt, readonly, mode = self._disk_layout(run_dir)
+        return MachineSpec(
             kernel=str(self.image.kernel), initrd=str(self.image.initrd), disk=disk, disk_format=fmt,
             disk_readonly=readonly, root_mode=mode, memory_mb=self.memory_mb, cpus=self.cpus,
-            accel=self.accel, ports=tuple(ports), net_socket=sockets.get("net"),
+            accel=self.accel, ports=tuple(ports),
+            net_socket=str(run_dir / "net.sock") if self._net_options is not None else None,
+            qmp_socket=str(run_dir / "qmp.sock"),
             extra_append=" ".join(filter(None, (
                 "gondolin.debug=1 loglevel=6" if os.environ.get("GONDOLIN_GUEST_DEBUG") else "",
                 os.environ.get("GONDOLIN_KERNEL_APPEND", "")))),
         )
+
+    def machine_shape(self) -> MachineShape:
+        """What a saved memory image of this VM depends on (the template key)."""
+        from .templates import (
+            RUN_PLACEHOLDER,
+            MachineShape,
+            device_fingerprint,
+            qemu_version_cached,
+        )
+
+        spec = self._machine_spec(Path(RUN_PLACEHOLDER))
+        return MachineShape(
+            image=self.image.build_id, memory_mb=self.memory_mb, cpus=self.cpus, rootfs=self.rootfs,
+            accel=self.accel, network=self._net_options is not None, fs_port=bool(self.mounts),
+            qemu=qemu_version_cached(find_qemu()),
+            devices=device_fingerprint(spec, RUN_PLACEHOLDER, str(self.image.path)),
+        )
+
+    async def _start(self, *, restore: RestoreSource | None = None, disk: Section | None = None,
+                     save_template: tuple[TemplateStore, MachineShape] | None = None) -> None:
+        t0 = time.monotonic()
+        gc_run_dirs()
+        self._run_dir = Path(tempfile.mkdtemp(prefix=RUN_PREFIX, dir=_run_base()))
+        (self._run_dir / "owner.pid").write_text(str(os.getpid()))
+        spec = self._machine_spec(self._run_dir)
+        sockets = {"control": spec.ports[0].socket_path}
+        if self.mounts:
+            sockets["fs"] = spec.ports[1].socket_path
+        if spec.net_socket:
+            sockets["net"] = spec.net_socket
+        for name, path in sockets.items():
+            self._listeners[name] = await anyio.create_unix_listener(path)
+        await anyio.to_thread.run_sync(self._prepare_disk, restore.disk if restore else disk)
+        if restore is not None:
+            spec = dataclasses.replace(spec, incoming=restore.incoming_uri())
         self._qemu = QemuProcess(build_argv(spec, find_qemu()))
         try:
             self._qemu.start()
@@ -268,15 +350,26 @@ class VM:
         try:
             with anyio.fail_after(self._start_timeout):
                 streams = await self._accept_all()
-                self._channel = Channel(streams["control"], qemu.console_tail, self._wait_qemu_exit)
+                control = streams["control"]
+                first_id = 1
+                if restore is not None:
+                    control = await resync_control(control)
+                    first_id = secrets.randbelow(1 << 30) + (1 << 30)
+                self._channel = Channel(control, qemu.console_tail, self._wait_qemu_exit, first_id=first_id)
                 self._tasks.spawn(self._channel.run())
                 if "net" in streams:
                     await self._start_network(streams["net"])
                 if "fs" in streams:
                     await self._start_vfs(streams["fs"])
-                hello = await self._first_message(T.HELLO)
-                self.guest_boot_ms = int(hello.p.get("boot_ms") or 0)
-                await self._configure()
+                if restore is None:
+                    hello = await self._first_message(T.HELLO)
+                    self.guest_boot_ms = int(hello.p.get("boot_ms") or 0)
+                    if save_template is not None:
+                        await self._configure(base=True)
+                        await self._save_template(*save_template)
+                else:
+                    self.restored_from = restore.kind
+                await self._configure(new_session=restore is not None)
         except TimeoutError:
             raise VMStartError(
                 f"the guest agent did not answer within {self._start_timeout:.0f}s (accelerator {self.accel}); "
@@ -288,7 +381,44 @@ class VM:
         finally:
             await self._close_listeners()
         self.boot_time = time.monotonic() - t0
-        log.debug("vm %s ready in %.3fs (guest agent at %sms uptime)", self.id, self.boot_time, self.guest_boot_ms)
+        log.debug("vm %s ready in %.3fs (%s)", self.id, self.boot_time,
+                  f"restored from a {self.restored_from}" if self.restored_from
+                  else f"guest agent at {self.guest_boot_ms}ms uptime")
+        from .sessions import register_session
+
+        try:
+            self._session = await register_session(self)
+        except OSError as exc:  # only `gondolin list` / `attach` miss it
+            log.warning("could not register the VM in the session registry: %s", exc)
+
+    async def _save_template(self, store: TemplateStore, shape: MachineShape) -> None:
+        """Save this freshly booted, idle VM as its shape's template. A failure only costs speed."""
+        from .snapshot import SnapshotError
+        from .templates import save_template
+
+        assert self._run_dir is not None and self._channel is not None
+        overlay = self._run_dir / "root.qcow2" if self.rootfs == "cow" else None
+        try:
+            await save_template(store, shape, await self._qmp_client(), self._channel.quiesced, overlay)
+        except (SnapshotError, OSError) as exc:
+            log.warning("could not save a warm template (%s); later VMs boot cold", exc)
+
+    async def checkpoint(self, path: str | os.PathLike[str], *, disk_only: bool = False) -> Checkpoint:
+        """Save this VM to the file ``path``: disk and memory (running processes included), or
+        with ``disk_only=True`` the disk alone. The VM keeps running. Resume it with
+        ``await Checkpoint.load(path).resume()``, any number of times; see docs/snapshots.md."""
+        from .checkpoint import save_checkpoint
+
+        self._require_channel()
+        return await save_checkpoint(self, Path(os.fspath(path)), disk_only=disk_only)
+
+    async def _qmp_client(self) -> QmpClient:
+        """The QMP connection to this VM's QEMU (opened on first use)."""
+        async with self._qmp_lock:
+            if self._qmp is None:
+                assert self._run_dir is not None
+                self._qmp = await QmpClient.connect(str(self._run_dir / "qmp.sock"))
+            return self._qmp
 
     async def _close_listeners(self) -> None:
         for listener in self._listeners.values():
@@ -315,22 +445,32 @@ class VM:
 
         self._tasks.spawn(serve_vfs(stream, self.mounts))
 
-    def _prepare_disk(self) -> tuple[str, str, bool, str]:
+    def _disk_layout(self, run_dir: Path) -> tuple[str, str, bool, str]:
+        """(disk path, format, read-only, guest root mode) for this VM's rootfs mode."""
         base = str(self.image.rootfs)
         if self.rootfs == "readonly":
             return base, "raw", True, "ro"
         if self.rootfs == "memory":
             return base, "raw", True, "overlay"
+        return str(run_dir / "root.qcow2"), "qcow2", False, "rw"
+
+    def _prepare_disk(self, saved: Section | None = None) -> None:
+        """Create the cow overlay: empty, or a copy of a saved one (template or checkpoint)."""
+        if self.rootfs != "cow":
+            return
+        assert self._run_dir is not None
+        base = str(self.image.rootfs)
+        overlay = self._run_dir / "root.qcow2"
+        if saved is not None:
+            prepare_restored_disk(saved, overlay, base)
+            return
         qemu_img = shutil.which("qemu-img")
         if not qemu_img:
             raise MissingToolError("qemu-img", "qemu-utils", "create copy-on-write disks")
-        assert self._run_dir is not None
-        overlay = str(self._run_dir / "root.qcow2")
-        proc = subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-F", "raw", "-b", base, overlay],
+        proc = subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-F", "raw", "-b", base, str(overlay)],
                               capture_output=True, text=True)
         if proc.returncode != 0:
             raise VMStartError(f"qemu-img could not create the overlay disk: {proc.stderr.strip()}")
-        return overlay, "qcow2", False, "rw"
 
     async def _wait_qemu_exit(self) -> None:
         if self._qemu is not None:
@@ -372,7 +512,10 @@ class VM:
                 return msg
             log.debug("ignoring unsolicited %s during boot", msg.type_name)
 
-    async def _configure(self) -> None:
+    async def _configure(self, *, base: bool = False, new_session: bool = False) -> None:
+        """Send the guest its configuration: after every boot and every restore (clock, fresh
+        entropy, ...). ``base`` leaves out what is per VM (for a template); ``new_session`` tells
+        a restored agent that the requests of the host that saved it are gone."""
         channel = self._require_channel()
         inbox = channel.open()
         try:
@@ -380,10 +523,13 @@ class VM:
             if self.network is not None:
                 extra["network"] = {"address": f"{GUEST_IP}/24", "gateway": GATEWAY_IP, "dns": GATEWAY_IP}
                 extra["ca_pem"] = self.network.ca.ca_bundle_pem().decode()
-            if self.mounts:
-                extra["mounts"] = sorted(self.mounts)
-            await channel.send_message(T.CONFIGURE, inbox.id, os.urandom(64), clock_ns=time.time_ns(),
-                                       hostname=self.hostname, env=self.env, **extra)
+            if not base:
+                extra.update(hostname=self.hostname, env=self.env)
+                if self.mounts:
+                    extra["mounts"] = sorted(self.mounts)
+            if new_session:
+                extra["new_session"] = True
+            await channel.send_message(T.CONFIGURE, inbox.id, os.urandom(64), clock_ns=time.time_ns(), **extra)
             msg = await inbox.get()
             if msg.t != T.CONFIGURED:
                 raise VMStartError(f"guest rejected its configuration: {msg.p}")
@@ -482,6 +628,10 @@ class VM:
                 return
             self._closed = True
             with anyio.CancelScope(shield=True):
+                if self._session is not None:
+                    self._session.close()
+                if self._qmp is not None:
+                    await self._qmp.aclose()
                 if self._channel is not None:
                     await self._channel.aclose()
                 await self._close_listeners()

@@ -50,6 +50,7 @@ STDIN_WINDOW = 256 * 1024  # bytes of stdin the host may have in flight per exec
 PTY_DRAIN_SECONDS = 0.25  # after the main process exits, how long to drain its output
 PIPE_DRAIN_SECONDS = 0.5  # same for pipes kept open by background children
 RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2]), linux/random.h
+RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07), linux/random.h: reseed the CRNG from the input pool now
 MAX_PATH = 4096
 BOOT_T0 = time.monotonic()
 
@@ -113,6 +114,7 @@ class Exec:
         timeout = p.get("timeout")
         self.deadline = time.monotonic() + float(timeout) if timeout else None
         self.done = False
+        self.orphaned = False  # its host went away (a restore): keep it running, drop its output
 
     # -- start -------------------------------------------------------------
     def start(self, p: dict) -> None:
@@ -213,6 +215,8 @@ class Exec:
             self._close_fd(fd)
             self.maybe_finish()
             return
+        if self.orphaned:
+            return
         self.credit[kind] -= len(data)
         self.agent.send(message(kind, self.id, data))
         if self.credit[kind] <= 0:
@@ -220,6 +224,15 @@ class Exec:
 
     def on_writable(self, fd: int) -> None:
         self.flush_stdin()
+
+    def orphan(self) -> None:
+        """Detach from the host that started us: the process runs on, its output is discarded."""
+        self.orphaned = True
+        self.credit = {T.STDOUT: 1 << 62, T.STDERR: 1 << 62}
+        for fd in self.fds:
+            self.agent.watch_read(fd, self)
+        if self.agent.execs.get(self.id) is self:
+            del self.agent.execs[self.id]
 
     def add_credit(self, p: dict) -> None:
         for key, kind in (("stdout", T.STDOUT), ("stderr", T.STDERR)):
@@ -347,8 +360,11 @@ class Exec:
             code, signame = 128 + sig, sig
         else:
             code, signame = os.WEXITSTATUS(st), None
+        if self.orphaned:
+            return
         self.agent.send(message(T.EXIT, self.id, exit_code=code, signal=signame, timed_out=self.timed_out))
-        self.agent.execs.pop(self.id, None)
+        if self.agent.execs.get(self.id) is self:
+            del self.agent.execs[self.id]
 
 
 class FileRead:
@@ -461,6 +477,8 @@ class Agent:
         self.system_env: dict[str, str] = {}  # set by configure (CA bundle paths, ...)
         self.network_ready = False
         self.ca_mounted = False
+        self.ca_pem = ""
+        self.system_bundle: str | None = None
         self.fuse_proc: subprocess.Popen | None = None
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wake_r = rfd
@@ -731,8 +749,26 @@ class Agent:
             return {"removed": True}
         raise ValueError(f"unknown file op {t}")
 
+    def new_session(self) -> None:
+        """A new host connection after a restore: the previous host's requests are gone. Their
+        processes keep running (output discarded); file transfers in flight are dropped."""
+        for ex in list(self.execs.values()):
+            ex.orphan()
+        for r in list(self.reads.values()):
+            r.close()
+        for w in list(self.writes.values()):
+            self.writes.pop(w.id, None)
+            try:
+                os.close(w.fd)
+            except OSError:
+                pass
+
     def configure(self, id: int, p: dict, entropy: bytes) -> None:
+        """Apply the host's configuration. Sent after every boot and every restore, possibly
+        several times, so each step is idempotent."""
         errors = []
+        if p.get("new_session"):
+            self.new_session()
         if p.get("clock_ns"):
             try:
                 time.clock_settime_ns(time.CLOCK_REALTIME, int(p["clock_ns"]))
@@ -746,6 +782,12 @@ class Agent:
                     fcntl.ioctl(fd, RNDADDENTROPY, info)
                 except OSError:
                     os.write(fd, entropy)  # mixes in without crediting
+                try:
+                    # Without this a restored clone keeps the CRNG state of its template until the
+                    # kernel's next scheduled reseed: two clones would read the same bytes.
+                    fcntl.ioctl(fd, RNDRESEEDCRNG)
+                except OSError as exc:
+                    errors.append(f"entropy reseed: {exc}")
                 finally:
                     os.close(fd)
             except OSError as exc:
@@ -803,16 +845,20 @@ class Agent:
         plus the environment variables common clients read."""
         bundle = "/etc/ssl/certs/ca-certificates.crt"
         ours = "/run/gondolin/ca-bundle.pem"
-        if not self.ca_mounted:
-            try:
-                with open(bundle) as f:
-                    system = f.read()
-            except OSError:
-                system = ""
+        if not self.ca_mounted or pem != self.ca_pem:  # a restored template may meet a new CA
+            if self.system_bundle is None:  # read before our bind mount hides it
+                try:
+                    with open(bundle) as f:
+                        self.system_bundle = f.read()
+                except OSError:
+                    self.system_bundle = ""
+            system = self.system_bundle
             os.makedirs("/run/gondolin", exist_ok=True)
-            with open(ours, "w") as f:
+            with open(ours, "w") as f:  # same inode: the bind mount below shows the new content
                 f.write(system.rstrip("\n") + "\n" + pem.strip() + "\n")
             os.chmod(ours, 0o644)
+            self.ca_pem = pem
+        if not self.ca_mounted:
             if os.path.exists(bundle):
                 libc = ctypes.CDLL(None, use_errno=True)
                 if libc.mount(ours.encode(), bundle.encode(), None, 4096, None) != 0:  # MS_BIND

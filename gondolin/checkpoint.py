@@ -1,0 +1,411 @@
+"""Checkpoints: one file holding a VM's disk and (unless disk-only) its memory, resumable any
+number of times, each time into a new, independent VM.
+
+File layout (integers big-endian)::
+
+    0       16  MAGIC
+    16       4  header length N
+    20       4  CRC-32 of the header
+    24       N  header: UTF-8 JSON (format, kind, created, image, shape, options, sections)
+    ...         zero padding up to HEADER_SPACE
+    HEADER_SPACE  memory section: a QEMU migration stream ("full" checkpoints only)
+    (aligned)     disk section: the qcow2 overlay, backed by the image's root disk ("cow" only)
+
+Each section records its offset, size and CRC-32. :func:`decode_header` is pure (bytes in, a
+:class:`CheckpointHeader` or a :class:`CheckpointError` out); loading checks the header and the
+file size, resuming checks every section's CRC before it returns the VM. A resume only reads
+the file: the disk section is copied into the new VM's run directory, and QEMU reads the memory
+section through ``dd``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import struct
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import anyio
+
+from ._log import get_logger
+from .errors import GondolinError, ImageError
+from .images.store import cache_root
+from .snapshot import RestoreSource, Section, SnapshotError, pause_and_copy, save_running_vm
+from .templates import MachineShape
+
+if TYPE_CHECKING:
+    from .vm import VM
+
+log = get_logger("vm")
+MAGIC = b"\x89GONDOLIN-CKPT\r\n"
+CHECKPOINT_FORMAT = 1
+HEADER_SPACE = 64 * 1024  # the header must fit; sections start here
+ALIGN = 4096
+_PREFIX = struct.Struct(">II")  # header length, header CRC-32
+SUFFIX = ".ckpt"
+CRC_CHUNK = 4 << 20
+Kind = Literal["full", "disk"]
+
+
+class CheckpointError(GondolinError):
+    """A checkpoint file is unreadable, corrupt, truncated, or does not fit this host."""
+
+    code = "checkpoint_error"
+
+
+@dataclass(frozen=True)
+class SectionInfo:
+    offset: int
+    size: int
+    crc32: int
+
+
+@dataclass(frozen=True)
+class SavedOptions:
+    """The VM options a resume reuses unless the caller overrides them."""
+
+    hostname: str = "gondolin"
+    label: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    network: bool = True
+    dns: str = "synthetic"
+    tcp_hosts: dict[str, str] = field(default_factory=dict)
+    mounts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CheckpointHeader:
+    kind: Kind
+    created: float
+    image: str  # build id
+    kernel_version: str
+    shape: MachineShape
+    options: SavedOptions
+    sections: dict[str, SectionInfo]
+    vm_id: str = ""
+
+    def end(self) -> int:
+        """The file size the sections need."""
+        return max([HEADER_SPACE] + [s.offset + s.size for s in self.sections.values()])
+
+
+def align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def encode_header(header: CheckpointHeader) -> bytes:
+    """The first HEADER_SPACE bytes of a checkpoint file."""
+    body = {
+        "format": CHECKPOINT_FORMAT, "kind": header.kind, "created": header.created, "vm_id": header.vm_id,
+        "image": {"build_id": header.image, "kernel_version": header.kernel_version},
+        "shape": header.shape.to_dict(),
+        "options": {**asdict(header.options), "mounts": list(header.options.mounts)},
+        "sections": {name: asdict(s) for name, s in header.sections.items()},
+    }
+    data = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    blob = MAGIC + _PREFIX.pack(len(data), zlib.crc32(data)) + data
+    if len(blob) > HEADER_SPACE:
+        raise CheckpointError(f"checkpoint header of {len(blob)} bytes does not fit in {HEADER_SPACE} (huge env?)")
+    return blob + bytes(HEADER_SPACE - len(blob))
+
+
+def decode_header(head: bytes, file_size: int) -> CheckpointHeader:
+    """Parse and check a header; ``file_size`` catches truncated files."""
+    if len(head) < len(MAGIC) or not head.startswith(MAGIC):
+        raise CheckpointError("not a gondolin checkpoint (bad magic bytes)", code="not_a_checkpoint")
+    start = len(MAGIC) + _PREFIX.size
+    if len(head) < start:
+        raise CheckpointError("checkpoint is truncated inside its header", code="checkpoint_truncated")
+    length, crc = _PREFIX.unpack_from(head, len(MAGIC))
+    if length > HEADER_SPACE - start:
+        raise CheckpointError(f"checkpoint header claims {length} bytes", code="checkpoint_corrupt")
+    if len(head) < start + length:
+        raise CheckpointError("checkpoint is truncated inside its header", code="checkpoint_truncated")
+    data = head[start:start + length]
+    if zlib.crc32(data) != crc:
+        raise CheckpointError("checkpoint header is corrupt (CRC mismatch)", code="checkpoint_corrupt")
+    try:
+        body = json.loads(data)
+        if not isinstance(body, dict):
+            raise ValueError("header is not an object")
+        if body.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(
+                f"checkpoint format {body.get('format')!r} is not supported by this gondolin "
+                f"(it reads format {CHECKPOINT_FORMAT})", code="checkpoint_format")
+        kind = body["kind"]
+        if kind not in ("full", "disk"):
+            raise ValueError(f"unknown kind {kind!r}")
+        opts = body.get("options") or {}
+        options = SavedOptions(
+            hostname=str(opts.get("hostname") or "gondolin"),
+            label=str(opts["label"]) if opts.get("label") is not None else None,
+            env={str(k): str(v) for k, v in dict(opts.get("env") or {}).items()},
+            network=bool(opts.get("network", True)), dns=str(opts.get("dns") or "synthetic"),
+            tcp_hosts={str(k): str(v) for k, v in dict(opts.get("tcp_hosts") or {}).items()},
+            mounts=tuple(str(m) for m in opts.get("mounts") or ()),
+        )
+        sections = {}
+        for name, raw in dict(body.get("sections") or {}).items():
+            sec = SectionInfo(int(raw["offset"]), int(raw["size"]), int(raw["crc32"]))
+            if sec.offset < HEADER_SPACE or sec.size < 0:
+                raise ValueError(f"section {name} at {sec.offset}")
+            sections[str(name)] = sec
+        if kind == "full" and "memory" not in sections:
+            raise ValueError("a full checkpoint without a memory section")
+        if kind == "disk" and "disk" not in sections:
+            raise ValueError("a disk checkpoint without a disk section")
+        image = body["image"]
+        header = CheckpointHeader(
+            kind=kind, created=float(body["created"]), image=str(image["build_id"]),
+            kernel_version=str(image.get("kernel_version") or ""), shape=MachineShape.from_dict(body["shape"]),
+            options=options, sections=sections, vm_id=str(body.get("vm_id") or ""),
+        )
+    except CheckpointError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"checkpoint header is malformed: {exc}", code="checkpoint_corrupt") from None
+    if file_size < header.end():
+        raise CheckpointError(
+            f"checkpoint is truncated: {file_size} bytes, its sections need {header.end()}",
+            code="checkpoint_truncated")
+    return header
+
+
+def section_crc(path: Path, sec: SectionInfo) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        done = 0
+        while done < sec.size:
+            data = os.pread(f.fileno(), min(CRC_CHUNK, sec.size - done), sec.offset + done)
+            if not data:
+                break
+            crc = zlib.crc32(data, crc)
+            done += len(data)
+    return crc
+
+
+def default_dir() -> Path:
+    return Path(os.environ.get("GONDOLIN_CHECKPOINT_DIR") or cache_root() / "checkpoints")
+
+
+class Checkpoint:
+    """A saved VM. ``Checkpoint.load(path)`` reads and checks the header; :meth:`resume` starts
+    a new VM from it (the file is only read)."""
+
+    def __init__(self, path: Path, header: CheckpointHeader) -> None:
+        self.path = path
+        self.header = header
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Checkpoint:
+        p = Path(os.fspath(path)).absolute()
+        try:
+            with open(p, "rb") as f:
+                head = f.read(HEADER_SPACE)
+                size = os.fstat(f.fileno()).st_size
+        except FileNotFoundError:
+            raise CheckpointError(f"no checkpoint at {p}", code="checkpoint_missing") from None
+        except OSError as exc:
+            raise CheckpointError(f"cannot read checkpoint {p}: {exc}") from exc
+        try:
+            return cls(p, decode_header(head, size))
+        except CheckpointError as exc:
+            raise CheckpointError(f"{p}: {exc.message}", code=exc.code) from None
+
+    # -- what it holds ---------------------------------------------------------------
+    @property
+    def kind(self) -> Kind:
+        return self.header.kind
+
+    @property
+    def created(self) -> float:
+        return self.header.created
+
+    @property
+    def image_id(self) -> str:
+        return self.header.image
+
+    @property
+    def shape(self) -> MachineShape:
+        return self.header.shape
+
+    @property
+    def label(self) -> str | None:
+        return self.header.options.label
+
+    @property
+    def size(self) -> int:
+        return self.path.stat().st_size
+
+    def verify(self) -> None:
+        """Check every section's CRC-32 (reads the whole file)."""
+        for name, sec in self.header.sections.items():
+            if section_crc(self.path, sec) != sec.crc32:
+                raise CheckpointError(f"{self.path}: the {name} section is corrupt (CRC mismatch)",
+                                      code="checkpoint_corrupt")
+
+    def __repr__(self) -> str:
+        return f"<Checkpoint {self.path.name} {self.kind} image={self.image_id[:12]} {self.shape.memory_mb}MiB>"
+
+    # -- resuming --------------------------------------------------------------------
+    async def resume(
+        self,
+        *,
+        label: str | None = None,
+        env: dict[str, str] | None = None,
+        hostname: str | None = None,
+        http_hooks: Any = None,
+        mounts: dict[str, Any] | None = None,
+        image: str | None = None,
+        start_timeout: float | None = None,
+        memory: int | str | None = None,
+        cpus: int | None = None,
+    ) -> VM:
+        """Start a new VM from this checkpoint. A full checkpoint resumes with its processes
+        running; a disk-only one boots with its disk (``memory``/``cpus`` may then change).
+
+        Network policy (``http_hooks``) and mount providers (``mounts``, same guest paths as when
+        saved) are live host objects, so they are passed again; everything else is reused."""
+        from .images import ImageStore
+        from .vm import VM
+
+        h = self.header
+        try:
+            img = await anyio.to_thread.run_sync(ImageStore().resolve, h.image)
+        except ImageError:
+            raise CheckpointError(
+                f"{self.path.name} needs guest image {h.image} (kernel {h.kernel_version}), which is not in the "
+                "image store any more; rebuild or restore that image to resume it", code="checkpoint_image") from None
+        if image is not None:
+            wanted = await anyio.to_thread.run_sync(ImageStore().resolve, image)
+            if wanted.build_id != img.build_id:
+                raise CheckpointError(
+                    f"{self.path.name} was saved from image {h.image}; it cannot resume on image "
+                    f"{wanted.build_id} ({image!r})", code="checkpoint_image")
+        o = h.options
+        full = h.kind == "full"
+        if full and (memory is not None or cpus is not None):
+            raise ValueError("memory and cpus are fixed by a full checkpoint (they are part of its saved state)")
+        make = await VM._factory(
+            memory=memory if memory is not None else h.shape.memory_mb,
+            cpus=cpus if cpus is not None else h.shape.cpus, rootfs=h.shape.rootfs,  # type: ignore[arg-type]
+            image=img.build_id, hostname=hostname or o.hostname, env=env if env is not None else o.env,
+            label=label if label is not None else o.label, accel=h.shape.accel, network=o.network, dns=o.dns,
+            tcp_hosts=o.tcp_hosts or None, http_hooks=http_hooks, mounts=mounts, start_timeout=start_timeout)
+        vm = make()
+        disk = h.sections.get("disk")
+        disk_section = Section(self.path, disk.offset, disk.size) if disk else None
+        if not full:
+            await anyio.to_thread.run_sync(self.verify)
+            await vm._launch(disk=disk_section)
+            return vm
+        here = vm.machine_shape()
+        if here != h.shape:
+            raise CheckpointError(
+                f"{self.path.name} cannot resume on this host as configured: " + "; ".join(here.differences(h.shape))
+                + (" (pass mounts= with the same guest paths as when it was saved)"
+                   if here.fs_port != h.shape.fs_port else ""), code="checkpoint_incompatible")
+        mem = h.sections["memory"]
+        source = RestoreSource("checkpoint", Section(self.path, mem.offset, mem.size), disk_section)
+        failure: list[BaseException] = []
+
+        async def check() -> None:
+            try:
+                await anyio.to_thread.run_sync(self.verify)
+            except CheckpointError as exc:
+                failure.append(exc)
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(check)
+                await vm._launch(restore=source)
+        except SnapshotError as exc:
+            raise CheckpointError(f"{self.path.name} could not be resumed: {exc.message}") from exc
+        if failure:
+            with anyio.CancelScope(shield=True):
+                await vm.close()
+            raise failure[0]
+        return vm
+
+
+def list_checkpoints(directory: Path | None = None) -> list[Checkpoint]:
+    """Readable checkpoints in ``directory`` (default: the cache's checkpoints folder), newest first."""
+    root = directory or default_dir()
+    out = []
+    if root.is_dir():
+        for p in root.glob(f"*{SUFFIX}"):
+            with contextlib.suppress(CheckpointError):
+                out.append(Checkpoint.load(p))
+    out.sort(key=lambda c: c.created, reverse=True)
+    return out
+
+
+# -- saving --------------------------------------------------------------------------------
+async def save_checkpoint(vm: VM, path: Path, *, disk_only: bool = False) -> Checkpoint:
+    """Write ``vm`` to ``path`` (atomically: a partial file never has the final name)."""
+    if disk_only and vm.rootfs != "cow":
+        raise CheckpointError(f"a disk-only checkpoint needs rootfs='cow' (this VM's root disk is {vm.rootfs!r}: "
+                              "its writes live in memory); take a full checkpoint instead")
+    path = path.absolute()
+    if not path.parent.is_dir():
+        raise CheckpointError(f"cannot save a checkpoint in {path.parent}: no such directory")
+    assert vm._run_dir is not None
+    overlay = vm._run_dir / "root.qcow2" if vm.rootfs == "cow" else None
+    tmp = path.with_name(f".{path.name}.{os.urandom(3).hex()}.partial")
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    sections: dict[str, SectionInfo] = {}
+    try:
+        os.pwrite(fd, bytes(HEADER_SPACE), 0)
+
+        def copy_disk(at: int) -> None:
+            assert overlay is not None
+            from .snapshot import append_file
+
+            size = append_file(overlay, fd, at)
+            sections["disk"] = SectionInfo(at, size, 0)
+
+        async with vm._snapshot_lock:
+            qmp = await vm._qmp_client()
+            if disk_only:
+                await vm.exec(["sync"], timeout=60)
+                await pause_and_copy(qmp, lambda: anyio.to_thread.run_sync(copy_disk, HEADER_SPACE))
+            else:
+                async def after_stop() -> None:
+                    mem_size = os.fstat(fd).st_size - HEADER_SPACE
+                    sections["memory"] = SectionInfo(HEADER_SPACE, mem_size, 0)
+                    if overlay is not None:
+                        await anyio.to_thread.run_sync(copy_disk, align(HEADER_SPACE + mem_size))
+
+                assert vm._channel is not None
+                await save_running_vm(qmp, vm._channel.quiesced, f"cat >> {shlex.quote(str(tmp))}", tmp, after_stop)
+
+        def finish() -> CheckpointHeader:
+            for name, sec in list(sections.items()):
+                sections[name] = SectionInfo(sec.offset, sec.size, section_crc(tmp, sec))
+            net = vm._net_options
+            header = CheckpointHeader(
+                kind="disk" if disk_only else "full", created=time.time(), image=vm.image.build_id,
+                kernel_version=vm.image.kernel_version, shape=vm.machine_shape(), vm_id=vm.id,
+                options=SavedOptions(hostname=vm.hostname, label=vm.label, env=dict(vm.env), network=net is not None,
+                                     dns=net.dns if net else "synthetic", tcp_hosts=dict(net.tcp_hosts) if net else {},
+                                     mounts=tuple(sorted(vm.mounts))),
+                sections=dict(sections))
+            os.pwrite(fd, encode_header(header), 0)
+            os.replace(tmp, path)
+            return header
+
+        header = await anyio.to_thread.run_sync(finish)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    finally:
+        os.close(fd)
+    log.debug("checkpoint %s: %s, %d bytes", path, header.kind, path.stat().st_size)
+    return Checkpoint(path, header)

@@ -1,0 +1,345 @@
+"""Warm templates: a booted, idle guest saved once per image and machine shape, restored
+instead of booted by every later :meth:`VM.create` of the same shape.
+
+Layout under ``$XDG_CACHE_HOME/gondolin/templates``::
+
+    <key>/template.json   the shape it was saved for, sizes, when
+          memory.bin      RAM and device state (a QEMU migration stream)
+          root.qcow2      the disk overlay at that moment (rootfs="cow" only)
+    .lock-<key>           held while one process boots and saves that template
+
+The key is a hash of the :class:`MachineShape`: image build id, memory, vCPUs, root disk mode,
+accelerator, QEMU version and a fingerprint of the QEMU command line with per-VM paths taken
+out (so any change to the device set, the kernel command line or the machine type is a new key).
+A template whose recorded shape, format or files do not match is deleted, never used; one that
+QEMU refuses to load is deleted too and the VM boots cold, which saves a fresh one.
+
+Templates are never written after they are saved: each restored VM copies the small overlay to
+its own run directory (see docs/snapshots.md for why a copy rather than a backing chain).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from ._log import get_logger
+from .errors import VMStartError
+from .images.store import cache_root
+from .qemu.argv import MachineSpec, build_argv
+from .qemu.qmp import QmpClient
+from .snapshot import RestoreSource, Section, SnapshotError, save_running_vm
+
+if TYPE_CHECKING:
+    from .vm import VM
+
+log = get_logger("vm")
+TEMPLATE_FORMAT = 1  # bump when what a template holds or how it is taken changes
+MAX_TEMPLATES = 8  # kept on disk; the least recently used go first
+LOCK_POLL = 0.05  # seconds between attempts to take another builder's lock
+META = "template.json"
+MEMORY = "memory.bin"
+DISK = "root.qcow2"
+RUN_PLACEHOLDER = "/@run"
+IMAGE_PLACEHOLDER = "/@image"
+
+
+@dataclass(frozen=True)
+class MachineShape:
+    """Everything a saved memory image depends on. Equal shapes can share a template."""
+
+    image: str  # image build id
+    memory_mb: int
+    cpus: int
+    rootfs: str
+    accel: str
+    network: bool
+    fs_port: bool
+    qemu: str  # `qemu-system-x86_64 --version`, first line
+    devices: str  # fingerprint of the QEMU command line (see device_fingerprint)
+
+    def key(self) -> str:
+        blob = json.dumps({"format": TEMPLATE_FORMAT, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> MachineShape:
+        if not isinstance(data, dict):
+            raise ValueError("machine shape is not an object")
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in data:
+                raise ValueError(f"machine shape lacks {f.name!r}")
+            value = data[f.name]
+            want = {"int": int, "bool": bool, "str": str}[str(f.type)]
+            if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+                raise ValueError(f"machine shape field {f.name!r} has the wrong type")
+            kwargs[f.name] = value
+        return cls(**kwargs)
+
+    def differences(self, other: MachineShape) -> list[str]:
+        """Human-readable list of what differs (for refusals)."""
+        out = []
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if a != b:
+                out.append(f"{f.name}: {a!r} != {b!r}" if f.name != "devices" else "QEMU device set differs")
+        return out
+
+    def describe(self) -> str:
+        return (f"image {self.image[:12]}, {self.memory_mb} MiB, {self.cpus} vCPU, rootfs {self.rootfs}, "
+                f"{self.accel}, network {'on' if self.network else 'off'}, mounts {'on' if self.fs_port else 'off'}")
+
+
+def device_fingerprint(spec: MachineSpec, run_dir: str, image_dir: str) -> str:
+    """Hash of the QEMU command line with the per-VM run directory and the image directory
+    replaced by placeholders, and without the restore source."""
+    argv = build_argv(replace(spec, incoming=None), "qemu")
+    normalized = [a.replace(run_dir, RUN_PLACEHOLDER).replace(image_dir, IMAGE_PLACEHOLDER) for a in argv]
+    return hashlib.sha256("\0".join(normalized).encode()).hexdigest()[:24]
+
+
+@functools.lru_cache(maxsize=8)
+def _qemu_version(path: str, mtime_ns: int) -> str:
+    from .qemu.accel import qemu_version
+
+    return qemu_version(path)
+
+
+def qemu_version_cached(path: str) -> str:
+    """QEMU's version string, asked once per binary (it costs a process start)."""
+    try:
+        mtime = os.stat(path).st_mtime_ns
+    except OSError:
+        mtime = 0
+    return _qemu_version(path, mtime)
+
+
+@dataclass(frozen=True)
+class Template:
+    path: Path
+    shape: MachineShape
+    created: float
+    memory_size: int
+    has_disk: bool
+
+    @property
+    def key(self) -> str:
+        return self.path.name
+
+    def source(self) -> RestoreSource:
+        disk = Section(self.path / DISK) if self.has_disk else None
+        return RestoreSource("template", Section(self.path / MEMORY), disk)
+
+    @property
+    def size(self) -> int:
+        disk = (self.path / DISK).stat().st_size if self.has_disk else 0
+        return self.memory_size + disk
+
+
+class TemplateStore:
+    def __init__(self, root: Path | None = None) -> None:
+        env = os.environ.get("GONDOLIN_TEMPLATE_DIR")
+        self.root = Path(root or env or cache_root() / "templates")
+
+    def path(self, shape: MachineShape) -> Path:
+        return self.root / shape.key()
+
+    # -- reading -----------------------------------------------------------------------
+    def _load(self, path: Path) -> Template:
+        """Read and check one template directory; raises ValueError/OSError when unusable."""
+        meta = json.loads((path / META).read_text())
+        if not isinstance(meta, dict) or meta.get("format") != TEMPLATE_FORMAT:
+            raise ValueError(f"template format {meta.get('format') if isinstance(meta, dict) else '?'}")
+        shape = MachineShape.from_dict(meta.get("shape"))
+        if shape.key() != path.name:
+            raise ValueError("template directory name does not match its shape")
+        size = (path / MEMORY).stat().st_size
+        if size != meta.get("memory_size") or size == 0:
+            raise ValueError(f"memory image is {size} bytes, expected {meta.get('memory_size')}")
+        has_disk = bool(meta.get("disk"))
+        if has_disk and not (path / DISK).is_file():
+            raise ValueError("disk overlay missing")
+        return Template(path, shape, float(meta.get("created") or 0), size, has_disk)
+
+    def lookup(self, shape: MachineShape) -> Template | None:
+        """The usable template for ``shape``; a broken or mismatched one is deleted."""
+        path = self.path(shape)
+        if not path.is_dir():
+            return None
+        try:
+            tpl = self._load(path)
+            if tpl.shape != shape:
+                raise ValueError("; ".join(tpl.shape.differences(shape)))
+        except (OSError, ValueError) as exc:
+            log.warning("discarding template %s: %s", path.name, exc)
+            self.remove(path.name)
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(path / META)  # least recently used goes first in prune()
+        return tpl
+
+    def templates(self) -> list[Template]:
+        out = []
+        if self.root.is_dir():
+            for p in sorted(self.root.iterdir()):
+                if p.is_dir() and not p.name.startswith("."):
+                    try:
+                        out.append(self._load(p))
+                    except (OSError, ValueError):
+                        continue
+        return out
+
+    # -- writing -----------------------------------------------------------------------
+    def staging(self, shape: MachineShape) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        staging = self.root / f".staging-{shape.key()}-{os.getpid()}-{os.urandom(3).hex()}"
+        staging.mkdir(mode=0o700)
+        return staging
+
+    def commit(self, staging: Path, shape: MachineShape, memory_size: int, has_disk: bool) -> Template:
+        meta = {"format": TEMPLATE_FORMAT, "shape": shape.to_dict(), "created": time.time(),
+                "memory_size": memory_size, "disk": has_disk}
+        (staging / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        dest = self.path(shape)
+        if dest.exists():  # a stale one (the lock holder decided to rebuild it)
+            self.remove(dest.name)
+        try:
+            os.rename(staging, dest)
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return self._load(dest)
+
+    def remove(self, key: str) -> bool:
+        path = self.root / key
+        if not path.exists():
+            return False
+        # Rename first so a concurrent reader never sees a half-deleted template.
+        doomed = self.root / f".removing-{key}-{os.urandom(3).hex()}"
+        try:
+            os.rename(path, doomed)
+        except OSError:
+            return False
+        shutil.rmtree(doomed, ignore_errors=True)
+        return True
+
+    def prune(self, keep: int = MAX_TEMPLATES, known_images: set[str] | None = None) -> list[str]:
+        """Delete templates of images no longer in the store, then the least recently used
+        beyond ``keep``, and staging leftovers of dead processes. Returns the removed keys."""
+        removed = []
+        templates = self.templates()
+        if known_images is not None:
+            for t in templates:
+                if t.shape.image not in known_images and self.remove(t.key):
+                    removed.append(t.key)
+            templates = [t for t in templates if t.key not in removed]
+
+        def last_used(t: Template) -> float:
+            try:
+                return (t.path / META).stat().st_mtime
+            except OSError:
+                return 0.0
+
+        for t in sorted(templates, key=last_used, reverse=True)[keep:]:
+            if self.remove(t.key):
+                removed.append(t.key)
+        if self.root.is_dir():
+            for p in self.root.iterdir():
+                if p.name.startswith((".staging-", ".removing-")) and time.time() - p.stat().st_mtime > 600:
+                    shutil.rmtree(p, ignore_errors=True)
+        return removed
+
+    # -- one builder per shape ---------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def build_lock(self, shape: MachineShape) -> AsyncIterator[None]:
+        """Hold the lock for building ``shape``'s template; waits while another task or process
+        holds it (flock: released by the kernel if the holder dies)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / f".lock-{shape.key()}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await anyio.sleep(LOCK_POLL)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+
+def memory_command(path: Path) -> str:
+    """The shell command QEMU pipes the migration stream into."""
+    return f"cat > {shlex.quote(str(path))}"
+
+
+async def save_template(store: TemplateStore, shape: MachineShape, qmp: QmpClient,
+                        quiesce: Callable[[], Any], overlay: Path | None) -> Template:
+    """Save the running VM (booted and idle) as the template for ``shape``."""
+    staging = store.staging(shape)
+    try:
+        memory = staging / MEMORY
+
+        async def copy_disk() -> None:
+            if overlay is not None:
+                await anyio.to_thread.run_sync(shutil.copyfile, overlay, staging / DISK)
+
+        stats = await save_running_vm(qmp, quiesce, memory_command(memory), memory, copy_disk)
+        template = store.commit(staging, shape, stats.memory_bytes, overlay is not None)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.debug("saved template %s (%s) in %.2fs, %d MB", template.key, shape.describe(), stats.seconds,
+              stats.memory_bytes >> 20)
+    with contextlib.suppress(OSError):
+        from .images import ImageStore
+
+        store.prune(known_images={i.build_id for i in ImageStore().images()})
+    return template
+
+
+async def create_warm(make: Callable[[], VM]) -> VM:
+    """Start a VM from its shape's template; boot cold and save the template when there is none
+    (one builder per shape: concurrent callers wait for it, then restore)."""
+    store = TemplateStore()
+    vm = make()
+    shape = vm.machine_shape()
+    template = store.lookup(shape)
+    if template is None:
+        async with store.build_lock(shape):
+            template = store.lookup(shape)
+            if template is None:
+                await vm._launch(save_template=(store, shape))
+                return vm
+    try:
+        await vm._launch(restore=template.source())
+        return vm
+    except (VMStartError, SnapshotError) as exc:
+        if exc.code == "vm_start_timeout":
+            raise  # a slow host, not a bad template
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        log.warning("template %s could not be restored (%s); booting cold and saving a new one", template.key,
+                    first)
+        store.remove(template.key)
+    vm = make()
+    async with store.build_lock(shape):
+        again = store.lookup(shape)
+        await vm._launch(save_template=None if again is not None else (store, shape))
+    return vm
