@@ -1,7 +1,8 @@
 """Run in a fresh process: host RSS before and after creating N idle VMs. Prints one JSON line.
 
 ``python -m benchmarks._memprobe N [IMAGE]``. QEMU's own memory is reported apart (``qemu_rss``): the
-goal is about what the Python host process spends per VM besides QEMU.
+goal is about what the Python host process spends per VM besides QEMU. The VMs have the default
+options (cow disk, network on) but boot cold, so no warm-start template is saved meanwhile.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ async def probe(n: int, image: str = "default") -> dict[str, object]:
     from gondolin import VM
     from gondolin.images import ImageStore, ensure_image
 
+    from ._raw import cold_kwargs
+
     # One-time work that is no VM's cost: resolving the image (and anyio's worker thread).
     await anyio.to_thread.run_sync(ensure_image, image, ImageStore())
     gc.collect()
@@ -34,7 +37,7 @@ async def probe(n: int, image: str = "default") -> dict[str, object]:
     vms: list[VM] = []
 
     async def create() -> None:
-        vms.append(await VM.create(image=image))
+        vms.append(await VM.create(image=image, **cold_kwargs()))
 
     try:
         async with anyio.create_task_group() as tg:

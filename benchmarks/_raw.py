@@ -8,12 +8,14 @@ runs one command at a time for baselines that need the guest to do something (a 
 
 from __future__ import annotations
 
+import inspect
 import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 from anyio.abc import ByteStream, SocketListener
@@ -22,10 +24,15 @@ from gondolin.images import Image
 from gondolin.protocol import FrameDecoder, Message, T, message
 from gondolin.qemu.argv import MachineSpec, SerialPort, build_argv
 from gondolin.qemu.process import QemuProcess, find_qemu
-from gondolin.vm import CONTROL_PORT
+from gondolin.vm import CONTROL_PORT, VM
 
 READ_SIZE = 1 << 20
 MAX_OUTPUT = 1 << 20  # a baseline command's stdout/stderr kept, in bytes
+
+
+def cold_kwargs() -> dict[str, Any]:
+    """VM.create options that force a cold boot (no restore from a warm-start template)."""
+    return {"warm": False} if "warm" in inspect.signature(VM.create).parameters else {}
 
 
 class RawBootError(RuntimeError):
