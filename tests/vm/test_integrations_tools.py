@@ -373,7 +373,7 @@ async def test_checkpoints_or_a_clear_not_supported(legacy, sandbox_id, manager)
 
 # -- lifetime --------------------------------------------------------------------------------------
 async def test_idle_sandboxes_are_reaped(legacy, manager, clock):
-    created, text = await call(legacy, "sandbox_create", name="short", network="offline", ttl_s=10)
+    created, text = await call(legacy, "sandbox_create", name="short", ttl_s=10)
     assert created.is_error is False, text
     short_id = created.structured_content["sandbox_id"]
     vm = manager.get(short_id).vm
