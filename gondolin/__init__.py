@@ -5,6 +5,7 @@
         print(result.stdout)
 """
 
+from .checkpoint import Checkpoint, CheckpointError
 from .errors import (
     ExecTimeout,
     GondolinError,
@@ -18,10 +19,13 @@ from .errors import (
 )
 from .exec import ExecProcess, ExecResult, OutputChunk
 from .fs import DirEntry, FileStat
+from .pool import VMPool
 from .vm import VM
 
 __all__ = [
     "VM",
+    "Checkpoint",
+    "CheckpointError",
     "DirEntry",
     "ExecProcess",
     "ExecResult",
@@ -35,5 +39,6 @@ __all__ = [
     "ProtocolError",
     "VMClosedError",
     "VMDiedError",
+    "VMPool",
     "VMStartError",
 ]
