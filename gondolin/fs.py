@@ -21,6 +21,7 @@ from .errors import GondolinError, GuestFileError, ProtocolError
 from .protocol import DATA_CHUNK, DEFAULT_WINDOW, Message, T
 
 if TYPE_CHECKING:
+    from .vfs.direct import DirectFS
     from .vm import VM
 
 log = get_logger("fs")
@@ -88,6 +89,15 @@ class GuestFS:
     def __init__(self, vm: VM) -> None:
         self._vm = vm
 
+    def _direct(self, path: str) -> DirectFS | None:
+        """The host-side route when ``path`` lies on a mount: straight to its provider."""
+        if not getattr(self._vm, "mounts", None):
+            return None
+        from .vfs.direct import DirectFS
+
+        direct = DirectFS(self._vm.mounts, self, self._vm._vfs_root, self._vm._vfs_invalidate)
+        return direct if direct.handles(path) else None
+
     async def _request(self, t: int, err_path: str | None, **p: Any) -> dict[str, Any]:
         channel = self._vm._require_channel()
         inbox = channel.open()
@@ -104,6 +114,8 @@ class GuestFS:
     # -- metadata ------------------------------------------------------------
     async def stat(self, path: str, *, follow_symlinks: bool = True) -> FileStat:
         path = _check_path(path)
+        if (direct := self._direct(path)) is not None:
+            return await direct.stat(path, follow_symlinks=follow_symlinks)
         p = await self._request(T.STAT, path, path=path, follow=follow_symlinks)
         return FileStat(**{k: int(p[k]) for k in FileStat.__dataclass_fields__})
 
@@ -121,15 +133,21 @@ class GuestFS:
 
     async def scandir(self, path: str) -> list[DirEntry]:
         path = _check_path(path)
+        if (direct := self._direct(path)) is not None:
+            return await direct.scandir(path)
         p = await self._request(T.LISTDIR, path, path=path)
         return [DirEntry(str(name), str(kind)) for name, kind in p.get("entries", [])]
 
     async def mkdir(self, path: str, *, parents: bool = True, exist_ok: bool = True, mode: int = 0o755) -> None:
         path = _check_path(path)
+        if (direct := self._direct(path)) is not None:
+            return await direct.mkdir(path, parents=parents, exist_ok=exist_ok, mode=mode)
         await self._request(T.MKDIR, path, path=path, parents=parents, exist_ok=exist_ok, mode=mode)
 
     async def rename(self, src: str, dst: str) -> None:
         src, dst = _check_path(src), _check_path(dst)
+        if (direct := self._direct(src) or self._direct(dst)) is not None:
+            return await direct.rename(src, dst)
         await self._request(T.RENAME, src, src=src, dst=dst)
 
     async def remove(self, path: str, *, recursive: bool = False, force: bool = False) -> bool:
@@ -138,6 +156,8 @@ class GuestFS:
         path = _check_path(path)
         if recursive and path == "/":
             raise ValueError("refusing to remove / recursively")
+        if (direct := self._direct(path)) is not None:
+            return await direct.remove(path, recursive=recursive, force=force)
         p = await self._request(T.REMOVE, path, path=path, recursive=recursive, force=force)
         return bool(p.get("removed", True))
 
@@ -146,6 +166,8 @@ class GuestFS:
                         chunk_size: int = DATA_CHUNK) -> AsyncIterator[bytes]:
         """Stream a guest file in chunks. The guest reads ahead at most one window."""
         path = _check_path(path)
+        if (direct := self._direct(path)) is not None:
+            return await direct.open_read(path, offset=offset, length=length, chunk_size=chunk_size)
         channel = self._vm._require_channel()
         inbox = channel.open()
         window = DEFAULT_WINDOW
@@ -203,6 +225,8 @@ class GuestFS:
         """Write (or append to) a guest file from bytes, str, or a (async) iterable of bytes.
         Returns the number of bytes written."""
         path = _check_path(path)
+        if (direct := self._direct(path)) is not None:
+            return await direct.write(path, data, mode=mode, append=append, parents=parents, user=user)
         channel = self._vm._require_channel()
         inbox = channel.open()
         try:

@@ -171,6 +171,7 @@ class VM:
         self.network: Network | None = None
         self.mounts: dict[str, Any] = dict(mounts or {})
         self._vfs_stream: Any = None
+        self._vfs: Any = None  # gondolin.vfs.port.VfsServer while the fs port is served
         self.boot_time: float | None = None
         self.guest_boot_ms: int | None = None
         self.created = time.time()
@@ -441,9 +442,19 @@ class VM:
         self._tasks.spawn(driver.run(stream))
 
     async def _start_vfs(self, stream: Any) -> None:
-        from .vfs.port import serve_vfs
+        from .vfs.port import VfsServer
 
-        self._tasks.spawn(serve_vfs(stream, self.mounts))
+        self._vfs = VfsServer(self.mounts)
+        self._tasks.spawn(self._vfs.serve(stream))
+
+    def _vfs_root(self) -> Any:
+        """The provider tree the guest's mounts see (``vm.fs`` uses it for mounted paths)."""
+        return self._vfs.root if self._vfs is not None else None
+
+    def _vfs_invalidate(self, path: str) -> None:
+        """Drop what the guest kernel caches about ``path`` (changed from the host side)."""
+        if self._vfs is not None:
+            self._vfs.invalidate(path)
 
     def _disk_layout(self, run_dir: Path) -> tuple[str, str, bool, str]:
         """(disk path, format, read-only, guest root mode) for this VM's rootfs mode."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import Any
 
 import anyio
 from anyio.abc import ByteStream
@@ -30,7 +31,7 @@ _CLOSED = (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceErr
 class VfsServer:
     """Serves one VM's mounts on its fs port; :meth:`invalidate` reaches the guest kernel."""
 
-    def __init__(self, mounts: Mapping[str, Provider], **service_options: int) -> None:
+    def __init__(self, mounts: Mapping[str, Provider], **service_options: Any) -> None:
         self.mounts = dict(mounts)
         self.root = single_or_router(self.mounts)
         self.service = FsRpcService(self.root, **service_options)

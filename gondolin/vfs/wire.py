@@ -852,6 +852,55 @@ def decode_notify(data: bytes | bytearray | memoryview) -> Notify:
     return Notify(body=body, seq=seq)
 
 
+# ---------------------------------------------------------------------------------------------
+# Raw access for hot paths (the guest daemon under emulation): the same bytes as the codec
+# above without building a dataclass per message. Layouts come from the classes, so there is
+# still one definition of each message.
+
+REQUEST_HEADER = _REQ_HDR
+RESPONSE_HEADER = _RESP_HDR
+NOTIFY_HEADER = _NOTIFY_HDR
+
+
+READDIR_HEAD = ReaddirReply._HEAD  # plus, count
+READDIR_ENTRY = ReaddirReply._ENT  # offset, ino, dtype, name_len; then name (and EntryReply)
+
+
+def body_format(cls: type[_Codec]) -> str:
+    """The struct format of a message class's fixed fields (``<`` first)."""
+    return cls._FMT
+
+
+def request_frame(
+    request_id: int,
+    cls: type[Body],
+    fixed: tuple[int, ...],
+    variables: tuple[bytes, ...] = (),
+    tail: bytes | memoryview = b"",
+    uid: int = 0,
+    gid: int = 0,
+    pid: int = 0,
+) -> tuple[bytes, bytes | memoryview]:
+    """``encode_frame(encode_request(...))`` as (head, tail) pieces, for ``writev``.
+
+    ``fixed`` are the values of ``cls``'s fixed fields in order, ``variables`` its
+    length-prefixed fields, ``tail`` its tail field. Limits are not checked here beyond
+    the frame size: the receiver checks them.
+    """
+    parts = [
+        _REQ_HDR.pack(Kind.REQUEST, cls.OP, 0, request_id, uid, gid, pid),
+        cls._struct.pack(*fixed),
+    ]
+    for value in variables:
+        parts.append(_U32.pack(len(value)))
+        parts.append(value)
+    head = b"".join(parts)
+    size = len(head) + len(tail)
+    if size > MAX_MESSAGE:
+        raise ValueError("message larger than MAX_MESSAGE")
+    return _FRAME_LEN.pack(size) + head, tail
+
+
 def message_kind(data: bytes | bytearray | memoryview) -> Kind:
     """Which decoder a received message needs."""
     if not data:
@@ -866,6 +915,7 @@ def message_kind(data: bytes | bytearray | memoryview) -> Kind:
 # Framing on the fs port: u32 big-endian length + message.
 
 _FRAME_LEN = struct.Struct(">I")
+FRAME_HEADER = _FRAME_LEN
 
 
 def encode_frame(message: bytes) -> bytes:
@@ -906,3 +956,12 @@ class FrameSplitter:
     @property
     def buffered(self) -> int:
         return len(self._buf)
+
+    @property
+    def missing(self) -> int:
+        """Bytes still to come for the frame begun in the buffer; 0 between frames or before
+        its length is known. A reader may block for exactly this many: they are on their way."""
+        if len(self._buf) < 4:
+            return 0
+        (length,) = _FRAME_LEN.unpack_from(self._buf, 0)
+        return max(0, 4 + length - len(self._buf))
