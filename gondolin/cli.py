@@ -181,7 +181,13 @@ async def _bash(args: argparse.Namespace) -> int:
     from .vm import VM
 
     refused = RefusedRequests()
-    async with await VM.create(**{**_vm_options(args), **_egress_options(args, refused)}) as vm:
+    if args.resume:
+        from ._cli_snapshots import resume_for_shell
+
+        starting = resume_for_shell(args.resume, _egress_options(args, refused))
+    else:
+        starting = VM.create(**{**_vm_options(args), **_egress_options(args, refused)})
+    async with await starting as vm:
         try:
             return await interactive_shell(vm, args.command or ["/bin/bash", "-l"], user=args.user)
         finally:
@@ -289,6 +295,10 @@ def _image(args: argparse.Namespace) -> int:
     elif args.image_cmd == "rm":
         for what in store.remove(args.ref):
             print(f"removed {what}")
+    elif args.image_cmd == "warm":
+        from ._cli_snapshots import image_warm
+
+        return int(anyio.run(image_warm, args))
     return 0
 
 
@@ -376,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_vm_args(p)
     _add_net_args(p)
     p.add_argument("--user", "-u", help="guest user name or uid")
+    p.add_argument("--resume", metavar="CHECKPOINT",
+                   help="resume a checkpoint (path or name, see gondolin checkpoint list) instead of a fresh VM")
     p.add_argument("command", nargs="*", help="program to run instead of bash -l")
 
     p = sub.add_parser("image", help="build, list, verify or remove guest images")
@@ -388,6 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("ref", nargs="?", default="default")
     r = isub.add_parser("rm", help="remove an image ref (and its files when unreferenced)")
     r.add_argument("ref")
+    from ._cli_snapshots import add_image_warm, add_parsers
+
+    add_image_warm(isub)
+    add_parsers(sub)
 
     p = sub.add_parser("doctor", help="check QEMU, tools, image and accelerator")
     p.add_argument("--image", default="default")
@@ -430,6 +446,10 @@ def main(argv: list[str] | None = None) -> None:
             code = anyio.run(_demo, args)
         elif args.cmd == "mcp":
             code = _mcp(args.mcp_args)
+        elif args.cmd in ("list", "attach", "snapshot", "checkpoint"):
+            from ._cli_snapshots import run as run_snapshot_command
+
+            code = run_snapshot_command(args)
         else:  # pragma: no cover - argparse enforces the choices
             code = 2
     except GondolinError as exc:
