@@ -31,7 +31,33 @@ def _vm_options(args: argparse.Namespace) -> dict[str, Any]:
     opts: dict[str, Any] = {"memory": args.memory, "cpus": args.cpus, "rootfs": args.rootfs, "image": args.image}
     if getattr(args, "vm_env", None):
         opts["env"] = _env_pairs(args.vm_env)
+    if getattr(args, "mount", None):
+        from .vfs.mountspec import mounts_from_specs
+
+        try:
+            opts["mounts"] = mounts_from_specs(args.mount)
+        except ValueError as exc:
+            raise SystemExit(f"gondolin: {exc}") from None
     return opts
+
+
+def _add_mount_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mount", action="append", default=[], metavar="HOST:GUEST[:ro|:cow]",
+                   help="show host directory HOST at GUEST: read-write, read-only (:ro), or copy-on-write "
+                        "(:cow: the guest's changes stay in memory, are listed at exit and discarded); "
+                        "repeatable")
+
+
+async def _report_cow(vm: Any) -> None:
+    """List what the guest changed in copy-on-write mounts (those changes are discarded)."""
+    from .vfs import CopyOnWriteProvider
+
+    for point, provider in sorted(vm.mounts.items()):
+        if isinstance(provider, CopyOnWriteProvider):
+            changes = await provider.changes()
+            if changes:
+                print(f"gondolin: {point} (copy-on-write, discarded): {len(changes.added)} added, "
+                      f"{len(changes.modified)} modified, {len(changes.deleted)} deleted", file=sys.stderr)
 
 
 # -- network policy for exec and bash ---------------------------------------------
@@ -146,6 +172,7 @@ async def _exec(args: argparse.Namespace) -> int:
             result = await proc.wait()
             if result.timed_out:
                 print(f"gondolin: command killed after its {args.timeout}s timeout", file=sys.stderr)
+            await _report_cow(vm)
             return result.exit_code
         finally:
             refused.report(sys.stderr)
@@ -189,7 +216,9 @@ async def _bash(args: argparse.Namespace) -> int:
         starting = VM.create(**{**_vm_options(args), **_egress_options(args, refused)})
     async with await starting as vm:
         try:
-            return await interactive_shell(vm, args.command or ["/bin/bash", "-l"], user=args.user)
+            code = await interactive_shell(vm, args.command or ["/bin/bash", "-l"], user=args.user)
+            await _report_cow(vm)
+            return code
         finally:
             refused.report(sys.stderr)  # after the terminal left raw mode
 
@@ -372,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("exec", help="run one command in a fresh VM; its exit code becomes ours")
     _add_vm_args(p)
     _add_net_args(p)
+    _add_mount_args(p)
     p.add_argument("--env", "-e", action="append", default=[], help="KEY=VALUE for the command (repeatable)")
     p.add_argument("--vm-env", action="append", default=[], help="KEY=VALUE for every command in the VM")
     p.add_argument("--cwd", help="working directory in the guest")
@@ -385,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bash", help="interactive shell in a fresh VM (Ctrl-D exits)")
     _add_vm_args(p)
     _add_net_args(p)
+    _add_mount_args(p)
     p.add_argument("--user", "-u", help="guest user name or uid")
     p.add_argument("--resume", metavar="CHECKPOINT",
                    help="resume a checkpoint (path or name, see gondolin checkpoint list) instead of a fresh VM")
