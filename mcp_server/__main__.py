@@ -88,21 +88,35 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
     return load_config(args.config, **overrides)
 
 
-async def serve(server: Any, args: argparse.Namespace) -> None:
-    """Run until the client goes away or a signal arrives; the lifespan then closes every sandbox."""
-    async with anyio.create_task_group() as tg:
-        async def on_signal() -> None:
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP, signal.SIGINT) as signals:
-                async for _ in signals:
-                    tg.cancel_scope.cancel()
-                    return
+async def serve(config: OperatorConfig, tools: list[str] | None, args: argparse.Namespace) -> None:
+    """Run until the client goes away or a signal arrives; every sandbox is closed either way."""
+    from integrations import SandboxManager
 
-        tg.start_soon(on_signal)
-        if args.transport == "stdio":
-            await server.run_stdio_async()
-        else:
-            await server.run_streamable_http_async(host=args.host, port=args.port, stateless_http=args.stateless)
-        tg.cancel_scope.cancel()
+    from .server import build_server
+
+    async with SandboxManager(config) as manager:
+        server = build_server(manager=manager, tools=tools)
+        async with anyio.create_task_group() as tg:
+            async def on_signal() -> None:
+                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP, signal.SIGINT) as signals:
+                    async for signum in signals:
+                        with anyio.CancelScope(shield=True):
+                            await manager.close_all()
+                        if args.transport == "stdio":
+                            # stdin is read by a worker thread that cancellation cannot interrupt while
+                            # the client keeps the pipe open; the sandboxes are closed, so leave now.
+                            sys.stderr.flush()
+                            os._exit(128 + signum)
+                        tg.cancel_scope.cancel()
+                        return
+
+            tg.start_soon(on_signal)
+            if args.transport == "stdio":
+                await server.run_stdio_async()
+            else:
+                await server.run_streamable_http_async(host=args.host, port=args.port,
+                                                       stateless_http=args.stateless)
+            tg.cancel_scope.cancel()
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str = "gondolin-mcp") -> None:
@@ -114,15 +128,14 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "gondolin-mcp") -> No
     except ConfigError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         sys.exit(2)
-    from .server import build_server
+    from integrations import TOOL_NAMES
 
     tools = [t.strip() for t in args.tools.split(",") if t.strip()] if args.tools else None
-    try:
-        server = build_server(config, tools=tools)
-    except ValueError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
+    unknown = sorted(set(tools or ()) - set(TOOL_NAMES))
+    if unknown:
+        print(f"{prog}: unknown tools: {', '.join(unknown)} (known: {', '.join(TOOL_NAMES)})", file=sys.stderr)
         sys.exit(2)
-    anyio.run(serve, server, args)
+    anyio.run(serve, config, tools, args)
 
 
 if __name__ == "__main__":
