@@ -9,6 +9,7 @@ runs one command at a time for baselines that need the guest to do something (a 
 from __future__ import annotations
 
 import inspect
+import os
 import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -35,6 +36,16 @@ def cold_kwargs() -> dict[str, Any]:
     return {"warm": False} if "warm" in inspect.signature(VM.create).parameters else {}
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads (/proc/PID/stat fields 14 and 15)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": field 3 is fields[0]
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class RawBootError(RuntimeError):
     """The raw guest did not come up or a command could not run."""
 
@@ -59,6 +70,7 @@ def raw_spec(image: Image, control_socket: str, *, accel: str, memory_mb: int = 
 class RawGuest:
     def __init__(self, stream: ByteStream, first: bytes, first_byte_s: float, qemu: QemuProcess) -> None:
         self.first_byte_s = first_byte_s  # QEMU start -> first byte from the agent
+        self.first_byte_cpu_s = process_cpu_seconds(qemu.pid) if qemu.pid else 0.0  # QEMU's CPU by then
         self._stream = stream
         self._decoder = FrameDecoder()
         self._decoder.feed(first)

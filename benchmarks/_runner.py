@@ -13,7 +13,8 @@ import pkgutil
 import platform
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+import traceback
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -22,7 +23,7 @@ from typing import Protocol, cast
 import anyio
 
 from . import _table
-from ._table import ModuleResult, Row
+from ._table import ModuleResult, Row, error_row
 
 PREFIX = "bench_"
 REPO = Path(__file__).resolve().parents[1]
@@ -62,7 +63,7 @@ def available() -> dict[str, str]:
 def load(module_path: str) -> BenchModule:
     mod: ModuleType = importlib.import_module(module_path)
     if not callable(getattr(mod, "collect", None)):
-        raise SystemExit(f"{module_path} has no collect(ctx) function")
+        raise TypeError(f"{module_path} has no collect(ctx) function")
     return cast(BenchModule, mod)
 
 
@@ -95,8 +96,10 @@ def _loadavg() -> str:
         return "unknown"
 
 
-async def run_modules(names: Sequence[str], ctx: Context) -> dict[str, ModuleResult]:
-    mods = available()
+async def run_modules(names: Sequence[str], ctx: Context,
+                      modules: Mapping[str, str] | None = None) -> dict[str, ModuleResult]:
+    """Run the named modules (all when empty) of ``modules`` (default: :func:`available`)."""
+    mods = dict(available() if modules is None else modules)
     unknown = [n for n in names if n not in mods]
     if unknown:
         raise SystemExit(f"unknown benchmark module(s): {', '.join(unknown)}; available: {', '.join(mods)}")
@@ -106,10 +109,15 @@ async def run_modules(names: Sequence[str], ctx: Context) -> dict[str, ModuleRes
     load_start = _loadavg()
     results: dict[str, ModuleResult] = {}
     for name in selected:
-        module = load(mods[name])
         ctx.log(f"module {name}")
         started = time.monotonic()
-        rows = await module.collect(ctx)
+        try:
+            rows = await load(mods[name]).collect(ctx)
+        # One broken module (an import error, a bug) must not cost the other modules' results.
+        # Cancellation and Ctrl-C are BaseExceptions and pass through.
+        except Exception as exc:  # noqa: BLE001
+            ctx.log(f"module {name} failed:\n{''.join(traceback.format_exception(exc))}")
+            rows = [error_row(name, "the whole module", exc)]
         ctx.log(f"module {name} done in {time.monotonic() - started:.0f}s")
         results[name] = ModuleResult(name, tuple(rows), "", command)
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())

@@ -6,7 +6,16 @@ import re
 
 import pytest
 
-from benchmarks import Goal, Measure, ModuleResult, Row, available, render_report, render_table
+from benchmarks import (
+    Context,
+    Goal,
+    Measure,
+    ModuleResult,
+    Row,
+    available,
+    render_report,
+    render_table,
+)
 from benchmarks._table import MAX_SAMPLES_LISTED, fmt_number, loads, merge, render_details
 
 
@@ -119,7 +128,6 @@ def test_core_module_is_listed_first() -> None:
 
 
 def test_core_rows_from_partial_results() -> None:
-    from benchmarks import Context
     from benchmarks.bench_core import Results, _failed, _rows
 
     res = Results()
@@ -136,3 +144,26 @@ def test_core_rows_from_partial_results() -> None:
     assert copy.ours == Measure(22.0, "MiB/s") and "baseline failed: RuntimeError: no virtfs" in copy.note
     assert rows["cold create -> first exec"].error == "not measured"
     assert logged and "no virtfs" in logged[0]
+
+
+async def collect(ctx: Context) -> list[Row]:
+    """This test module doubles as a benchmark module for the runner test below."""
+    ctx.machine["accelerator"] = "fake"
+    return [ROWS[0]]
+
+
+def test_runner_keeps_going_when_a_module_breaks() -> None:
+    import anyio
+
+    from benchmarks._runner import run_modules
+
+    logged: list[str] = []
+    mods = {"good": __name__, "broken": "benchmarks._table", "missing": "benchmarks.bench_does_not_exist"}
+    results = anyio.run(run_modules, [], Context(_out=logged.append), mods)
+    assert list(results) == ["good", "broken", "missing"]
+    assert results["good"].rows == (ROWS[0],) and results["good"].machine["accelerator"] == "fake"
+    assert results["broken"].rows[0].error.startswith("TypeError: benchmarks._table has no collect")
+    assert results["missing"].rows[0].error.startswith("ModuleNotFoundError")
+    assert any("module broken failed" in line for line in logged)
+    with pytest.raises(SystemExit, match="unknown benchmark module"):
+        anyio.run(run_modules, ["nope"], Context(_out=logged.append), mods)
