@@ -81,7 +81,10 @@ class MountRouter(Provider):
     def _routed(self, path: str) -> tuple[Provider, int, str]:
         hit = self.route(path)
         if hit is None:
-            raise VfsError(EROFS if paths.normalize(path) in self._virtual else ENOENT)
+            norm = paths.normalize(path)
+            # A synthesised directory, or a new name in one: nothing there can change.
+            synthetic = norm in self._virtual or paths.parent_of(norm) in self._virtual
+            raise VfsError(EROFS if synthetic else ENOENT)
         return hit
 
     async def _writable(self, path: str) -> tuple[Provider, int, str]:

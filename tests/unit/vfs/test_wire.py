@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import struct
 import sys
 from pathlib import Path
@@ -220,6 +221,47 @@ def test_frames_split_anywhere(messages: list[bytes], step: int) -> None:
     for i in range(0, len(stream), step):
         out += splitter.feed(stream[i : i + step])
     assert out == messages and splitter.buffered == 0
+
+
+@pytest.mark.parametrize("body", REQUESTS, ids=lambda b: type(b).__name__)
+def test_request_frame_matches_the_codec(body: w.Body) -> None:
+    """The raw path the guest daemon uses writes exactly what encode_request writes."""
+    cls = type(body)
+    skip = {*cls._VARS, cls._TAIL}
+    names = [f.name for f in dataclasses.fields(body) if f.name not in skip]
+    fixed = tuple(getattr(body, n) for n in names)
+    variables = tuple(getattr(body, n) for n in cls._VARS)
+    tail = getattr(body, cls._TAIL) if cls._TAIL else b""
+    if isinstance(body, w.Forget):
+        fixed, tail = (), body.pack()
+    head, rest = w.request_frame(9, cls, fixed, variables, memoryview(tail), 1, 2, 3)
+    req = w.Request(id=9, body=body, uid=1, gid=2, pid=3)
+    assert head + bytes(rest) == w.encode_frame(w.encode_request(req))
+
+
+def test_request_frame_refuses_oversized_messages() -> None:
+    with pytest.raises(ValueError):
+        w.request_frame(1, w.Write, (1, 0), (), bytes(w.MAX_MESSAGE))
+
+
+@given(st.lists(st.binary(max_size=9000), min_size=1, max_size=4), st.integers(1, 5000))
+def test_missing_counts_the_rest_of_the_frame(messages: list[bytes], step: int) -> None:
+    stream = b"".join(w.encode_frame(m) for m in messages)
+    splitter = w.FrameSplitter()
+    pos = got = 0
+    while pos < len(stream):
+        chunk = stream[pos : pos + step]
+        got += len(splitter.feed(chunk))
+        pos += len(chunk)
+        missing = splitter.missing
+        # Reading exactly ``missing`` more bytes (never past the frame) completes it.
+        if missing:
+            assert pos + missing <= len(stream)
+            before = got
+            got += len(splitter.feed(stream[pos : pos + missing]))
+            pos += missing
+            assert got == before + 1
+    assert got == len(messages) and splitter.missing == 0
 
 
 def test_oversized_frame() -> None:

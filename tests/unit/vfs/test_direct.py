@@ -1,0 +1,195 @@
+"""vm.fs on mounted paths: DirectFS over the providers, and GuestFS routing to it."""
+
+from __future__ import annotations
+
+import errno as E
+import stat
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from gondolin.errors import GuestFileError
+from gondolin.fs import DirEntry, GuestFS
+from gondolin.vfs import MemoryProvider, MountRouter
+from gondolin.vfs.direct import DirectFS, mounted
+
+from .support import read_file, write_file
+
+pytestmark = pytest.mark.anyio
+
+
+class FakeGuest:
+    """Stands in for the guest side of vm.fs: records what DirectFS hands back to it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    async def stat(self, path: str, **kw: Any) -> str:
+        self.calls.append(("stat", path))
+        return "guest-stat"
+
+    async def scandir(self, path: str) -> list[DirEntry]:
+        self.calls.append(("scandir", path))
+        return []
+
+    async def open_read(self, path: str, **kw: Any) -> AsyncIterator[bytes]:
+        self.calls.append(("open_read", path))
+
+        async def empty() -> AsyncIterator[bytes]:
+            yield b"guest"
+
+        return empty()
+
+    async def read_text(self, path: str) -> str:
+        assert path == "/etc/passwd"
+        return "root:x:0:0:root:/root:/bin/bash\nagent:x:1000:1001::/home/agent:/bin/bash\n"
+
+
+@pytest.fixture
+def mem() -> MemoryProvider:
+    return MemoryProvider()
+
+
+@pytest.fixture
+def other() -> MemoryProvider:
+    return MemoryProvider()
+
+
+@pytest.fixture
+def setup(mem: MemoryProvider, other: MemoryProvider) -> tuple[DirectFS, FakeGuest, list[str]]:
+    mounts = {"/work": mem, "/data/other": other}
+    router = MountRouter(mounts)
+    guest = FakeGuest()
+    invalidated: list[str] = []
+    direct = DirectFS(mounts, guest, lambda: router, invalidated.append)  # type: ignore[arg-type]
+    return direct, guest, invalidated
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [("/work", True), ("/work/a/b", True), ("/workspace", False), ("/data", False),
+     ("/data/other/x", True), ("/", False)],
+)  # fmt: skip
+def test_mounted(path: str, expected: bool) -> None:
+    assert mounted(["/work", "/data/other"], path) is expected
+
+
+async def test_write_read_stat_and_invalidation(
+    setup: tuple[DirectFS, FakeGuest, list[str]],
+) -> None:
+    direct, _, invalidated = setup
+    assert await direct.write("/work/a/b.txt", "hello", mode=0o600, append=False, parents=True,
+                              user="agent") == 5  # fmt: skip
+    assert await direct.write("/work/a/b.txt", [b" wo", b"rld"], mode=None, append=True,
+                              parents=False, user=None) == 6  # fmt: skip
+    st = await direct.stat("/work/a/b.txt")
+    assert (st.size, st.permissions, st.uid, st.gid) == (11, 0o600, 1000, 1001)
+    chunks = [c async for c in await direct.open_read("/work/a/b.txt", offset=2, length=5,
+                                                       chunk_size=2)]  # fmt: skip
+    assert chunks == [b"ll", b"o ", b"w"]
+    assert invalidated == ["/work/a", "/work/a/b.txt", "/work/a/b.txt"]
+
+
+async def test_symlinks_resolve_inside_and_hand_outside_paths_back(
+    setup: tuple[DirectFS, FakeGuest, list[str]], mem: MemoryProvider, other: MemoryProvider
+) -> None:
+    direct, guest, _ = setup
+    await write_file(mem, "/target", b"inside")
+    await mem.mkdir("/dir", 0o755)
+    await mem.symlink("/rel", "target")
+    await mem.symlink("/dir/up", "../target")
+    await mem.symlink("/abs", "/data/other/f")
+    await write_file(other, "/f", b"other mount")
+    await mem.symlink("/dirlink", "dir")
+    await mem.symlink("/out", "/etc/hostname")
+    await mem.symlink("/loop", "loop")
+    assert (await direct.stat("/work/rel")).size == 6
+    assert (await direct.stat("/work/rel", follow_symlinks=False)).is_symlink
+    assert (await direct.stat("/work/dirlink/up")).size == 6
+    assert b"".join([c async for c in await direct.open_read("/work/abs", offset=0, length=None,
+                                                             chunk_size=4)]) == b"other mount"  # fmt: skip
+    assert await direct.stat("/work/out") == "guest-stat"
+    assert [c async for c in await direct.open_read("/work/out", offset=0, length=None,
+                                                    chunk_size=4)] == [b"guest"]  # fmt: skip
+    assert guest.calls == [("stat", "/etc/hostname"), ("open_read", "/etc/hostname")]
+    with pytest.raises(GuestFileError) as err:
+        await direct.stat("/work/loop")
+    assert (err.value.errno, err.value.errno_name) == (E.ELOOP, "ELOOP")
+
+
+async def test_scandir_mkdir_rename_remove(
+    setup: tuple[DirectFS, FakeGuest, list[str]], mem: MemoryProvider
+) -> None:
+    direct, _, invalidated = setup
+    await direct.mkdir("/work/x/y", parents=True, exist_ok=True, mode=0o700)
+    await direct.mkdir("/work/x/y", parents=True, exist_ok=True, mode=0o700)
+    for kw, errno in (({"parents": True, "exist_ok": False}, E.EEXIST),
+                      ({"parents": False, "exist_ok": True}, E.EEXIST)):  # fmt: skip
+        with pytest.raises(GuestFileError) as err:
+            await direct.mkdir("/work/x/y", mode=0o755, **kw)
+        assert err.value.errno == errno
+    assert stat.S_IMODE((await mem.getattr("/x/y")).mode) == 0o700
+    await write_file(mem, "/x/f", b"1")
+    await mem.symlink("/x/l", "f")
+    assert await direct.scandir("/work/x") == [
+        DirEntry("f", "file"), DirEntry("l", "symlink"), DirEntry("y", "dir")]  # fmt: skip
+    await direct.rename("/work/x/f", "/work/x/g")
+    assert await read_file(mem, "/x/g") == b"1"
+    for dst in ("/data/other/g", "/tmp/g"):
+        with pytest.raises(GuestFileError) as err:
+            await direct.rename("/work/x/g", dst)
+        assert err.value.errno == E.EXDEV
+    with pytest.raises(GuestFileError) as err:
+        await direct.remove("/work/x", recursive=False, force=False)
+    assert err.value.errno == E.ENOTEMPTY and err.value.path == "/work/x"
+    assert await direct.remove("/work/x", recursive=True, force=False)
+    assert not await direct.remove("/work/x", recursive=False, force=True)
+    assert await mem.readdir("/") == []
+    assert "/work/x" in invalidated and "/work/x/g" in invalidated
+
+
+async def test_errors_name_the_path(setup: tuple[DirectFS, FakeGuest, list[str]]) -> None:
+    direct, _, _ = setup
+    for call in (direct.stat("/work/nope"), direct.scandir("/work/nope"),
+                 direct.open_read("/work/nope", offset=0, length=None, chunk_size=1)):  # fmt: skip
+        with pytest.raises(GuestFileError) as err:
+            await call
+        assert (err.value.errno_name, err.value.path) == ("ENOENT", "/work/nope")
+    with pytest.raises(GuestFileError) as err:
+        await direct.write("/work/no/dir", "x", mode=None, append=False, parents=False, user=None)
+    assert err.value.errno == E.ENOENT
+    with pytest.raises(GuestFileError):
+        await direct.write("/work/f", "x", mode=None, append=False, parents=False, user="nobody")
+
+
+class FakeVM:
+    def __init__(self, mounts: dict[str, Any]) -> None:
+        self.mounts = mounts
+        self.router = MountRouter(mounts)
+        self.invalidated: list[str] = []
+
+    def _vfs_root(self) -> MountRouter:
+        return self.router
+
+    def _vfs_invalidate(self, path: str) -> None:
+        self.invalidated.append(path)
+
+    def _require_channel(self) -> Any:
+        raise LookupError("went to the guest")
+
+
+async def test_guest_fs_routes_mounted_paths_to_the_provider(mem: MemoryProvider) -> None:
+    vm = FakeVM({"/work": mem})
+    fs = GuestFS(vm)  # type: ignore[arg-type]
+    await fs.write("/work/f.txt", b"direct")
+    assert await fs.read_bytes("/work/f.txt") == b"direct"
+    assert await fs.listdir("/work") == ["f.txt"]
+    assert await fs.exists("/work/f.txt") and not await fs.exists("/work/g")
+    await fs.mkdir("/work/d")
+    await fs.rename("/work/f.txt", "/work/d/f.txt")
+    assert await fs.remove("/work/d", recursive=True)
+    assert vm.invalidated == ["/work/f.txt", "/work/d", "/work/f.txt", "/work/d/f.txt", "/work/d"]
+    for call in (fs.stat("/tmp/x"), fs.listdir("/workspace"), fs.read_bytes("/etc/passwd")):
+        with pytest.raises(LookupError):
+            await call
