@@ -71,7 +71,7 @@ async def main() -> None:
                 answer = await dispatcher.chat_tool_message(call)
                 print(f"  <- {answer['content'].splitlines()[0]}")
                 messages.append(answer)
-        left = len(manager.list())
+        left = len(manager.sandboxes())
         print(f"sandboxes left running: {left}")
 
 

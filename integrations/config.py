@@ -39,27 +39,27 @@ class _Strict(BaseModel):
 class Limits(_Strict):
     """Caps on what one server (and each of its sandboxes) may use."""
 
-    max_sandboxes: int = Field(4, ge=1, le=256, description="live sandboxes at once")
-    default_ttl_s: int = Field(900, ge=10, description="idle seconds before a sandbox is destroyed")
-    max_ttl_s: int = Field(4 * 3600, ge=10)
-    reap_interval_s: float = Field(10.0, gt=0, description="how often idle sandboxes are looked for")
-    default_cpus: int = Field(1, ge=1, le=64)
-    max_cpus: int = Field(4, ge=1, le=64)
-    default_memory_mb: int = Field(512, ge=128)
-    max_memory_mb: int = Field(4096, ge=128)
-    exec_timeout_s: float = Field(120.0, gt=0, description="default exec timeout")
-    max_exec_timeout_s: float = Field(3600.0, gt=0)
-    exec_yield_s: float = Field(10.0, ge=0, description="default wait before exec returns an exec_id")
-    max_output_bytes: int = Field(16 * 1024, ge=256, description="default cap on output shown per stream")
-    max_output_bytes_limit: int = Field(1024 * 1024, ge=256, description="largest max_output_bytes allowed")
-    exec_buffer_bytes: int = Field(1024 * 1024, ge=1024, description="unread output kept per stream")
-    max_read_bytes: int = Field(256 * 1024, ge=1024, description="most content read_file returns")
-    max_file_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest file edited or read by lines")
-    max_write_bytes: int = Field(16 * 1024 * 1024, ge=1024)
-    max_list_entries: int = Field(5000, ge=1)
-    max_walk_entries: int = Field(50_000, ge=1, description="entries visited by one recursive list")
-    max_execs_per_sandbox: int = Field(16, ge=1, description="tracked exec sessions per sandbox")
-    max_checkpoints: int = Field(16, ge=0)
+    max_sandboxes: int = Field(default=4, ge=1, le=256, description="live sandboxes at once")
+    default_ttl_s: int = Field(default=900, ge=10, description="idle seconds before a sandbox is destroyed")
+    max_ttl_s: int = Field(default=4 * 3600, ge=10)
+    reap_interval_s: float = Field(default=10.0, gt=0, description="how often idle sandboxes are looked for")
+    default_cpus: int = Field(default=1, ge=1, le=64)
+    max_cpus: int = Field(default=4, ge=1, le=64)
+    default_memory_mb: int = Field(default=512, ge=128)
+    max_memory_mb: int = Field(default=4096, ge=128)
+    exec_timeout_s: float = Field(default=120.0, gt=0, description="default exec timeout")
+    max_exec_timeout_s: float = Field(default=3600.0, gt=0)
+    exec_yield_s: float = Field(default=10.0, ge=0, description="default wait before exec returns an exec_id")
+    max_output_bytes: int = Field(default=16 * 1024, ge=256, description="default cap on output shown per stream")
+    max_output_bytes_limit: int = Field(default=1024 * 1024, ge=256, description="largest max_output_bytes allowed")
+    exec_buffer_bytes: int = Field(default=1024 * 1024, ge=1024, description="unread output kept per stream")
+    max_read_bytes: int = Field(default=256 * 1024, ge=1024, description="most content read_file returns")
+    max_file_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, description="largest file edited or read by lines")
+    max_write_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    max_list_entries: int = Field(default=5000, ge=1)
+    max_walk_entries: int = Field(default=50_000, ge=1, description="entries visited by one recursive list")
+    max_execs_per_sandbox: int = Field(default=16, ge=1, description="tracked exec sessions per sandbox")
+    max_checkpoints: int = Field(default=16, ge=0)
 
     @model_validator(mode="after")
     def _ordered(self) -> Limits:
@@ -74,7 +74,7 @@ class Limits(_Strict):
 class NetworkProfile(_Strict):
     """A named egress policy the model may pick for a sandbox."""
 
-    enabled: bool = Field(True, description="give the guest a NIC at all")
+    enabled: bool = Field(default=True, description="give the guest a NIC at all")
     allowed_hosts: tuple[str, ...] = ()
     allowed_internal_hosts: tuple[str, ...] = ()
     tcp_hosts: dict[str, str] = Field(default_factory=dict)
@@ -108,8 +108,8 @@ BUILTIN_PROFILES: dict[str, NetworkProfile] = {
 class SecretSpec(_Strict):
     """A secret the model may bind by name. The value is read from ``env`` in the server's environment."""
 
-    env: str | None = Field(None, description="environment variable with the value (default: the secret's name)")
-    hosts: tuple[str, ...] = Field(..., min_length=1, description="hosts the value may be sent to")
+    env: str | None = Field(default=None, description="environment variable with the value (default: the secret's name)")
+    hosts: tuple[str, ...] = Field(min_length=1, description="hosts the value may be sent to")
     description: str = ""
 
 
@@ -118,7 +118,7 @@ class MountRoot(_Strict):
 
     host_path: str
     mode: MountMode = "ro"
-    guest_path: str | None = Field(None, description="default mount point in the guest")
+    guest_path: str | None = Field(default=None, description="default mount point in the guest")
 
     @field_validator("host_path")
     @classmethod
@@ -146,7 +146,7 @@ class OperatorConfig(_Strict):
     network_profiles: dict[str, NetworkProfile] = Field(default_factory=dict)
     secrets: dict[str, SecretSpec] = Field(default_factory=dict)
     mounts: tuple[MountRoot, ...] = ()
-    checkpoint_dir: str | None = Field(None, description="where checkpoints go (default: a temp dir per server)")
+    checkpoint_dir: str | None = Field(default=None, description="where checkpoints go (default: a temp dir per server)")
 
     @model_validator(mode="after")
     def _known_names(self) -> OperatorConfig:

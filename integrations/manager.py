@@ -191,7 +191,7 @@ class SandboxManager:
         return expired
 
     # -- lookup ----------------------------------------------------------------------------
-    def list(self) -> list[Sandbox]:
+    def sandboxes(self) -> list[Sandbox]:
         return list(self._sandboxes.values())
 
     def get(self, sandbox_id: str) -> Sandbox:

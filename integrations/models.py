@@ -31,29 +31,29 @@ class EnvVar(_Input):
 
 class MountRequest(_Input):
     host_path: str = Field(description="Absolute host directory; must be inside a root the operator approved.")
-    guest_path: str | None = Field(None, description="Absolute mount point in the sandbox (default: the root's "
+    guest_path: str | None = Field(default=None, description="Absolute mount point in the sandbox (default: the root's "
                                                      "configured mount point, else /mnt/<directory name>).")
     mode: Literal["ro", "cow", "rw"] | None = Field(
-        None, description="ro: read-only; cow: writable, changes stay in the sandbox; rw: writes reach the host. "
+        default=None, description="ro: read-only; cow: writable, changes stay in the sandbox; rw: writes reach the host. "
                           "Default: the most the approved root allows, but never rw unless asked.")
 
 
 # -- sandbox lifecycle -----------------------------------------------------------------------------
 class SandboxCreateInput(_Input):
-    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$",
                              description="Optional label to recognise the sandbox in sandbox_list.")
-    image: str | None = Field(None, description="Guest image (default: the server's default image).")
-    cpus: int | None = Field(None, ge=1, le=64, description="Virtual CPUs (default from the server).")
-    memory_mb: int | None = Field(None, ge=128, le=65536, description="Guest memory in MiB (default from the server).")
-    network: str | None = Field(None, description="Network profile name configured by the operator "
+    image: str | None = Field(default=None, description="Guest image (default: the server's default image).")
+    cpus: int | None = Field(default=None, ge=1, le=64, description="Virtual CPUs (default from the server).")
+    memory_mb: int | None = Field(default=None, ge=128, le=65536, description="Guest memory in MiB (default from the server).")
+    network: str | None = Field(default=None, description="Network profile name configured by the operator "
                                                   "(default: the server's default profile).")
-    secrets: list[str] | None = Field(None, description="Names of operator-configured secrets to make usable. "
+    secrets: list[str] | None = Field(default=None, description="Names of operator-configured secrets to make usable. "
                                                         "The sandbox sees only a placeholder in $NAME; the real "
                                                         "value is substituted on the way out to allowed hosts.")
-    mounts: list[MountRequest] | None = Field(None, description="Host directories to mount (operator-approved only).")
-    env: list[EnvVar] | None = Field(None, description="Environment variables for every command in the sandbox.")
-    from_checkpoint: str | None = Field(None, description="Start from this checkpoint_id instead of a fresh VM.")
-    ttl_s: int | None = Field(None, ge=10, description="Destroy the sandbox after this many idle seconds "
+    mounts: list[MountRequest] | None = Field(default=None, description="Host directories to mount (operator-approved only).")
+    env: list[EnvVar] | None = Field(default=None, description="Environment variables for every command in the sandbox.")
+    from_checkpoint: str | None = Field(default=None, description="Start from this checkpoint_id instead of a fresh VM.")
+    ttl_s: int | None = Field(default=None, ge=10, description="Destroy the sandbox after this many idle seconds "
                                                        "(default from the server).")
 
 
@@ -106,18 +106,18 @@ class SandboxDestroyOutput(_Output):
 class ExecInput(_Input):
     sandbox_id: SandboxId
     command: str = Field(description="Shell command, run with /bin/sh -c (pipes, &&, redirects work).")
-    cwd: str | None = Field(None, description="Absolute working directory (default /workspace if it exists, else /).")
-    env: list[EnvVar] | None = Field(None, description="Extra environment variables for this command.")
-    stdin: str | None = Field(None, description="Text sent to the command's stdin (then closed, unless stdin_open).")
-    stdin_open: bool | None = Field(None, description="Keep stdin open for exec_write (interactive programs).")
-    user: str | None = Field(None, description="Run as this guest user (default root; 'agent' is unprivileged).")
-    timeout_s: float | None = Field(None, gt=0, le=86400,
+    cwd: str | None = Field(default=None, description="Absolute working directory (default /workspace if it exists, else /).")
+    env: list[EnvVar] | None = Field(default=None, description="Extra environment variables for this command.")
+    stdin: str | None = Field(default=None, description="Text sent to the command's stdin (then closed, unless stdin_open).")
+    stdin_open: bool | None = Field(default=None, description="Keep stdin open for exec_write (interactive programs).")
+    user: str | None = Field(default=None, description="Run as this guest user (default root; 'agent' is unprivileged).")
+    timeout_s: float | None = Field(default=None, gt=0, le=86400,
                                     description="Kill the command after this many seconds in total (default 120).")
-    yield_s: float | None = Field(None, ge=0, le=600,
+    yield_s: float | None = Field(default=None, ge=0, le=600,
                                   description="Wait at most this long for the command to finish (default 10); if "
                                               "it is still running, return status 'running' and an exec_id to use "
                                               "with exec_poll, exec_write and exec_kill.")
-    max_output_bytes: int | None = Field(None, ge=256, le=1048576,
+    max_output_bytes: int | None = Field(default=None, ge=256, le=1048576,
                                          description="Show at most this many bytes per stream (head and tail kept).")
 
 
@@ -138,16 +138,16 @@ class ExecOutput(_Output):
 class ExecPollInput(_Input):
     sandbox_id: SandboxId
     exec_id: ExecId
-    wait_s: float | None = Field(None, ge=0, le=600,
+    wait_s: float | None = Field(default=None, ge=0, le=600,
                                  description="Wait up to this long for the command to finish (default 10).")
-    max_output_bytes: int | None = Field(None, ge=256, le=1048576, description="Show at most this many bytes per stream.")
+    max_output_bytes: int | None = Field(default=None, ge=256, le=1048576, description="Show at most this many bytes per stream.")
 
 
 class ExecWriteInput(_Input):
     sandbox_id: SandboxId
     exec_id: ExecId
-    stdin: str | None = Field(None, description="Text to write to the command's stdin (include \\n for a new line).")
-    close_stdin: bool | None = Field(None, description="Close stdin after writing (end of input).")
+    stdin: str | None = Field(default=None, description="Text to write to the command's stdin (include \\n for a new line).")
+    close_stdin: bool | None = Field(default=None, description="Close stdin after writing (end of input).")
 
 
 class ExecWriteOutput(_Output):
@@ -160,19 +160,19 @@ class ExecWriteOutput(_Output):
 class ExecKillInput(_Input):
     sandbox_id: SandboxId
     exec_id: ExecId
-    signal: Literal["KILL", "TERM", "INT", "HUP"] | None = Field(None, description="Signal to send (default KILL).")
+    signal: Literal["KILL", "TERM", "INT", "HUP"] | None = Field(default=None, description="Signal to send (default KILL).")
 
 
 # -- files -----------------------------------------------------------------------------------------
 class ReadFileInput(_Input):
     sandbox_id: SandboxId
     path: GuestPath
-    offset: int | None = Field(None, ge=1, description="First line to read, 1-based (text files).")
-    limit: int | None = Field(None, ge=1, description="Number of lines to read (default: up to the size cap).")
-    byte_offset: int | None = Field(None, ge=0, description="Read bytes from this offset instead of lines.")
-    byte_length: int | None = Field(None, ge=1, description="Number of bytes to read with byte_offset.")
+    offset: int | None = Field(default=None, ge=1, description="First line to read, 1-based (text files).")
+    limit: int | None = Field(default=None, ge=1, description="Number of lines to read (default: up to the size cap).")
+    byte_offset: int | None = Field(default=None, ge=0, description="Read bytes from this offset instead of lines.")
+    byte_length: int | None = Field(default=None, ge=1, description="Number of bytes to read with byte_offset.")
     encoding: Literal["auto", "text", "base64"] | None = Field(
-        None, description="auto (default): text for UTF-8 files, base64 for binary ones.")
+        default=None, description="auto (default): text for UTF-8 files, base64 for binary ones.")
 
 
 class ReadFileOutput(_Output):
@@ -192,9 +192,9 @@ class WriteFileInput(_Input):
     sandbox_id: SandboxId
     path: GuestPath
     content: str = Field(description="The new contents (the whole file unless append).")
-    encoding: Literal["text", "base64"] | None = Field(None, description="How content is encoded (default text).")
-    append: bool | None = Field(None, description="Append instead of replacing.")
-    mode: str | None = Field(None, description="Octal permissions for a new file, e.g. '0755' for a script.")
+    encoding: Literal["text", "base64"] | None = Field(default=None, description="How content is encoded (default text).")
+    append: bool | None = Field(default=None, description="Append instead of replacing.")
+    mode: str | None = Field(default=None, description="Octal permissions for a new file, e.g. '0755' for a script.")
 
 
 class WriteFileOutput(_Output):
@@ -210,7 +210,7 @@ class EditFileInput(_Input):
     path: GuestPath
     old_string: str = Field(description="Exact text to replace (must occur once unless replace_all).")
     new_string: str = Field(description="Replacement text.")
-    replace_all: bool | None = Field(None, description="Replace every occurrence.")
+    replace_all: bool | None = Field(default=None, description="Replace every occurrence.")
 
 
 class EditFileOutput(_Output):
@@ -221,12 +221,12 @@ class EditFileOutput(_Output):
 
 class ListFilesInput(_Input):
     sandbox_id: SandboxId
-    path: str | None = Field(None, description="Directory to list (default /workspace).")
-    recursive: bool | None = Field(None, description="Descend into subdirectories.")
-    glob: str | None = Field(None, description="Only entries matching this glob: '*.py' matches names at any "
+    path: str | None = Field(default=None, description="Directory to list (default /workspace).")
+    recursive: bool | None = Field(default=None, description="Descend into subdirectories.")
+    glob: str | None = Field(default=None, description="Only entries matching this glob: '*.py' matches names at any "
                                                "depth, 'src/**/*.py' matches paths relative to path.")
-    max_entries: int | None = Field(None, ge=1, le=100000, description="Return at most this many entries (default 500).")
-    include_hidden: bool | None = Field(None, description="Include names starting with '.' (default false).")
+    max_entries: int | None = Field(default=None, ge=1, le=100000, description="Return at most this many entries (default 500).")
+    include_hidden: bool | None = Field(default=None, description="Include names starting with '.' (default false).")
 
 
 class FileEntry(_Output):
@@ -247,8 +247,8 @@ class ListFilesOutput(_Output):
 # -- checkpoints -----------------------------------------------------------------------------------
 class CheckpointCreateInput(_Input):
     sandbox_id: SandboxId
-    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Optional label.")
-    disk_only: bool | None = Field(None, description="Save only the disk (processes are not kept). Default false.")
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Optional label.")
+    disk_only: bool | None = Field(default=None, description="Save only the disk (processes are not kept). Default false.")
 
 
 class CheckpointInfo(_Output):
@@ -262,12 +262,12 @@ class CheckpointInfo(_Output):
 
 class CheckpointRestoreInput(_Input):
     checkpoint_id: str = Field(description="Id returned by checkpoint_create (see checkpoint_list).")
-    sandbox_id: str | None = Field(None, description="Roll this sandbox back in place (its current state is lost). "
+    sandbox_id: str | None = Field(default=None, description="Roll this sandbox back in place (its current state is lost). "
                                                      "Omit to start a new sandbox from the checkpoint.")
 
 
 class CheckpointListInput(_Input):
-    sandbox_id: str | None = Field(None, description="Only checkpoints taken from this sandbox.")
+    sandbox_id: str | None = Field(default=None, description="Only checkpoints taken from this sandbox.")
 
 
 class CheckpointListOutput(_Output):
@@ -277,8 +277,8 @@ class CheckpointListOutput(_Output):
 # -- network ---------------------------------------------------------------------------------------
 class NetworkEventsInput(_Input):
     sandbox_id: SandboxId
-    limit: int | None = Field(None, ge=1, le=1000, description="Most recent events to return (default 50).")
-    decision: Literal["all", "allowed", "blocked"] | None = Field(None, description="Filter (default all).")
+    limit: int | None = Field(default=None, ge=1, le=1000, description="Most recent events to return (default 50).")
+    decision: Literal["all", "allowed", "blocked"] | None = Field(default=None, description="Filter (default all).")
 
 
 class NetworkEvent(_Output):

@@ -93,13 +93,15 @@ class HeadTailBuffer:
         (a possible start of a secret that the next chunk completes)."""
         clip = self.view()
         kept = b""
-        if hold:
-            if clip.tail:
-                hold = min(hold, len(clip.tail))
-                kept, clip = clip.tail[-hold:], Clip(clip.head, clip.tail[:-hold], clip.omitted)
-            else:
-                hold = min(hold, len(clip.head))
-                kept, clip = clip.head[-hold:], Clip(clip.head[:-hold], b"", clip.omitted)
+        if hold and clip.omitted:
+            hold = min(hold, len(clip.tail))
+            kept = clip.tail[len(clip.tail) - hold:]
+            clip = Clip(clip.head, clip.tail[:len(clip.tail) - hold], clip.omitted)
+        elif hold:
+            joined = clip.head + clip.tail
+            hold = min(hold, len(joined))
+            kept = joined[len(joined) - hold:]
+            clip = Clip(joined[:len(joined) - hold], b"", 0)
         self._head = bytearray()
         self._tail = bytearray()
         self.omitted = 0

@@ -110,7 +110,8 @@ class ExecSession:
         buf = self._buffers[stream]
         hold = 0
         if self.running and self._redactor:
-            hold = self._redactor.pending_prefix(buf.view().tail or buf.view().head)
+            view = buf.view()
+            hold = self._redactor.pending_prefix(view.tail if view.omitted else view.head + view.tail)
         clip = buf.take(hold)
         return self._redactor.redact_clip(clip.clip(limit))
 
@@ -143,11 +144,9 @@ class ExecSession:
     async def send_signal(self, name: str) -> None:
         if not self.running:
             return
-        signum = SIGNALS[name]
-        if signum in (_signal.SIGKILL, _signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP):
-            self.killed = True
+        self.killed = True  # every signal offered here asks the command to stop
         try:
-            await self.proc.signal(signum)
+            await self.proc.signal(SIGNALS[name])
         except GondolinError as exc:
             raise translate(exc) from exc
 

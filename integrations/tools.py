@@ -137,7 +137,7 @@ async def sandbox_create(ctx: ToolContext, inp: m.SandboxCreateInput) -> m.Sandb
 
 async def sandbox_list(ctx: ToolContext, inp: m.SandboxListInput) -> m.SandboxListOutput:
     cfg = ctx.manager.config
-    return m.SandboxListOutput(sandboxes=[s.info() for s in ctx.manager.list()],
+    return m.SandboxListOutput(sandboxes=[s.info() for s in ctx.manager.sandboxes()],
                                max_sandboxes=cfg.limits.max_sandboxes, network_profiles=sorted(cfg.profiles()),
                                secrets=sorted(cfg.secrets), images=list(cfg.allowed_images))
 
@@ -428,8 +428,8 @@ async def list_files(ctx: ToolContext, inp: m.ListFilesInput) -> m.ListFilesOutp
                 try:
                     info = await fs.stat(path, follow_symlinks=False)
                 except GondolinError:
-                    entries[i] = m.FileEntry(path=path, type=kind if kind in ("file", "dir", "symlink") else "other",
-                                             size_bytes=0, mode="?", mtime="")
+                    entries[i] = m.FileEntry(path=path, type=kind if kind in ("file", "dir", "symlink")  # type: ignore[arg-type]
+                                             else "other", size_bytes=0, mode="?", mtime="")
                     return
                 entries[i] = m.FileEntry(path=path, type=_file_type(info.mode),  # type: ignore[arg-type]
                                          size_bytes=info.size, mode=f"{stat_mod.S_IMODE(info.mode):04o}",

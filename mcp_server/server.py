@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError
@@ -41,7 +41,7 @@ class AppState:
 
 
 def _registry(ctx: Context) -> ToolRegistry:
-    state: AppState = ctx.request_context.lifespan_context
+    state = cast(AppState, ctx.request_context.lifespan_context)
     return state.registry
 
 
@@ -58,12 +58,13 @@ def _make_tool(spec: ToolSpec, egress: bool) -> Tool:
             await ctx.report_progress(done, total, message)
 
         outcome = await _registry(ctx).call(name, arguments, progress=progress)
-        content = [TextContent(type="text", text=outcome.text)]
+        content: list[Any] = [TextContent(type="text", text=outcome.text)]
         if outcome.is_error:
             return CallToolResult(content=content, is_error=True)
         return CallToolResult(content=content, structured_content=outcome.data())
 
-    arg_model = create_model(f"{name}_arguments", __base__=(spec.input_model, ArgModelBase))
+    arg_model = cast(type[ArgModelBase],
+                     create_model(f"{name}_arguments", __base__=(spec.input_model, ArgModelBase)))
     return Tool(
         fn=call, name=name, title=spec.title, description=spec.description,
         parameters=spec.input_model.model_json_schema(),

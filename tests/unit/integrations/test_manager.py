@@ -129,8 +129,8 @@ async def test_the_cap_counts_live_and_booting_sandboxes(booted):
                 await mgr.create(SandboxCreateInput())
             assert err.value.code == "sandbox_limit"
             gate.set()
-        assert len(mgr.list()) == 2
-        await mgr.destroy(mgr.list()[0].id)
+        assert len(mgr.sandboxes()) == 2
+        await mgr.destroy(mgr.sandboxes()[0].id)
         await mgr.create(SandboxCreateInput())
     assert all(vm.closed == 1 for vm in booted)
 
@@ -161,7 +161,7 @@ async def test_idle_sandboxes_are_reaped_but_busy_ones_are_not(factory, booted):
         assert await mgr.reap_expired() == []  # a was just used
         clock.now += 60
         assert sorted(await mgr.reap_expired()) == sorted([a.id, c.id])
-        assert [s.id for s in mgr.list()] == [b.id]
+        assert [s.id for s in mgr.sandboxes()] == [b.id]
         with pytest.raises(ToolError) as err:
             mgr.get(a.id)
         assert err.value.code == "sandbox_not_found"
@@ -175,7 +175,7 @@ async def test_the_reaper_task_runs_on_its_own(factory, booted):
         sb = await mgr.create(SandboxCreateInput(ttl_s=10))
         clock.now += 11
         with anyio.fail_after(5):
-            while mgr.list():  # noqa: ASYNC110 - polling the reaper's effect is the point
+            while mgr.sandboxes():  # noqa: ASYNC110 - polling the reaper's effect is the point
                 await anyio.sleep(0.01)
         assert mgr.reaped == [sb.id]
 

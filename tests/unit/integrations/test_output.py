@@ -112,3 +112,20 @@ def test_secret_cut_at_the_truncation_point_is_masked():
 def test_redacted_text_never_contains_the_secret(before, after):
     r = Redactor({"T": SECRET})
     assert SECRET not in r.redact(before + SECRET + after)
+
+
+def test_take_holds_a_fragment_that_spans_head_and_tail():
+    buf = HeadTailBuffer(10)
+    buf.append(b"abcdefg")  # head "abcde", tail "fg", nothing omitted
+    first = buf.take(hold=4)
+    assert first.head + first.tail == b"abc" and not first.omitted
+    assert buf.view().head == b"defg"
+
+
+@given(st.binary(max_size=40), st.integers(min_value=0, max_value=50), st.integers(min_value=2, max_value=16))
+def test_take_with_hold_loses_no_bytes_when_nothing_is_omitted(data, hold, limit):
+    buf = HeadTailBuffer(limit * 4)
+    buf.append(data[: limit * 4])
+    taken = buf.take(hold=hold)
+    kept = buf.view()
+    assert taken.head + taken.tail + kept.head + kept.tail == data[: limit * 4]
