@@ -52,6 +52,7 @@ PIPE_DRAIN_SECONDS = 0.5  # same for pipes kept open by background children
 RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2]), linux/random.h
 RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07), linux/random.h: reseed the CRNG from the input pool now
 MAX_PATH = 4096
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 BOOT_T0 = time.monotonic()
 
 
@@ -90,6 +91,37 @@ def errno_error(id: int, exc: OSError, op: str) -> bytes:
         errno=exc.errno or errno.EIO,
         message=f"{op}: {exc.strerror or exc}" + (f": {exc.filename!r}" if exc.filename else ""),
     )
+
+
+SIOCGIFFLAGS, SIOCSIFFLAGS = 0x8913, 0x8914  # linux/sockios.h
+SIOCSIFADDR, SIOCSIFNETMASK, SIOCADDRT = 0x8916, 0x891C, 0x890B
+IFF_UP, IFF_RUNNING = 0x1, 0x40
+RTF_UP, RTF_GATEWAY = 0x1, 0x2
+
+
+def _sockaddr_in(ip: str) -> bytes:
+    return struct.pack("@H2s4s8s", socket.AF_INET, b"", socket.inet_aton(ip), b"")
+
+
+def configure_interface(name: str, cidr: str, gateway: str) -> None:
+    """Address, link up and default route with ioctls: no iproute2 process to spawn at boot."""
+    ip, _, bits = cidr.partition("/")
+    mask = socket.inet_ntoa(((0xFFFFFFFF << (32 - int(bits or 24))) & 0xFFFFFFFF).to_bytes(4, "big"))
+    ifname = name.encode()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for dev in (b"lo", ifname):
+            req = fcntl.ioctl(s, SIOCGIFFLAGS, struct.pack("16sh14x", dev, 0))
+            flags = struct.unpack("16sh14x", req)[1]
+            fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sh14x", dev, flags | IFF_UP | IFF_RUNNING))
+        fcntl.ioctl(s, SIOCSIFADDR, struct.pack("16s16s8x", ifname, _sockaddr_in(ip)))
+        fcntl.ioctl(s, SIOCSIFNETMASK, struct.pack("16s16s8x", ifname, _sockaddr_in(mask)))
+        # struct rtentry (linux/route.h), native layout; rt_dev NULL: the kernel picks the device.
+        route = struct.pack("@L16s16s16sHhLPhPLLH6x", 0, _sockaddr_in("0.0.0.0"), _sockaddr_in(gateway),
+                            _sockaddr_in("0.0.0.0"), RTF_UP | RTF_GATEWAY, 0, 0, 0, 0, 0, 0, 0, 0)
+        try:
+            fcntl.ioctl(s, SIOCADDRT, route)
+        except FileExistsError:
+            pass
 
 
 class Exec:
@@ -470,6 +502,7 @@ class Agent:
         self.writes: dict[int, FileWrite] = {}
         self.vm_env: dict[str, str] = {}
         self._login_env: dict[str, str] | None = None
+        self._login_proc: subprocess.Popen | None = None
         self._read_watch: dict[int, object] = {}
         self._write_watch: dict[int, object] = {}
         self.writing = False
@@ -488,22 +521,40 @@ class Agent:
         self.sel.register(self.wake_r, selectors.EVENT_READ, "wake")
 
     # -- environment -------------------------------------------------------
+    def start_login_shell(self) -> None:
+        """Start the login shell whose environment execs use, in parallel with the boot handshake."""
+        try:
+            self._login_proc = subprocess.Popen(
+                ["/bin/sh", "-lc", "exec env -0"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL, cwd="/",
+                env={"HOME": "/root", "USER": "root", "LOGNAME": "root", "SHELL": "/bin/bash",
+                     "PATH": DEFAULT_PATH, "TERM": "dumb"},
+            )
+        except OSError as exc:
+            log(f"login environment: {exc}")
+            self._login_proc = None
+
     def login_env(self) -> dict[str, str]:
         """The environment a login shell sets up, computed once (a login shell per exec is slow)."""
         if self._login_env is None:
-            env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
-            try:
-                out = subprocess.run(
-                    ["/bin/sh", "-lc", "exec env -0"], capture_output=True, timeout=20,
-                    env={"HOME": "/root", "USER": "root", "LOGNAME": "root", "SHELL": "/bin/bash",
-                         "PATH": env["PATH"], "TERM": "dumb"}, cwd="/",
-                ).stdout
+            env = {"PATH": DEFAULT_PATH}
+            proc = self._login_proc
+            if proc is None:
+                self.start_login_shell()
+                proc = self._login_proc
+            if proc is not None and proc.stdout is not None:
+                try:
+                    out = proc.stdout.read()
+                finally:
+                    proc.stdout.close()
+                    try:
+                        proc.wait(timeout=20)
+                    except (subprocess.SubprocessError, ChildProcessError):
+                        pass
                 for item in out.split(b"\0"):
                     k, sep, v = item.decode(errors="replace").partition("=")
                     if sep and k not in ("PWD", "SHLVL", "_", "OLDPWD", "TERM"):
                         env[k] = v
-            except (OSError, subprocess.SubprocessError) as exc:
-                log(f"login environment: {exc}")
             env.setdefault("LANG", "C.UTF-8")
             self._login_env = env
         return self._login_env
@@ -833,11 +884,16 @@ class Agent:
             pass
         if self.network_ready:
             return
-        script = (f"link set lo up\nlink set eth0 up\naddr add {net['address']} dev eth0\n"
-                  f"route add default via {net['gateway']}\n")
-        out = subprocess.run(["/sbin/ip", "-batch", "-"], input=script.encode(), capture_output=True, timeout=20)
-        if out.returncode != 0:
-            raise ValueError(out.stderr.decode(errors="replace").strip() or "ip failed")
+        try:
+            configure_interface("eth0", net["address"], net["gateway"])
+        except OSError as exc:  # fall back to iproute2
+            log(f"network ioctls failed ({exc}); using ip")
+            script = (f"link set lo up\nlink set eth0 up\naddr add {net['address']} dev eth0\n"
+                      f"route add default via {net['gateway']}\n")
+            out = subprocess.run(["/sbin/ip", "-batch", "-"], input=script.encode(), capture_output=True,
+                                 timeout=20)
+            if out.returncode != 0:
+                raise ValueError(out.stderr.decode(errors="replace").strip() or "ip failed") from None
         self.network_ready = True
 
     def install_ca(self, pem: str) -> None:
@@ -897,6 +953,7 @@ class Agent:
 
     # -- main loop ---------------------------------------------------------
     def run(self) -> None:
+        self.start_login_shell()
         self.send(message(T.HELLO, 0, version=1, pid=os.getpid(), boot_ms=int(time.monotonic() * 1000)))
         while True:
             busy = [r for r in self.reads.values() if r.credit > 0]
