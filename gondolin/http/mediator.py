@@ -31,7 +31,10 @@ from .upstream import Connector, Resolver, Timeouts, UpstreamClient
 
 logger = logging.getLogger(__name__)
 
-TLS_HANDSHAKE_TIMEOUT = 10.0  # seconds a guest gets to finish its ClientHello round trips
+# Seconds a guest gets to finish the handshake. Generous: an emulated guest that opens many
+# connections at once (curl --parallel) may verify our certificate seconds after the ClientHello,
+# and the network stack's flow cap, not this timeout, bounds what waiting flows cost.
+TLS_HANDSHAKE_TIMEOUT = 60.0
 
 
 @dataclass

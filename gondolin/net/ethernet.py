@@ -8,9 +8,11 @@ from dataclasses import dataclass
 from gondolin.net.errors import PacketError
 
 HEADER_LEN = 14  # dst(6) src(6) ethertype(2)
-# Largest frame accepted from the guest: a 1500-byte MTU plus header and slack. The guest NIC
-# has no offloads over `-netdev stream`, so anything larger is malformed.
-MAX_FRAME_LEN = 1522
+# Largest frame accepted from the guest: a maximal IPv4 packet (65535 bytes) plus header and
+# an 802.1Q tag's worth of slack. The guest may run a jumbo MTU (virtio-net allows up to 65535;
+# fewer, larger frames are what makes a userspace stack fast); anything larger is malformed.
+MAX_IP_PACKET = 65535
+MAX_FRAME_LEN = HEADER_LEN + MAX_IP_PACKET + 4
 
 ETHERTYPE_IPV4 = 0x0800
 ETHERTYPE_ARP = 0x0806

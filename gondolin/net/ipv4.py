@@ -1,7 +1,8 @@
 """IPv4 (RFC 791) and the Internet checksum (RFC 1071).
 
-Fragments are dropped (the guest has a 1500-byte MTU and no reason to fragment; reassembly
-would be a memory sink the guest controls). Options are skipped, never interpreted.
+Fragments are dropped (the guest's TCP never needs them: it learns our MSS, and the virtual
+link carries any packet size up to 65535 bytes; reassembly would be a memory sink the guest
+controls). Options are skipped, never interpreted.
 """
 
 from __future__ import annotations

@@ -36,7 +36,11 @@ NETMASK = "255.255.255.0"
 MAX_FLOWS = 256  # live TCP flows per VM: bounds receive memory to MAX_FLOWS * tcp.RECV_BUFFER
 MAX_TIME_WAIT = 1024  # closed flows remembered briefly; the oldest is forgotten first
 MAX_SEND_TOTAL = 16 * 1024 * 1024  # bytes queued towards the guest, all flows together
-CLASSIFY_TIMEOUT = 10.0  # a flow that sends nothing classifiable by then is reset
+# A flow that sends nothing classifiable by then is reset. Generous on purpose: clients connect
+# first and build their TLS context afterwards (curl --parallel loads its CA bundle once per
+# transfer, ~1.5 s each under TCG), and an unclassified flow holds at most CLASSIFY_LIMIT bytes
+# while MAX_FLOWS bounds how many there are.
+CLASSIFY_TIMEOUT = 60.0
 MAX_CONTROL_FRAMES = 512  # queued ARP/DHCP/DNS/ICMP/RST frames awaiting the driver
 MAX_PENDING_DNS = 128  # forwarded DNS queries awaiting an upstream reply
 DNS_FORWARD_TIMEOUT = 5.0

@@ -27,7 +27,9 @@ ACK = 0x10
 URG = 0x20
 
 HEADER_LEN = 20
-MSS = 1460  # 1500-byte MTU minus IP and TCP headers
+# What we advertise: the largest IPv4 packet minus IP and TCP headers. The link is virtual, so
+# the guest's MTU alone decides (1460 at the usual 1500; a jumbo MTU means far fewer segments).
+MSS = 65495
 MIN_MSS = 88  # a tiny peer MSS would turn our sends into a flood of tiny frames
 DEFAULT_PEER_MSS = 536  # RFC 9293 section 3.7.1, when the SYN has no MSS option
 MAX_WSCALE = 14  # RFC 7323 section 2.3
@@ -302,8 +304,8 @@ class TcpConnection:
         self.unconsumed = max(0, self.unconsumed - n)
         if self.state in _RECEIVES_DATA or self.state is S.SYN_RECEIVED:
             gained = self.window - self._adv_wnd
-            if gained >= min(self.recv_buffer // 2, 2 * MSS) or (
-                    self._adv_wnd == 0 and self.window >= min(MSS, self.recv_buffer // 2)):
+            if gained >= min(self.recv_buffer // 2, 2 * self.snd_mss) or (
+                    self._adv_wnd == 0 and self.window >= min(self.snd_mss, self.recv_buffer // 2)):
                 self._ack_due = True  # window update
 
     @property
@@ -524,7 +526,7 @@ class TcpConnection:
     def _segment(self, seq: int, flags: int, payload: bytes = b"", mss: int | None = None,
                  wscale: int | None = None) -> TcpSegment:
         window = self.window
-        if window < min(MSS, self.recv_buffer // 2):
+        if window < min(self.snd_mss, self.recv_buffer // 2):
             window = 0  # receiver-side silly window avoidance (RFC 9293 section 3.8.6.2.2)
         self._adv_wnd = window
         self._ack_due = False

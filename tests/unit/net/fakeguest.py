@@ -156,7 +156,7 @@ class GuestTcp:
     def send(self, data: bytes, seq: int | None = None) -> None:
         """Send ``data`` in MSS-sized segments starting at ``seq`` (default: SND.NXT)."""
         start = self.snd_nxt if seq is None else seq
-        step = 1460
+        step = min(self.mss or 536, self.peer_mss or 536)
         for i in range(0, len(data), step):
             chunk = data[i:i + step]
             self._send(ACK | PSH, chunk, seq=(start + i) & 0xFFFFFFFF)

@@ -228,6 +228,29 @@ def test_http_flow_both_ways_and_close() -> None:
     assert st.flow_count == 0
 
 
+def test_jumbo_mtu_guest_gets_large_segments_both_ways() -> None:
+    st, g = make()
+    mss = 60_000  # a guest with a 60040-byte MTU
+    conn = g.connect(PUBLIC, 80, mss=mss, rcv_buffer=1 << 20)
+    pump(st, g, 0.0)
+    request = HTTP_GET[:-2] + b"X-Pad: " + b"p" * 8000 + b"\r\n\r\n"
+    conn.send(request)
+    pump(st, g, 0.0)
+    events = st.events()
+    assert isinstance(events[0], FlowOpened) and events[1] == FlowData(events[0].flow_id, request)
+    assert st.stats.dropped == 0  # a 9 KB frame from the guest is not "oversize"
+    flow_id = events[0].flow_id
+    st.flow_consumed(flow_id, len(request))
+    body = bytes(range(256)) * 600  # 153600 bytes
+    sent = 0
+    while sent < len(body):
+        sent += st.flow_send(flow_id, body[sent:])
+        pump(st, g, 0.0)
+    assert bytes(conn.received) == body
+    sizes = [len(s.payload) for s in conn.segments if s.payload]
+    assert max(sizes) == mss  # not 1460: the guest's MSS decides
+
+
 def test_flow_info() -> None:
     st, g = make()
     conn = g.connect(PUBLIC, 8080)

@@ -123,7 +123,7 @@ def test_window_scale_is_agreed_only_when_offered() -> None:
 
 
 @pytest.mark.parametrize(("mss", "expected"), [
-    (None, tcp.DEFAULT_PEER_MSS), (1, tcp.MIN_MSS), (9000, tcp.MSS), (1000, 1000)])
+    (None, tcp.DEFAULT_PEER_MSS), (1, tcp.MIN_MSS), (9000, 9000), (65535, tcp.MSS), (1000, 1000)])
 def test_peer_mss_is_clamped(mss: int | None, expected: int) -> None:
     assert Peer(mss=mss).conn.snd_mss == expected
 
