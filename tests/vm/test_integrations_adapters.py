@@ -26,6 +26,8 @@ from integrations.config import Limits
 from integrations.langchain_tools import GondolinTool, GondolinToolkit
 from integrations.openai_tools import OpenAIDispatcher
 
+from .conftest import qemu_pids
+
 pytestmark = pytest.mark.vm
 STATE: dict = {}
 
@@ -33,6 +35,7 @@ STATE: dict = {}
 @pytest.fixture(scope="module", autouse=True)
 def registry():
     cfg = OperatorConfig(limits=Limits(max_sandboxes=12, default_ttl_s=600))
+    before = qemu_pids()
     with start_in_thread(cfg) as reg:
         def ok(name, args):
             outcome = reg.call_sync(name, args)
@@ -48,6 +51,7 @@ def registry():
                      checkpoint=None if checkpoint.is_error else checkpoint.data()["checkpoint_id"])
         yield reg
         STATE.clear()
+    assert qemu_pids() <= before, "the manager left QEMU processes behind"
 
 
 def example(name):

@@ -24,6 +24,8 @@ from integrations import (
 from integrations.config import Limits
 from mcp_server import build_server
 
+from .conftest import qemu_pids
+
 pytestmark = [pytest.mark.anyio, pytest.mark.vm]
 SECRET = "sk-live-0123456789abcdef"
 
@@ -83,8 +85,10 @@ async def manager(echo_port, mount_root, clock):
         mounts=(MountRoot(host_path=str(mount_root), mode="ro"),),
         limits=Limits(max_sandboxes=3, reap_interval_s=3600, max_output_bytes=4096),
     )
+    before = qemu_pids()
     async with SandboxManager(cfg, environ={"API_TOKEN": SECRET}, clock=clock) as mgr:
         yield mgr
+    assert qemu_pids() <= before, "the manager left QEMU processes behind"
 
 
 @pytest.fixture(scope="module")
