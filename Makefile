@@ -26,6 +26,7 @@ image: venv
 run: image
 	$(VENV)/bin/gondolin doctor
 	$(VENV)/bin/gondolin demo
+	$(PY) cookbook/data_task.py
 
 test: image
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -34,7 +35,7 @@ bench: image
 	$(PY) -m benchmarks
 
 lint: venv
-	$(VENV)/bin/ruff check gondolin guest integrations mcp_server benchmarks tests
+	$(VENV)/bin/ruff check gondolin guest integrations mcp_server benchmarks cookbook tests
 	$(VENV)/bin/mypy gondolin
 
 clean:
