@@ -9,6 +9,7 @@ filesystem whose root is a :class:`~gondolin.vfs.router.MountRouter` over all th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -24,7 +25,6 @@ from .rpc import FsRpcService
 log = logging.getLogger(__name__)
 
 READ_SIZE = 1 << 20  # bytes asked of the stream per receive
-QUEUE_DEPTH = 256  # decoded messages waiting for a free service slot; the port waits beyond this
 _CLOSED = (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError)
 
 
@@ -41,49 +41,57 @@ class VfsServer:
         self.service.invalidate(path)
 
     async def serve(self, stream: ByteStream) -> None:
-        """Run until the stream ends or the task is cancelled; every open handle is released."""
-        send_in, receive_in = anyio.create_memory_object_stream[bytes](QUEUE_DEPTH)
-        send_out, receive_out = anyio.create_memory_object_stream[bytes](QUEUE_DEPTH)
+        """Run until the stream ends or the task is cancelled; every open handle is released.
 
-        async def read_port() -> None:
-            splitter = wire.FrameSplitter()
-            async with send_in:
+        Each request is answered from its own task (at most ``max_in_flight`` at once; the
+        port is not read while all are busy), replies go out as they finish.
+        """
+        service = self.service
+        lock = anyio.Lock()
+        slots = anyio.Semaphore(service.max_in_flight)
+
+        async def reply(message: bytes) -> None:
+            frame = wire.encode_frame(message)
+            async with lock:
+                await stream.send(frame)
+
+        async def one(message: bytes) -> None:
+            try:
+                response = await service.handle(message)
+            finally:
+                slots.release()
+            if response is not None:
+                with contextlib.suppress(*_CLOSED):
+                    await reply(response)
+
+        async def notifications() -> None:
+            with contextlib.suppress(*_CLOSED):
+                while True:
+                    for note in await service.next_notifications():
+                        await reply(note)
+
+        splitter = wire.FrameSplitter()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(notifications)
                 while True:
                     try:
                         data = await stream.receive(READ_SIZE)
-                    except _CLOSED:
-                        return
-                    try:
                         messages = splitter.feed(data)
+                    except _CLOSED:
+                        break
                     except wire.WireError as exc:
                         # No way to find the next frame boundary: stop serving this port.
                         log.warning("fs port: %s; closing it", exc)
-                        return
+                        break
                     for message in messages:
-                        await send_in.send(message)
-
-        async def write_port() -> None:
-            async with receive_out:
-                async for message in receive_out:
-                    try:
-                        await stream.send(wire.encode_frame(message))
-                    except _CLOSED:
-                        return
-
-        async def run_service() -> None:
-            async with send_out:
-                await self.service.serve(receive_in, send_out)
-
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(write_port)
-                tg.start_soon(run_service)
-                await read_port()
+                        await slots.acquire()
+                        tg.start_soon(one, message)
                 # The guest is gone or spoke garbage: nobody is left to answer.
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                await self.service.aclose()
+                await service.aclose()
                 await stream.aclose()
 
 

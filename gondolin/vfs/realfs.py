@@ -258,6 +258,8 @@ class _Tree:
                         raise VfsError(EISDIR)
                 elif not stat.S_ISREG(st.st_mode):
                     raise VfsError(EACCES, "special files are not opened")
+                if mode.writes:
+                    _kill_priv(fd, st.st_mode)
                 if mode.truncate:
                     os.ftruncate(fd, 0)
             except BaseException:
@@ -272,11 +274,13 @@ class _Tree:
         return self.at(parts, opener)
 
     def mkdir(self, parts: Sequence[str], mode: int) -> Attr:
+        perm = _host_mode(mode, stat.S_IFDIR)
+
         def make(d: int, n: str) -> None:
-            os.mkdir(n, mode & 0o7777, dir_fd=d)
+            os.mkdir(n, perm, dir_fd=d)
             # The guest applied its umask already; undo the host's.
-            if os.stat(n, dir_fd=d, follow_symlinks=False).st_mode & 0o7777 != mode & 0o7777:
-                _chmod_nofollow(d, n, mode & 0o7777)
+            if os.stat(n, dir_fd=d, follow_symlinks=False).st_mode & 0o7777 != perm:
+                _chmod_nofollow(d, n, perm)
 
         self.at(parts, make)
         return self.lstat(parts)
@@ -331,13 +335,16 @@ class _Tree:
             if changes.size is not None:
                 fd = os.open(n, os.O_WRONLY | _O_NOFOLLOW | _O_NONBLOCK | _O_CLOEXEC, dir_fd=d)
                 try:
-                    if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    st = os.fstat(fd)
+                    if not stat.S_ISREG(st.st_mode):
                         raise VfsError(EINVAL)
+                    _kill_priv(fd, st.st_mode)
                     os.ftruncate(fd, changes.size)
                 finally:
                     os.close(fd)
             if changes.mode is not None:
-                _chmod_nofollow(d, n, changes.mode & 0o7777)
+                kind = os.stat(n, dir_fd=d, follow_symlinks=False).st_mode
+                _chmod_nofollow(d, n, _host_mode(changes.mode, kind))
             if changes.uid is not None or changes.gid is not None:
                 uid = -1 if changes.uid is None else changes.uid
                 gid = -1 if changes.gid is None else changes.gid
@@ -496,7 +503,7 @@ class RealFSProvider(Provider):
     async def create(
         self, path: str, mode: int, open_mode: OpenMode, caller: Caller = ROOT
     ) -> FileHandle:
-        fd = await self._open_fd(paths.split(path), open_mode, mode & 0o7777)
+        fd = await self._open_fd(paths.split(path), open_mode, _host_mode(mode, stat.S_IFREG))
         return _RealHandle(self, fd, open_mode)
 
     async def mkdir(self, path: str, mode: int, caller: Caller = ROOT) -> Attr:
@@ -622,11 +629,25 @@ class _RealHandle(FileHandle):
         self._fd.close()
 
 
+def _host_mode(mode: int, kind: int) -> int:
+    """Permission bits the guest may set on the host: never setuid, and setgid on directories
+    only (group inheritance). A setuid file written by the guest would be a way out of it."""
+    return mode & (0o3777 if stat.S_ISDIR(kind) else 0o1777)
+
+
+def _kill_priv(fd: int, st_mode: int) -> None:
+    """Drop setuid/setgid before the guest changes a file's content, as Linux does for
+    unprivileged writers (the host process may be privileged, so the kernel would not)."""
+    if st_mode & (stat.S_ISUID | stat.S_ISGID) and stat.S_ISREG(st_mode):
+        os.fchmod(fd, stat.S_IMODE(st_mode) & ~(stat.S_ISUID | stat.S_ISGID))
+
+
 def _fsetattr(fd: int, changes: SetAttr) -> os.stat_result:
     if changes.size is not None:
+        _kill_priv(fd, os.fstat(fd).st_mode)
         os.ftruncate(fd, changes.size)
     if changes.mode is not None:
-        os.fchmod(fd, changes.mode & 0o7777)
+        os.fchmod(fd, _host_mode(changes.mode, os.fstat(fd).st_mode))
     if changes.uid is not None or changes.gid is not None:
         os.fchown(
             fd,

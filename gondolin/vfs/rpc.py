@@ -210,10 +210,8 @@ class FsRpcService:
 
         async def pump() -> None:
             while True:
-                while self._notes:
-                    await reply(self._notes.popleft())
-                self._wakeup = anyio.Event()
-                await self._wakeup.wait()
+                for note in await self.next_notifications():
+                    await reply(note)
 
         async with anyio.create_task_group() as outer:
             outer.start_soon(pump)
@@ -300,6 +298,13 @@ class FsRpcService:
         self._notes.append(wire.encode_notify(wire.Notify(body, self._notify_seq)))
         if self._wakeup is not None:
             self._wakeup.set()
+
+    async def next_notifications(self) -> list[bytes]:
+        """Wait until invalidations are queued, then take them (for transport drivers)."""
+        while not self._notes:
+            self._wakeup = anyio.Event()
+            await self._wakeup.wait()
+        return self.pending_notifications()
 
     def pending_notifications(self) -> list[bytes]:
         """Take the queued notifications (for drivers that do not use :meth:`serve`)."""

@@ -187,6 +187,34 @@ async def test_exact_modes_despite_host_umask(real: RealFSProvider) -> None:
         os.umask(old)
 
 
+async def test_no_setuid_files_on_the_host(real: RealFSProvider) -> None:
+    """A setuid binary written by the guest would run with the host user's rights."""
+    handle = await real.create("/f", 0o6755, NEW)
+    assert (await handle.getattr()).mode & 0o7777 == 0o755
+    assert (await handle.setattr(SetAttr(mode=0o4711))).mode & 0o7777 == 0o711
+    await handle.release()
+    assert (await real.setattr("/f", SetAttr(mode=0o2755))).mode & 0o7777 == 0o755
+    assert (await real.mkdir("/d", 0o2775)).mode & 0o7777 == 0o2775  # setgid dirs are fine
+    assert (await real.setattr("/d", SetAttr(mode=0o4775))).mode & 0o7777 == 0o775
+
+
+@pytest.mark.parametrize("how", ["open", "truncate"])
+async def test_writes_drop_setuid_of_host_files(real: RealFSProvider, how: str) -> None:
+    host = os.path.join(real.root, "suid")
+    with open(host, "wb") as f:
+        f.write(b"#!/bin/sh\n")
+    os.chmod(host, 0o6755)
+    if how == "open":
+        handle = await real.open("/suid", RW)
+        await handle.write(0, b"#!/bin/bash")
+        await handle.release()
+    else:
+        await real.setattr("/suid", SetAttr(size=0))
+    assert os.stat(host).st_mode & 0o7777 == 0o755
+    handle = await real.open("/suid", RO)  # reading leaves the bits alone
+    await handle.release()
+
+
 async def test_names_are_bytes_safe(real: RealFSProvider) -> None:
     # Guest names that are not UTF-8 travel as surrogate escapes and reach the host intact.
     name = os.fsdecode(b"caf\xe9")
