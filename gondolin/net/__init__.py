@@ -2,6 +2,7 @@
 
 from gondolin.net.driver import FlowStream, NetworkConfig, NetworkDriver, run_network
 from gondolin.net.errors import PacketError
+from gondolin.net.ethernet import JUMBO_MTU
 from gondolin.net.flow import FlowHandler, FlowInfo, FlowProtocol
 from gondolin.net.stack import (
     DnsRequest,
@@ -28,6 +29,7 @@ __all__ = [
     "FlowProtocol",
     "FlowStream",
     "FlowWritable",
+    "JUMBO_MTU",
     "MappedTarget",
     "NetworkConfig",
     "NetworkDriver",

@@ -31,6 +31,8 @@ OPT_PAD = 0
 OPT_SUBNET_MASK = 1
 OPT_ROUTER = 3
 OPT_DNS = 6
+OPT_INTERFACE_MTU = 26  # RFC 2132 section 5.1
+MIN_MTU = 68  # RFC 791: every IPv4 host must handle this
 OPT_BROADCAST = 28
 OPT_REQUESTED_IP = 50
 OPT_LEASE_TIME = 51
@@ -111,6 +113,7 @@ class DhcpServer:
     netmask: bytes
     dns_servers: tuple[bytes, ...]
     lease_seconds: int = DEFAULT_LEASE_SECONDS
+    mtu: int | None = None  # advertised when set (68..65535)
 
     def handle(self, msg: DhcpMessage) -> DhcpReply | None:
         """The server's answer to one client message, or None when it needs none."""
@@ -145,6 +148,8 @@ class DhcpServer:
             if self.dns_servers:
                 opts += _opt(OPT_DNS, b"".join(self.dns_servers[:8]))
             opts += _opt(OPT_BROADCAST, _broadcast(self.client_ip, self.netmask))
+            if self.mtu is not None:
+                opts += _opt(OPT_INTERFACE_MTU, struct.pack("!H", self.mtu))
         opts.append(OPT_END)
         broadcast = bool(msg.flags & _FLAG_BROADCAST) or msg_type == NAK
         return DhcpReply(fixed + _MAGIC + bytes(opts), broadcast, msg.chaddr)

@@ -77,6 +77,7 @@ class NetworkConfig:
     guest_mac: str | None = None
     connect_timeout: float = CONNECT_TIMEOUT
     resolver_port: int = 53  # where trusted/open DNS queries are sent (tests use a high port)
+    mtu: int | None = None  # guest link MTU advertised by DHCP (see JUMBO_MTU); None: not advertised
 
     def stack_config(self) -> StackConfig:
         resolvers = self.trusted_resolvers
@@ -88,7 +89,7 @@ class NetworkConfig:
             guest_mac=self.guest_mac, dns_mode=self.dns, dns_upstreams=resolvers,
             tcp_hosts=dict(self.tcp_hosts), http_enabled=self.flow_handler is not None,
             ssh_enabled=self.ssh_enabled and self.flow_handler is not None,
-            ssh_ports=self.ssh_ports,
+            ssh_ports=self.ssh_ports, mtu=self.mtu,
         )
 
 

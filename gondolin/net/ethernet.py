@@ -13,6 +13,9 @@ HEADER_LEN = 14  # dst(6) src(6) ethertype(2)
 # fewer, larger frames are what makes a userspace stack fast); anything larger is malformed.
 MAX_IP_PACKET = 65535
 MAX_FRAME_LEN = HEADER_LEN + MAX_IP_PACKET + 4
+# The MTU we recommend for the guest's eth0 (like loopback's): measured under TCG it halves the
+# host CPU per MiB and roughly doubles host -> guest throughput compared with 1500.
+JUMBO_MTU = 65520
 
 ETHERTYPE_IPV4 = 0x0800
 ETHERTYPE_ARP = 0x0806

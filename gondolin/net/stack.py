@@ -64,6 +64,7 @@ class StackConfig:
     flow_ports: frozenset[int] | None = None  # ports sniffed for HTTP/TLS; None: all
     max_flows: int = MAX_FLOWS
     synthetic_capacity: int = dns.DEFAULT_SYNTHETIC_CAPACITY
+    mtu: int | None = None  # the guest's link MTU, advertised by DHCP; None: the guest's default
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,8 +183,10 @@ class NetworkStack:
             mode, self.names, tuple(ipv4.ip_from_str(s) for s in cfg.dns_upstreams))
         dhcp_dns = (cfg.dhcp_dns_servers if cfg.dhcp_dns_servers is not None
                     else (cfg.gateway_ip,))
+        if cfg.mtu is not None and not dhcp.MIN_MTU <= cfg.mtu <= ethernet.MAX_IP_PACKET:
+            raise ValueError(f"mtu must be between {dhcp.MIN_MTU} and {ethernet.MAX_IP_PACKET}")
         self._dhcp = dhcp.DhcpServer(self.gateway_ip, self.guest_ip, netmask,
-                                     tuple(ipv4.ip_from_str(s) for s in dhcp_dns))
+                                     tuple(ipv4.ip_from_str(s) for s in dhcp_dns), mtu=cfg.mtu)
         self._flows: dict[tuple[int, bytes, int], _Flow] = {}
         self._flows_by_id: dict[int, _Flow] = {}
         self._time_wait: OrderedDict[tuple[int, bytes, int], None] = OrderedDict()

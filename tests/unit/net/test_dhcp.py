@@ -37,6 +37,15 @@ def test_discover_gets_offer_with_everything_the_guest_needs() -> None:
     assert opts[dhcp.OPT_SUBNET_MASK] == bytes([255, 255, 255, 0])
     assert opts[dhcp.OPT_BROADCAST] == bytes([192, 168, 127, 255])
     assert struct.unpack("!I", opts[dhcp.OPT_LEASE_TIME])[0] == dhcp.DEFAULT_LEASE_SECONDS
+    assert dhcp.OPT_INTERFACE_MTU not in opts  # the guest keeps its default unless configured
+
+
+def test_mtu_is_advertised_when_configured() -> None:
+    server = dhcp.DhcpServer(GW, GUEST, bytes([255, 255, 255, 0]), (GW,), mtu=65520)
+    for msg_type in (dhcp.DISCOVER, dhcp.REQUEST):
+        reply = server.handle(dhcp.DhcpMessage.parse(client_message(msg_type)))
+        assert reply is not None
+        assert reply_options(reply.payload)[dhcp.OPT_INTERFACE_MTU] == struct.pack("!H", 65520)
 
 
 @pytest.mark.parametrize(("options", "ciaddr", "expected"), [

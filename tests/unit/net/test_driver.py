@@ -402,3 +402,10 @@ async def test_tls_handler_terminates_tls_over_the_flow_stream(tmp_path: object)
 
         await link.run_until(reply_read)
         assert seen[0].protocol is FlowProtocol.TLS and seen[0].sni == "secure.example.com"
+
+
+def test_config_passes_the_guest_mtu_to_the_stack() -> None:
+    from gondolin.net import JUMBO_MTU, NetworkConfig
+
+    assert NetworkConfig().stack_config().mtu is None
+    assert NetworkConfig(mtu=JUMBO_MTU).stack_config().mtu == JUMBO_MTU

@@ -4,7 +4,7 @@ import gondolin.net
 def test_public_names_are_pinned() -> None:
     assert sorted(gondolin.net.__all__) == [
         "DnsRequest", "FlowClosed", "FlowData", "FlowEof", "FlowHandler", "FlowInfo",
-        "FlowOpened", "FlowProtocol", "FlowStream", "FlowWritable", "MappedTarget",
+        "FlowOpened", "FlowProtocol", "FlowStream", "FlowWritable", "JUMBO_MTU", "MappedTarget",
         "NetworkConfig", "NetworkDriver", "NetworkStack", "NetworkStats", "PacketError",
         "StackConfig", "StackEvent", "TcpHostRules", "run_network",
     ]

@@ -89,6 +89,18 @@ def test_dhcp_exchange() -> None:
     assert st.stats.dhcp_replies == 2
 
 
+def test_configured_mtu_reaches_dhcp_and_is_validated() -> None:
+    st, g = make(mtu=ethernet.JUMBO_MTU)
+    g.send_udp(b"\xff" * 4, 68, 67, dhcp_message(dhcp.DISCOVER), src=bytes(4))
+    pump(st, g, 0.0)
+    (offer,) = g.udp
+    opts = dhcp._parse_options(offer.payload[240:])
+    assert opts[dhcp.OPT_INTERFACE_MTU] == struct.pack("!H", ethernet.JUMBO_MTU)
+    for bad in (67, 65536):
+        with pytest.raises(ValueError, match="mtu"):
+            make(mtu=bad)
+
+
 def test_ping_anywhere_gets_synthetic_reply() -> None:
     st, g = make()
     from gondolin.net.icmp import TYPE_ECHO_REPLY, TYPE_ECHO_REQUEST, IcmpEcho
