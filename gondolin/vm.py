@@ -43,6 +43,7 @@ RootfsMode = Literal["cow", "readonly", "memory"]
 CONTROL_PORT = "gondolin.control"
 FS_PORT = "gondolin.fs"
 GUEST_IP = "192.168.127.3"
+JUMBO_MTU = 65520  # gondolin.net.JUMBO_MTU (kept here so importing vm does not load the stack)
 GATEWAY_IP = "192.168.127.1"
 _CA_CACHE: dict[str, Any] = {}
 
@@ -437,7 +438,7 @@ class VM:
         ca = await anyio.to_thread.run_sync(_load_ca, CertificateAuthority)
         mediator = HttpMediator(hooks, ca)
         driver = NetworkDriver(NetworkConfig(dns=opts.dns, tcp_hosts=opts.tcp_hosts,  # type: ignore[arg-type]
-                                             flow_handler=mediator))
+                                             flow_handler=mediator, mtu=JUMBO_MTU))
         self.network = Network(hooks, mediator, driver, ca)
         self._tasks.spawn(driver.run(stream))
 
@@ -532,7 +533,10 @@ class VM:
         try:
             extra: dict[str, Any] = {}
             if self.network is not None:
-                extra["network"] = {"address": f"{GUEST_IP}/24", "gateway": GATEWAY_IP, "dns": GATEWAY_IP}
+                # A 64 KiB link MTU: the link is virtual, and fewer, larger frames halve the host CPU
+                # per MiB and double throughput under TCG (the host stack takes frames of any size).
+                extra["network"] = {"address": f"{GUEST_IP}/24", "gateway": GATEWAY_IP, "dns": GATEWAY_IP,
+                                    "mtu": JUMBO_MTU}
                 extra["ca_pem"] = self.network.ca.ca_bundle_pem().decode()
             if not base:
                 extra.update(hostname=self.hostname, env=self.env)

@@ -94,7 +94,7 @@ def errno_error(id: int, exc: OSError, op: str) -> bytes:
 
 
 SIOCGIFFLAGS, SIOCSIFFLAGS = 0x8913, 0x8914  # linux/sockios.h
-SIOCSIFADDR, SIOCSIFNETMASK, SIOCADDRT = 0x8916, 0x891C, 0x890B
+SIOCSIFADDR, SIOCSIFNETMASK, SIOCADDRT, SIOCSIFMTU = 0x8916, 0x891C, 0x890B, 0x8922
 IFF_UP, IFF_RUNNING = 0x1, 0x40
 RTF_UP, RTF_GATEWAY = 0x1, 0x2
 
@@ -103,12 +103,13 @@ def _sockaddr_in(ip: str) -> bytes:
     return struct.pack("@H2s4s8s", socket.AF_INET, b"", socket.inet_aton(ip), b"")
 
 
-def configure_interface(name: str, cidr: str, gateway: str) -> None:
-    """Address, link up and default route with ioctls: no iproute2 process to spawn at boot."""
+def configure_interface(name: str, cidr: str, gateway: str, mtu: int = 1500) -> None:
+    """MTU, address, link up and default route with ioctls: no iproute2 process to spawn at boot."""
     ip, _, bits = cidr.partition("/")
     mask = socket.inet_ntoa(((0xFFFFFFFF << (32 - int(bits or 24))) & 0xFFFFFFFF).to_bytes(4, "big"))
     ifname = name.encode()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        fcntl.ioctl(s, SIOCSIFMTU, struct.pack("16si20x", ifname, mtu))
         for dev in (b"lo", ifname):
             req = fcntl.ioctl(s, SIOCGIFFLAGS, struct.pack("16sh14x", dev, 0))
             flags = struct.unpack("16sh14x", req)[1]
@@ -884,11 +885,13 @@ class Agent:
             pass
         if self.network_ready:
             return
+        mtu = int(net.get("mtu") or 1500)
         try:
-            configure_interface("eth0", net["address"], net["gateway"])
+            configure_interface("eth0", net["address"], net["gateway"], mtu)
         except OSError as exc:  # fall back to iproute2
             log(f"network ioctls failed ({exc}); using ip")
-            script = (f"link set lo up\nlink set eth0 up\naddr add {net['address']} dev eth0\n"
+            script = (f"link set lo up\nlink set eth0 mtu {mtu}\nlink set eth0 up\n"
+                      f"addr add {net['address']} dev eth0\n"
                       f"route add default via {net['gateway']}\n")
             out = subprocess.run(["/sbin/ip", "-batch", "-"], input=script.encode(), capture_output=True,
                                  timeout=20)
