@@ -121,34 +121,52 @@ class PrefixedStream(ByteStream):
         return self._stream.extra_attributes
 
 
-async def resync_control(stream: ByteStream) -> ByteStream:
-    """PING the restored agent and skip everything before its PONG. Bound it with a deadline.
+class Resync:
+    """Find the frame boundary on a restored VM's control stream: :meth:`ping` right away (the
+    guest answers once QEMU has loaded it), other set-up meanwhile, then :meth:`wait`.
 
     A PING is sent again after RESYNC_RETRY (doubling) in case one was lost; the answer to any
-    of them ends the search."""
-    ident = int.from_bytes(os.urandom(4), "big") | 1
-    scanner: PongScanner | None = None
-    wait = RESYNC_RETRY
-    while True:
-        ping, marker = pong_marker(ident, os.urandom(16))
-        if scanner is None:
-            scanner = PongScanner(marker)
+    of them ends the search. Bound :meth:`wait` with a deadline."""
+
+    def __init__(self, stream: ByteStream) -> None:
+        self._stream = stream
+        self._ident = int.from_bytes(os.urandom(4), "big") | 1
+        self._scanner: PongScanner | None = None
+
+    async def ping(self) -> None:
+        ping, marker = pong_marker(self._ident, os.urandom(16))
+        if self._scanner is None:
+            self._scanner = PongScanner(marker)
         else:
-            scanner.add(marker)
+            self._scanner.add(marker)
+        await self._stream.send(ping)
+
+    async def wait(self) -> ByteStream:
+        """The control stream, positioned just after the PONG."""
+        if self._scanner is None:
+            await self.ping()
+        assert self._scanner is not None
+        wait = RESYNC_RETRY
+        while True:
+            with anyio.move_on_after(wait):
+                while True:
+                    try:
+                        data = await self._stream.receive(1 << 20)
+                    except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+                        raise VMStartError("the restored VM closed its control port") from exc
+                    rest = self._scanner.feed(data)
+                    if rest is not None:
+                        if self._scanner.skipped:
+                            log.debug("resync skipped %d stale bytes", self._scanner.skipped)
+                        return PrefixedStream(self._stream, rest)
             log.debug("no PONG within %.1fs of a restore; pinging again", wait)
             wait *= 2
-        await stream.send(ping)
-        with anyio.move_on_after(wait):
-            while True:
-                try:
-                    data = await stream.receive(1 << 20)
-                except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
-                    raise VMStartError("the restored VM closed its control port") from exc
-                rest = scanner.feed(data)
-                if rest is not None:
-                    if scanner.skipped:
-                        log.debug("resync skipped %d stale bytes", scanner.skipped)
-                    return PrefixedStream(stream, rest)
+            await self.ping()
+
+
+async def resync_control(stream: ByteStream) -> ByteStream:
+    """PING the restored agent and skip everything before its PONG (see :class:`Resync`)."""
+    return await Resync(stream).wait()
 
 
 # -- where a restored VM's state comes from ------------------------------------------------

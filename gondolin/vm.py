@@ -32,7 +32,7 @@ from .qemu import accel as _accel
 from .qemu.argv import MachineSpec, SerialPort, build_argv, parse_memory
 from .qemu.process import QemuProcess, find_qemu
 from .qemu.qmp import QmpClient
-from .snapshot import RestoreSource, Section, prepare_restored_disk, resync_control
+from .snapshot import RestoreSource, Resync, Section, prepare_restored_disk
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
@@ -353,16 +353,19 @@ class VM:
             with anyio.fail_after(self._start_timeout):
                 streams = await self._accept_all()
                 control = streams["control"]
-                first_id = 1
-                if restore is not None:
-                    control = await resync_control(control)
-                    first_id = secrets.randbelow(1 << 30) + (1 << 30)
-                self._channel = Channel(control, qemu.console_tail, self._wait_qemu_exit, first_id=first_id)
-                self._tasks.spawn(self._channel.run())
+                resync = Resync(control) if restore is not None else None
+                if resync is not None:
+                    await resync.ping()  # answered once QEMU has loaded the guest; set up the rest meanwhile
                 if "net" in streams:
                     await self._start_network(streams["net"])
                 if "fs" in streams:
                     await self._start_vfs(streams["fs"])
+                first_id = 1
+                if resync is not None:
+                    control = await resync.wait()
+                    first_id = secrets.randbelow(1 << 30) + (1 << 30)
+                self._channel = Channel(control, qemu.console_tail, self._wait_qemu_exit, first_id=first_id)
+                self._tasks.spawn(self._channel.run())
                 if restore is None:
                     hello = await self._first_message(T.HELLO)
                     self.guest_boot_ms = int(hello.p.get("boot_ms") or 0)

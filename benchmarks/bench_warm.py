@@ -1,0 +1,253 @@
+"""Warm start and checkpoints (issue 3, DESIGN.md §3 and §8).
+
+| ours                                               | baseline, same run                              |
+|----------------------------------------------------|-------------------------------------------------|
+| VM.create() from the template + exec(["/bin/true"]) | plain QEMU ``-incoming`` of the same template    |
+|                                                    | file, started -> PONG on the control port       |
+| vm.checkpoint() of an idle 512 MiB VM: time, size  | (absolute goal: save <= 1 s)                    |
+| Checkpoint.resume() + exec(["/bin/true"])          | plain QEMU ``-incoming`` of the same file       |
+| 8 x VM.create() at once from one template          | (total time; peak RSS of this process + QEMUs)  |
+
+Warm creates and raw restores alternate, so drift in the machine's load hits both alike. The
+raw restore gets the same argv (device set, sockets) and its own copy of the template's overlay,
+copied before its clock starts; only QEMU and the first control-port round trip are timed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import anyio
+from anyio.abc import ByteStream
+
+from gondolin import VM, Checkpoint
+from gondolin.qemu.argv import build_argv
+from gondolin.qemu.process import QemuProcess, find_qemu
+from gondolin.snapshot import PongScanner, RestoreSource, Section, pong_marker
+from gondolin.templates import TemplateStore
+
+from ._runner import Context
+from ._table import Goal, Measure, Row, error_row
+
+AREA = "warm"
+OPTIONS: dict[str, object] = {"memory": "512M"}  # VM.create defaults otherwise (network on, rootfs cow)
+CONCURRENT = 8
+RSS_POLL = 0.05  # seconds between RSS samples while the concurrent VMs start
+STEP_TIMEOUT = 300.0
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+async def collect(ctx: Context) -> list[Row]:
+    rows: list[Row] = []
+    reps = ctx.reps(10, 2)
+    try:
+        async with await VM.create(**OPTIONS) as vm:  # makes sure the template exists
+            ctx.log(f"warm: template ready ({'restored' if vm.restored_from else 'saved'} in {vm.boot_time:.2f}s)")
+            shape = vm.machine_shape()
+        template = TemplateStore().lookup(shape)
+        if template is None:
+            raise BenchError("no template was saved for the benchmark shape")
+        ours, raw = [], []
+        for i in range(reps):
+            with anyio.fail_after(STEP_TIMEOUT):
+                ours.append(await _warm_create())
+                raw.append(await _raw_restore(template.source()))
+            ctx.log(f"warm: rep {i + 1}/{reps}: create+exec {ours[-1]:.3f}s, raw restore {raw[-1]:.3f}s")
+        rows.append(Row(
+            AREA, f"warm VM.create() -> first exec (median of {reps})", Measure.median_of(ours, "s"),
+            Measure.median_of(raw, "s"),
+            "plain QEMU -incoming of the same template file, started -> PONG on the control port",
+            Goal(max_ratio=1.5, max_value=0.25),
+            note=f"template {template.size / 1e6:.0f} MB ({template.memory_size / 1e6:.0f} MB memory stream)"))
+    except Exception as exc:  # noqa: BLE001 - a failed pair becomes an error row, the run goes on
+        rows.append(error_row(AREA, "warm VM.create() -> first exec", exc, Goal(max_ratio=1.5, max_value=0.25)))
+    rows += await _checkpoint_rows(ctx, reps)
+    try:
+        rows += await _concurrent_rows(ctx)
+    except Exception as exc:  # noqa: BLE001
+        rows.append(error_row(AREA, f"{CONCURRENT} VMs created at once from one template", exc))
+    return rows
+
+
+async def _warm_create() -> float:
+    t0 = time.perf_counter()
+    vm = await VM.create(**OPTIONS)  # type: ignore[arg-type]
+    try:
+        r = await vm.exec(["/bin/true"])
+        elapsed = time.perf_counter() - t0
+        if vm.restored_from != "template":
+            raise BenchError("VM.create() booted cold instead of restoring the template")
+    finally:
+        await vm.close()
+    if r.exit_code != 0:
+        raise BenchError(f"/bin/true exited {r.exit_code}")
+    return elapsed
+
+
+async def _raw_restore(source: RestoreSource) -> float:
+    """QEMU with a restored VM's argv, started -> the agent's PONG on the control port."""
+    make = await VM._factory(**OPTIONS)  # type: ignore[arg-type]
+    shape_vm = make()  # never started: only its machine description is used
+    with tempfile.TemporaryDirectory(prefix="gondolin-bench-") as tmp:
+        run = Path(tmp)
+        spec = replace(shape_vm._machine_spec(run), incoming=source.incoming_uri())
+        if source.disk is not None:
+            shutil.copyfile(source.disk.path, run / "root.qcow2")
+        listeners = {"control": await anyio.create_unix_listener(spec.ports[0].socket_path)}
+        for port in spec.ports[1:]:
+            listeners[port.name] = await anyio.create_unix_listener(port.socket_path)
+        if spec.net_socket:
+            listeners["net"] = await anyio.create_unix_listener(spec.net_socket)
+        qemu = QemuProcess(build_argv(spec, find_qemu()))
+        streams: list[ByteStream] = []
+        try:
+            async with anyio.create_task_group() as tg:
+                try:
+                    t0 = time.perf_counter()
+                    qemu.start()
+                    tg.start_soon(qemu.watch)
+                    with anyio.fail_after(60):
+                        for listener in listeners.values():
+                            streams.append(await listener.accept())
+                        ping, pong = pong_marker(1, os.urandom(16))
+                        await streams[0].send(ping)
+                        scanner = PongScanner(pong)
+                        while scanner.feed(await streams[0].receive()) is None:
+                            pass
+                    elapsed = time.perf_counter() - t0
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await qemu.stop()  # before the console watcher is awaited: it reaps QEMU
+        finally:
+            with anyio.CancelScope(shield=True):
+                for s in streams:
+                    await s.aclose()
+                for listener in listeners.values():
+                    await listener.aclose()
+    return elapsed
+
+
+async def _checkpoint_rows(ctx: Context, reps: int) -> list[Row]:
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="gondolin-bench-ckpt-") as tmp:
+        path = Path(tmp) / "idle.ckpt"
+        try:
+            saves, sizes = [], []
+            async with await VM.create(**OPTIONS) as vm:  # type: ignore[arg-type]
+                await vm.exec(["/bin/true"])
+                for i in range(min(reps, 5)):
+                    t0 = time.perf_counter()
+                    cp = await vm.checkpoint(path)
+                    saves.append(time.perf_counter() - t0)
+                    sizes.append(cp.size / 1e6)
+                    ctx.log(f"warm: checkpoint {i + 1}: {saves[-1]:.3f}s, {sizes[-1]:.0f} MB")
+                t0 = time.perf_counter()
+                disk = await vm.checkpoint(Path(tmp) / "disk.ckpt", disk_only=True)
+                disk_s = time.perf_counter() - t0
+            rows.append(Row(AREA, "checkpoint save, idle 512 MiB VM (disk + memory)", Measure.median_of(saves, "s"),
+                            goal=Goal(max_value=1.0),
+                            note=f"the VM runs again before the file's CRCs are computed; disk-only checkpoint "
+                                 f"{disk_s:.2f}s, {disk.size / 1e6:.1f} MB"))
+            rows.append(Row(AREA, "checkpoint size, idle 512 MiB VM", Measure.median_of(sizes, "MB"),
+                            note="guest pages never touched are not stored"))
+        except Exception as exc:  # noqa: BLE001
+            rows.append(error_row(AREA, "checkpoint save, idle 512 MiB VM (disk + memory)", exc, Goal(max_value=1.0)))
+            return rows
+        try:
+            cp = Checkpoint.load(path)
+            ours, raw = [], []
+            mem = cp.header.sections["memory"]
+            disk_sec = cp.header.sections.get("disk")
+            source = RestoreSource("checkpoint", Section(path, mem.offset, mem.size),
+                                   Section(path, disk_sec.offset, disk_sec.size) if disk_sec else None)
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                vm = await cp.resume()
+                try:
+                    await vm.exec(["/bin/true"])
+                    ours.append(time.perf_counter() - t0)
+                finally:
+                    await vm.close()
+                raw.append(await _raw_restore_checkpoint(source))
+            rows.append(Row(AREA, f"Checkpoint.resume() -> first exec (median of {reps})", Measure.median_of(ours, "s"),
+                            Measure.median_of(raw, "s"),
+                            "plain QEMU -incoming of the same checkpoint's memory section -> PONG",
+                            note="includes the CRC check of the whole file, run alongside the restore"))
+        except Exception as exc:  # noqa: BLE001
+            rows.append(error_row(AREA, "Checkpoint.resume() -> first exec", exc))
+    return rows
+
+
+async def _raw_restore_checkpoint(source: RestoreSource) -> float:
+    # The raw path cannot copy a section with shutil.copyfile: extract the overlay first.
+    with tempfile.TemporaryDirectory(prefix="gondolin-bench-") as tmp:
+        disk = None
+        if source.disk is not None:
+            from gondolin.snapshot import copy_section
+
+            disk = Section(Path(tmp) / "overlay.qcow2")
+            copy_section(source.disk, disk.path)
+        return await _raw_restore(RestoreSource(source.kind, source.memory, disk))
+
+
+def _rss(pid: int | str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+async def _concurrent_rows(ctx: Context) -> list[Row]:
+    vms: list[VM] = []
+    peak = 0
+    done = anyio.Event()
+
+    async def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            total = _rss("self") + sum(_rss(vm.qemu_pid) for vm in list(vms) if vm.qemu_pid)
+            peak = max(peak, total)
+            with anyio.move_on_after(RSS_POLL):
+                await done.wait()
+
+    async def one() -> None:
+        vms.append(await VM.create(**OPTIONS))  # type: ignore[arg-type]
+
+    base = _rss("self")
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(sample)
+            t0 = time.perf_counter()
+            with anyio.fail_after(STEP_TIMEOUT):
+                async with anyio.create_task_group() as starters:
+                    for _ in range(CONCURRENT):
+                        starters.start_soon(one)
+                for vm in vms:
+                    await vm.exec(["/bin/true"])
+            total = time.perf_counter() - t0
+            qemu_rss = [_rss(vm.qemu_pid) / 1e6 for vm in vms if vm.qemu_pid]
+            restored = sum(1 for vm in vms if vm.restored_from == "template")
+            done.set()
+    finally:
+        with anyio.CancelScope(shield=True):
+            for vm in vms:
+                await vm.close()
+    ctx.log(f"warm: {CONCURRENT} concurrent creates in {total:.2f}s, peak RSS {peak / 1e6:.0f} MB")
+    return [
+        Row(AREA, f"{CONCURRENT} VMs created at once from one template -> each ran /bin/true", Measure(total, "s"),
+            note=f"{restored} of {CONCURRENT} restored from the template"),
+        Row(AREA, f"peak host RSS while {CONCURRENT} VMs start (this process + every QEMU)", Measure(peak / 1e6, "MB"),
+            note=f"this process {base / 1e6:.0f} MB before; each QEMU {min(qemu_rss):.0f}-{max(qemu_rss):.0f} MB "
+                 f"right after its first exec"),
+    ]
