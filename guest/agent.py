@@ -514,6 +514,7 @@ class Agent:
         self.ca_pem = ""
         self.system_bundle: str | None = None
         self.fuse_proc: subprocess.Popen | None = None
+        self.fuse_mounts: list[str] = []
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wake_r = rfd
         signal.set_wakeup_fd(wfd)
@@ -814,6 +815,23 @@ class Agent:
                 os.close(w.fd)
             except OSError:
                 pass
+        self.stop_mounts()
+
+    def stop_mounts(self) -> None:
+        """Drop the FUSE daemon and its mounts: the host that served them is gone, so every handle
+        they hold is stale. The configure that follows mounts afresh from the new host."""
+        proc, self.fuse_proc = self.fuse_proc, None
+        if proc is None:
+            return
+        try:
+            proc.kill()
+            proc.wait(timeout=5)
+        except (OSError, subprocess.SubprocessError):
+            pass
+        libc = ctypes.CDLL(None, use_errno=True)
+        for m in [*reversed(self.fuse_mounts), "/run/gondolin/fs"]:
+            libc.umount2(m.encode(), 2)  # MNT_DETACH: busy mounts go once their users let go
+        self.fuse_mounts = []
 
     def configure(self, id: int, p: dict, entropy: bytes) -> None:
         """Apply the host's configuration. Sent after every boot and every restore, possibly
@@ -937,6 +955,7 @@ class Agent:
         subprocess.run(["/sbin/modprobe", "fuse"], capture_output=True, timeout=20)
         for m in mounts:
             os.makedirs(m, exist_ok=True)
+        self.fuse_mounts = list(mounts)
         self.fuse_proc = subprocess.Popen(
             [sys.executable, "-S", "-E", "-u", daemon, "--port", "gondolin.fs", *[f"--mount={m}" for m in mounts]],
             start_new_session=True, close_fds=True,

@@ -150,3 +150,22 @@ async def test_missing_or_different_image_is_refused(saved, tmp_path):
 async def test_full_checkpoints_fix_memory_and_cpus(saved):
     with pytest.raises(ValueError):
         await saved["full"].resume(memory="1G")
+
+
+async def test_mounts_are_served_afresh_by_the_resuming_host(tmp_path):
+    from gondolin.vfs import RealFSProvider
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    (first / "from-first.txt").write_text("1")
+    (second / "from-second.txt").write_text("2")
+    async with await VM.create(network=False, mounts={"/workspace": RealFSProvider(first)}) as vm:
+        assert (await vm.exec("cat /workspace/from-first.txt")).stdout == "1"
+        cp = await vm.checkpoint(tmp_path / "mounted.ckpt")
+    with pytest.raises(CheckpointError) as err:
+        await cp.resume()  # the mount's provider is a live host object: it must be given again
+    assert err.value.code == "checkpoint_incompatible" and "mounts=" in str(err.value)
+    async with await cp.resume(mounts={"/workspace": RealFSProvider(second)}) as vm:
+        r = await vm.exec("ls /workspace; cat /workspace/from-second.txt")
+        assert (r.exit_code, r.stdout) == (0, "from-second.txt\n2")
