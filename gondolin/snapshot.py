@@ -139,7 +139,10 @@ class Resync:
             self._scanner = PongScanner(marker)
         else:
             self._scanner.add(marker)
-        await self._stream.send(ping)
+        try:
+            await self._stream.send(ping)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            raise VMStartError("the restored VM closed its control port") from exc
 
     async def wait(self) -> ByteStream:
         """The control stream, positioned just after the PONG."""

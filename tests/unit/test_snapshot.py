@@ -2,6 +2,8 @@ import os
 import shutil
 import subprocess
 
+import anyio
+import anyio.abc
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -150,3 +152,71 @@ def test_qcow2_backing_reads_the_header(tmp_path):
     assert qcow2_backing(plain) is None
     with pytest.raises(SnapshotError):
         qcow2_backing(base)
+
+
+class _Pipe(anyio.abc.ByteStream):
+    def __init__(self, send, recv):
+        self._send, self._recv = send, recv
+
+    async def send(self, data):
+        await self._send.send(bytes(data))
+
+    async def receive(self, max_bytes=65536):
+        try:
+            return await self._recv.receive()
+        except anyio.ClosedResourceError:
+            raise anyio.EndOfStream from None
+
+    async def send_eof(self):
+        self._send.close()
+
+    async def aclose(self):
+        self._send.close()
+        self._recv.close()
+
+
+def pipe():
+    a_send, a_recv = anyio.create_memory_object_stream(100)
+    b_send, b_recv = anyio.create_memory_object_stream(100)
+    return _Pipe(a_send, b_recv), _Pipe(b_send, a_recv)
+
+
+@pytest.mark.anyio
+async def test_resync_skips_stale_frames_and_survives_a_lost_ping(monkeypatch):
+    import gondolin.snapshot as snap
+
+    monkeypatch.setattr(snap, "RESYNC_RETRY", 0.05)
+    host, guest = pipe()
+    stale = encode(Message(T.STDOUT, 3, {}, b"old output"))
+
+    async def fake_guest():
+        await guest.send(stale[5:])  # the tail of a frame cut in half by the snapshot
+        dec = FrameDecoder()
+        pings = 0
+        while True:
+            dec.feed(await guest.receive())
+            for m in dec.messages():
+                pings += 1
+                if pings == 1:
+                    continue  # lost
+                await guest.send(encode(Message(T.PONG, m.id, {}, m.data)) + b"next-frame")
+                return
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(fake_guest)
+        with anyio.fail_after(5):
+            r = snap.Resync(host)
+            await r.ping()
+            stream = await r.wait()
+    assert await stream.receive() == b"next-frame"
+
+
+@pytest.mark.anyio
+async def test_resync_reports_a_closed_port():
+    import gondolin.snapshot as snap
+    from gondolin.errors import VMStartError
+
+    host, guest = pipe()
+    await guest.aclose()
+    with pytest.raises(VMStartError):
+        await snap.resync_control(host)
