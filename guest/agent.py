@@ -49,6 +49,7 @@ PORT_WRITE_PIECES = 32
 STDIN_WINDOW = 256 * 1024  # bytes of stdin the host may have in flight per exec
 PTY_DRAIN_SECONDS = 0.25  # after the main process exits, how long to drain its output
 PIPE_DRAIN_SECONDS = 0.5  # same for pipes kept open by background children
+DRAIN_RECHECK_SECONDS = 0.05
 RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2]), linux/random.h
 RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07), linux/random.h: reseed the CRNG from the input pool now
 MAX_PATH = 4096
@@ -123,6 +124,13 @@ def configure_interface(name: str, cidr: str, gateway: str, mtu: int = 1500) -> 
             fcntl.ioctl(s, SIOCADDRT, route)
         except FileExistsError:
             pass
+
+
+def _unread_bytes(fd: int) -> int:
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0
 
 
 class Exec:
@@ -358,12 +366,17 @@ class Exec:
             self.signal(signal.SIGKILL)
         if self.status is not None and self.exited_at is not None and not self.done:
             limit = PTY_DRAIN_SECONDS if self.pty else PIPE_DRAIN_SECONDS
-            # Output pending behind exhausted credit is not abandoned: the host will grant more.
-            starved = any(self.credit[k] <= 0 for k in self.fds.values())
-            if now - self.exited_at >= limit and not starved:
-                for fd in list(self.fds):
-                    self._close_fd(fd)
-                self.maybe_finish()
+            if now - self.exited_at < limit:
+                return
+            # The process is gone but something (a background child) holds its output open. Cut
+            # the streams only once they hold no unread bytes: output the process wrote before it
+            # exited is never dropped, however long the host takes to grant credit for it.
+            if any(_unread_bytes(fd) for fd in self.fds):
+                self.exited_at = now - limit + DRAIN_RECHECK_SECONDS
+                return
+            for fd in list(self.fds):
+                self._close_fd(fd)
+            self.maybe_finish()
 
     def _close_fd(self, fd: int) -> None:
         self.agent.unwatch_read(fd)
@@ -982,7 +995,8 @@ class Agent:
             timeout: float | None = 0 if busy else None
             now = time.monotonic()
             for ex in self.execs.values():
-                for when in (ex.deadline, (ex.exited_at + PIPE_DRAIN_SECONDS) if ex.exited_at else None):
+                drain = PTY_DRAIN_SECONDS if ex.pty else PIPE_DRAIN_SECONDS
+                for when in (ex.deadline, (ex.exited_at + drain) if ex.exited_at else None):
                     if when is not None:
                         wait = max(0.0, when - now)
                         timeout = wait if timeout is None else min(timeout, wait)

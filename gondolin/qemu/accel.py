@@ -41,7 +41,23 @@ def cache_file() -> Path:
     return cache_root() / "accel.json"
 
 
+_VERSIONS: dict[tuple[str, int, int], str] = {}
+
+
 def qemu_version(qemu: str) -> str:
+    """First line of ``qemu --version``, cached per binary (path, inode, mtime): spawning QEMU
+    costs ~20 ms, which a warm create cannot afford every time."""
+    try:
+        st = os.stat(qemu)
+        key = (qemu, st.st_ino, st.st_mtime_ns)
+    except OSError:
+        key = (qemu, 0, 0)
+    if key not in _VERSIONS:
+        _VERSIONS[key] = _query_version(qemu)
+    return _VERSIONS[key]
+
+
+def _query_version(qemu: str) -> str:
     try:
         out = subprocess.run([qemu, "--version"], capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
