@@ -27,6 +27,7 @@ import anyio
 from anyio.abc import ByteStream, SocketListener
 
 from ._log import get_logger
+from ._proc import pid_alive
 from .errors import GondolinError, ProtocolError
 from .exec import ExecResult, OutputChunk
 from .images.store import cache_root
@@ -95,21 +96,11 @@ class SessionInfo:
 
     @property
     def alive(self) -> bool:
-        return _pid_alive(self.pid) and Path(self.socket).exists()
+        return pid_alive(self.pid) and Path(self.socket).exists()
 
 
 def sessions_dir() -> Path:
     return Path(os.environ.get("GONDOLIN_SESSION_DIR") or cache_root() / "sessions")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid > 0
 
 
 def _read(path: Path) -> SessionInfo:

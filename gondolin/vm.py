@@ -22,6 +22,7 @@ import anyio
 from anyio.abc import SocketListener
 
 from ._log import get_logger
+from ._proc import pid_alive
 from .channel import Channel
 from .errors import GondolinError, MissingToolError, VMClosedError, VMDiedError, VMStartError
 from .exec import ExecProcess, StdinSource, StreamMode, normalize_command
@@ -94,23 +95,13 @@ def gc_run_dirs() -> int:
             owner = int((d / "owner.pid").read_text())
         except (OSError, ValueError):
             owner = 0
-        if owner and _pid_alive(owner):
+        if owner and pid_alive(owner):
             continue
         if not owner and time.time() - d.stat().st_mtime < 60:
             continue  # being created right now
         shutil.rmtree(d, ignore_errors=True)
         removed += 1
     return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class _TaskSet:
