@@ -136,7 +136,19 @@ class ImageBuilder:
                 fcntl.flock(lock, fcntl.LOCK_EX)
             if not force and self.is_current(ref):  # built while we waited
                 return self.store.resolve(ref)
+            if not force and (same := self._find_by_inputs()) is not None:
+                # Another checkout or version of gondolin moved the ref; the image for this
+                # code is still in the store, so point the ref back instead of rebuilding.
+                self.store.set_ref(ref, same.build_id)
+                return same
             return self._build_locked(ref, force)
+
+    def _find_by_inputs(self) -> Image | None:
+        key = self.inputs_key()
+        for image in self.store.images():
+            if image.manifest.get("inputs_key") == key and not image.manifest.get("partial"):
+                return image
+        return None
 
     def _build_locked(self, ref: str, force: bool) -> Image:
         t0 = time.monotonic()

@@ -112,3 +112,22 @@ def test_cpio_newc_is_readable_by_cpio_tool(tmp_path):
         subprocess.run(["cpio", "-idm", "--quiet"], input=data, cwd=extract, check=True)
         assert (extract / "bin/hello").read_bytes() == b"hello initramfs\n"
         assert os.readlink(extract / "bin/sh") == "hello"
+
+
+def test_build_points_the_ref_back_at_an_image_built_from_the_same_inputs(tmp_path, monkeypatch):
+    from gondolin.images.builder import ImageBuilder
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    store = ImageStore(tmp_path / "store")
+    builder = ImageBuilder(store, progress=None)
+    ours = store.add(staging_dir(tmp_path, "ours"), {"inputs_key": builder.inputs_key()})
+    other = store.add(staging_dir(tmp_path, "other", b"z"), {"inputs_key": "from-another-checkout"})
+    store.set_ref("default", other.build_id)
+    assert not builder.is_current()
+
+    def no_real_build(*args, **kwargs):
+        raise AssertionError("must not rebuild when the store already has this code's image")
+
+    monkeypatch.setattr(builder, "_build_locked", no_real_build)
+    assert builder.build().build_id == ours.build_id
+    assert store.ref("default") == ours.build_id and builder.is_current()
