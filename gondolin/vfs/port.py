@@ -25,6 +25,12 @@ from .rpc import FsRpcService
 log = logging.getLogger(__name__)
 
 READ_SIZE = 1 << 20  # bytes asked of the stream per receive
+# How long the guest kernel may trust what it was told. Changes made through the guest or
+# through vm.fs are pushed to it at once (replies, invalidations); only changes made behind
+# gondolin's back (another host process editing a RealFSProvider directory) wait for these.
+# Measured: git status on 5,000 files, run twice, took 10.9 s + 10.9 s with 1 s and
+# 10.3 s + 2.2 s with 10 s (the second run answered from the guest's caches).
+CACHE_TTLS_MS = {"entry_ttl_ms": 10_000, "attr_ttl_ms": 10_000, "negative_ttl_ms": 1_000}
 _CLOSED = (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError)
 
 
@@ -34,7 +40,8 @@ class VfsServer:
     def __init__(self, mounts: Mapping[str, Provider], **service_options: Any) -> None:
         self.mounts = dict(mounts)
         self.root = single_or_router(self.mounts)
-        self.service = FsRpcService(self.root, **service_options)
+        options = {**CACHE_TTLS_MS, **service_options}
+        self.service = FsRpcService(self.root, **options)
 
     def invalidate(self, path: str) -> None:
         """Drop what the guest kernel caches about the guest path ``path`` (changed on the host)."""
