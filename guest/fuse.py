@@ -759,8 +759,13 @@ class Daemon:
                 return out, False
             if n == 0:
                 return out, True
-            with memoryview(self._port_buf) as view:
-                out.extend(self.splitter.feed(view[:n]))
+            try:
+                with memoryview(self._port_buf) as view:
+                    out.extend(self.splitter.feed(view[:n]))
+            except wire.WireError as exc:  # the host is trusted; still, never stop serving
+                log(f"fs port: {exc}; resynchronising")
+                self.splitter = wire.FrameSplitter()
+                return out, False
             missing = self.splitter.missing
             if not missing:
                 return out, False

@@ -200,10 +200,9 @@ async def test_no_setuid_files_on_the_host(real: RealFSProvider) -> None:
 
 @pytest.mark.parametrize("how", ["open", "truncate"])
 async def test_writes_drop_setuid_of_host_files(real: RealFSProvider, how: str) -> None:
-    host = os.path.join(real.root, "suid")
-    with open(host, "wb") as f:
-        f.write(b"#!/bin/sh\n")
-    os.chmod(host, 0o6755)
+    host = Path(real.root) / "suid"
+    host.write_bytes(b"#!/bin/sh\n")
+    host.chmod(0o6755)
     if how == "open":
         handle = await real.open("/suid", RW)
         await handle.write(0, b"#!/bin/bash")
