@@ -28,13 +28,16 @@ class _Node:
 
 
 class NodeTable:
-    def __init__(self, max_nodes: int = DEFAULT_MAX_NODES) -> None:
+    def __init__(self, max_nodes: int = DEFAULT_MAX_NODES, first_id: int = ROOT_NODE + 1) -> None:
+        """``first_id``: where new node ids start (above the root's)."""
+        if first_id <= ROOT_NODE:
+            raise ValueError("node ids start above the root's")
         self.max_nodes = max_nodes
         root = _Node(0, "")
         root.lookups = 1  # the mount itself; never forgotten
         self._nodes: dict[int, _Node] = {ROOT_NODE: root}
         self._names: dict[tuple[int, str], int] = {}
-        self._next = ROOT_NODE + 1
+        self._next = first_id
 
     def __len__(self) -> int:
         return len(self._nodes)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,7 +41,9 @@ class VfsServer:
     def __init__(self, mounts: Mapping[str, Provider], **service_options: Any) -> None:
         self.mounts = dict(mounts)
         self.root = single_or_router(self.mounts)
-        options = {**CACHE_TTLS_MS, **service_options}
+        # Ids no earlier session of this guest can hold (see FsRpcService's id_offset).
+        offset = secrets.randbelow(1 << 46) << 16
+        options = {**CACHE_TTLS_MS, "id_offset": offset, **service_options}
         self.service = FsRpcService(self.root, **options)
 
     def invalidate(self, path: str) -> None:

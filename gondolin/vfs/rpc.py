@@ -86,10 +86,10 @@ class _OpenDir:
 class _Table:
     """Numbered handles, ids never reused, at most ``limit`` live."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, first: int = 1) -> None:
         self.limit = limit
         self.items: dict[int, Any] = {}
-        self._next = 1
+        self._next = first
 
     def add(self, item: object) -> int:
         if len(self.items) >= self.limit:
@@ -129,15 +129,20 @@ class FsRpcService:
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         max_dir_entries: int = DEFAULT_MAX_DIR_ENTRIES,
         clock: Callable[[], int] = time.time_ns,
+        id_offset: int = 0,
     ) -> None:
+        """``id_offset`` moves where node and handle ids start. A guest that outlives its host
+        session (a resumed checkpoint) still holds the old session's ids; with a fresh random
+        offset they are unknown (ESTALE, which makes the guest kernel look the path up again)
+        instead of naming someone else's file."""
         self.provider = provider
         self.entry_ttl_ms = entry_ttl_ms
         self.attr_ttl_ms = attr_ttl_ms
         self.negative_ttl_ms = negative_ttl_ms
         self.max_in_flight = max_in_flight
-        self.nodes = NodeTable(max_nodes)
-        self._files = _Table(max_handles)
-        self._dirs = _Table(max_handles)
+        self.nodes = NodeTable(max_nodes, ROOT_NODE + 1 + id_offset)
+        self._files = _Table(max_handles, 1 + id_offset)
+        self._dirs = _Table(max_handles, 1 + id_offset)
         self.max_dir_entries = max_dir_entries
         self._dir_entries = 0
         self._clock = clock

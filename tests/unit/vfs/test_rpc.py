@@ -491,3 +491,15 @@ async def test_unencodable_reply_is_eio() -> None:
     await service.provider.mkdir("/d", 0o755)
     assert await client.err(w.Lookup(ROOT_NODE, b"d")) == E.EIO
     assert service.stats.internal_errors == 1
+
+
+async def test_ids_of_an_earlier_session_are_unknown_not_reused(fs: MemoryProvider) -> None:
+    """A resumed guest still holds the previous host session's node and handle ids."""
+    old = Client(FsRpcService(fs))
+    f = await old.ok(w.Create(ROOT_NODE, 0o644, O_RDWR | O_CREAT, b"f"))
+    assert isinstance(f, w.CreateReply)
+    new = Client(FsRpcService(fs, id_offset=1 << 20))
+    g = await new.ok(w.Create(ROOT_NODE, 0o644, O_RDWR | O_CREAT, b"g"))
+    assert isinstance(g, w.CreateReply) and g.entry.node > 1 << 20 and g.open.fh > 1 << 20
+    assert await new.err(w.Getattr(f.entry.node)) == E.ESTALE
+    assert await new.err(w.Read(f.open.fh, 0, 10)) == E.EBADF
