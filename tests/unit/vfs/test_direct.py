@@ -58,7 +58,7 @@ def other() -> MemoryProvider:
 
 @pytest.fixture
 def setup(mem: MemoryProvider, other: MemoryProvider) -> tuple[DirectFS, FakeGuest, list[str]]:
-    mounts = {"/work": mem, "/data/other": other}
+    mounts = {"/proj": mem, "/data/other": other}
     router = MountRouter(mounts)
     guest = FakeGuest()
     invalidated: list[str] = []
@@ -68,27 +68,27 @@ def setup(mem: MemoryProvider, other: MemoryProvider) -> tuple[DirectFS, FakeGue
 
 @pytest.mark.parametrize(
     ("path", "expected"),
-    [("/work", True), ("/work/a/b", True), ("/workspace", False), ("/data", False),
+    [("/proj", True), ("/proj/a/b", True), ("/projspace", False), ("/data", False),
      ("/data/other/x", True), ("/", False)],
 )  # fmt: skip
 def test_mounted(path: str, expected: bool) -> None:
-    assert mounted(["/work", "/data/other"], path) is expected
+    assert mounted(["/proj", "/data/other"], path) is expected
 
 
 async def test_write_read_stat_and_invalidation(
     setup: tuple[DirectFS, FakeGuest, list[str]],
 ) -> None:
     direct, _, invalidated = setup
-    assert await direct.write("/work/a/b.txt", "hello", mode=0o600, append=False, parents=True,
+    assert await direct.write("/proj/a/b.txt", "hello", mode=0o600, append=False, parents=True,
                               user="agent") == 5  # fmt: skip
-    assert await direct.write("/work/a/b.txt", [b" wo", b"rld"], mode=None, append=True,
+    assert await direct.write("/proj/a/b.txt", [b" wo", b"rld"], mode=None, append=True,
                               parents=False, user=None) == 6  # fmt: skip
-    st = await direct.stat("/work/a/b.txt")
+    st = await direct.stat("/proj/a/b.txt")
     assert (st.size, st.permissions, st.uid, st.gid) == (11, 0o600, 1000, 1001)
-    chunks = [c async for c in await direct.open_read("/work/a/b.txt", offset=2, length=5,
+    chunks = [c async for c in await direct.open_read("/proj/a/b.txt", offset=2, length=5,
                                                        chunk_size=2)]  # fmt: skip
     assert chunks == [b"ll", b"o ", b"w"]
-    assert invalidated == ["/work/a", "/work/a/b.txt", "/work/a/b.txt"]
+    assert invalidated == ["/proj/a", "/proj/a/b.txt", "/proj/a/b.txt"]
 
 
 async def test_symlinks_resolve_inside_and_hand_outside_paths_back(
@@ -104,17 +104,17 @@ async def test_symlinks_resolve_inside_and_hand_outside_paths_back(
     await mem.symlink("/dirlink", "dir")
     await mem.symlink("/out", "/etc/hostname")
     await mem.symlink("/loop", "loop")
-    assert (await direct.stat("/work/rel")).size == 6
-    assert (await direct.stat("/work/rel", follow_symlinks=False)).is_symlink
-    assert (await direct.stat("/work/dirlink/up")).size == 6
-    assert b"".join([c async for c in await direct.open_read("/work/abs", offset=0, length=None,
+    assert (await direct.stat("/proj/rel")).size == 6
+    assert (await direct.stat("/proj/rel", follow_symlinks=False)).is_symlink
+    assert (await direct.stat("/proj/dirlink/up")).size == 6
+    assert b"".join([c async for c in await direct.open_read("/proj/abs", offset=0, length=None,
                                                              chunk_size=4)]) == b"other mount"  # fmt: skip
-    assert await direct.stat("/work/out") == "guest-stat"
-    assert [c async for c in await direct.open_read("/work/out", offset=0, length=None,
+    assert await direct.stat("/proj/out") == "guest-stat"
+    assert [c async for c in await direct.open_read("/proj/out", offset=0, length=None,
                                                     chunk_size=4)] == [b"guest"]  # fmt: skip
     assert guest.calls == [("stat", "/etc/hostname"), ("open_read", "/etc/hostname")]
     with pytest.raises(GuestFileError) as err:
-        await direct.stat("/work/loop")
+        await direct.stat("/proj/loop")
     assert (err.value.errno, err.value.errno_name) == (E.ELOOP, "ELOOP")
 
 
@@ -122,45 +122,45 @@ async def test_scandir_mkdir_rename_remove(
     setup: tuple[DirectFS, FakeGuest, list[str]], mem: MemoryProvider
 ) -> None:
     direct, _, invalidated = setup
-    await direct.mkdir("/work/x/y", parents=True, exist_ok=True, mode=0o700)
-    await direct.mkdir("/work/x/y", parents=True, exist_ok=True, mode=0o700)
+    await direct.mkdir("/proj/x/y", parents=True, exist_ok=True, mode=0o700)
+    await direct.mkdir("/proj/x/y", parents=True, exist_ok=True, mode=0o700)
     for kw, errno in (({"parents": True, "exist_ok": False}, E.EEXIST),
                       ({"parents": False, "exist_ok": True}, E.EEXIST)):  # fmt: skip
         with pytest.raises(GuestFileError) as err:
-            await direct.mkdir("/work/x/y", mode=0o755, **kw)
+            await direct.mkdir("/proj/x/y", mode=0o755, **kw)
         assert err.value.errno == errno
     assert stat.S_IMODE((await mem.getattr("/x/y")).mode) == 0o700
     await write_file(mem, "/x/f", b"1")
     await mem.symlink("/x/l", "f")
-    assert await direct.scandir("/work/x") == [
+    assert await direct.scandir("/proj/x") == [
         DirEntry("f", "file"), DirEntry("l", "symlink"), DirEntry("y", "dir")]  # fmt: skip
-    await direct.rename("/work/x/f", "/work/x/g")
+    await direct.rename("/proj/x/f", "/proj/x/g")
     assert await read_file(mem, "/x/g") == b"1"
     for dst in ("/data/other/g", "/tmp/g"):
         with pytest.raises(GuestFileError) as err:
-            await direct.rename("/work/x/g", dst)
+            await direct.rename("/proj/x/g", dst)
         assert err.value.errno == E.EXDEV
     with pytest.raises(GuestFileError) as err:
-        await direct.remove("/work/x", recursive=False, force=False)
-    assert err.value.errno == E.ENOTEMPTY and err.value.path == "/work/x"
-    assert await direct.remove("/work/x", recursive=True, force=False)
-    assert not await direct.remove("/work/x", recursive=False, force=True)
+        await direct.remove("/proj/x", recursive=False, force=False)
+    assert err.value.errno == E.ENOTEMPTY and err.value.path == "/proj/x"
+    assert await direct.remove("/proj/x", recursive=True, force=False)
+    assert not await direct.remove("/proj/x", recursive=False, force=True)
     assert await mem.readdir("/") == []
-    assert "/work/x" in invalidated and "/work/x/g" in invalidated
+    assert "/proj/x" in invalidated and "/proj/x/g" in invalidated
 
 
 async def test_errors_name_the_path(setup: tuple[DirectFS, FakeGuest, list[str]]) -> None:
     direct, _, _ = setup
-    for call in (direct.stat("/work/nope"), direct.scandir("/work/nope"),
-                 direct.open_read("/work/nope", offset=0, length=None, chunk_size=1)):  # fmt: skip
+    for call in (direct.stat("/proj/nope"), direct.scandir("/proj/nope"),
+                 direct.open_read("/proj/nope", offset=0, length=None, chunk_size=1)):  # fmt: skip
         with pytest.raises(GuestFileError) as err:
             await call
-        assert (err.value.errno_name, err.value.path) == ("ENOENT", "/work/nope")
+        assert (err.value.errno_name, err.value.path) == ("ENOENT", "/proj/nope")
     with pytest.raises(GuestFileError) as err:
-        await direct.write("/work/no/dir", "x", mode=None, append=False, parents=False, user=None)
+        await direct.write("/proj/no/dir", "x", mode=None, append=False, parents=False, user=None)
     assert err.value.errno == E.ENOENT
     with pytest.raises(GuestFileError):
-        await direct.write("/work/f", "x", mode=None, append=False, parents=False, user="nobody")
+        await direct.write("/proj/f", "x", mode=None, append=False, parents=False, user="nobody")
 
 
 class FakeVM:
@@ -180,16 +180,16 @@ class FakeVM:
 
 
 async def test_guest_fs_routes_mounted_paths_to_the_provider(mem: MemoryProvider) -> None:
-    vm = FakeVM({"/work": mem})
+    vm = FakeVM({"/proj": mem})
     fs = GuestFS(vm)  # type: ignore[arg-type]
-    await fs.write("/work/f.txt", b"direct")
-    assert await fs.read_bytes("/work/f.txt") == b"direct"
-    assert await fs.listdir("/work") == ["f.txt"]
-    assert await fs.exists("/work/f.txt") and not await fs.exists("/work/g")
-    await fs.mkdir("/work/d")
-    await fs.rename("/work/f.txt", "/work/d/f.txt")
-    assert await fs.remove("/work/d", recursive=True)
-    assert vm.invalidated == ["/work/f.txt", "/work/d", "/work/f.txt", "/work/d/f.txt", "/work/d"]
-    for call in (fs.stat("/tmp/x"), fs.listdir("/workspace"), fs.read_bytes("/etc/passwd")):
+    await fs.write("/proj/f.txt", b"direct")
+    assert await fs.read_bytes("/proj/f.txt") == b"direct"
+    assert await fs.listdir("/proj") == ["f.txt"]
+    assert await fs.exists("/proj/f.txt") and not await fs.exists("/proj/g")
+    await fs.mkdir("/proj/d")
+    await fs.rename("/proj/f.txt", "/proj/d/f.txt")
+    assert await fs.remove("/proj/d", recursive=True)
+    assert vm.invalidated == ["/proj/f.txt", "/proj/d", "/proj/f.txt", "/proj/d/f.txt", "/proj/d"]
+    for call in (fs.stat("/tmp/x"), fs.listdir("/projspace"), fs.read_bytes("/etc/passwd")):
         with pytest.raises(LookupError):
             await call
