@@ -48,6 +48,11 @@ try:  # in the guest: the copy next to this file
 except ImportError:  # on the host (tests)
     from gondolin.vfs import wire
 
+try:  # the agent's port lookup, one implementation for both guest daemons
+    from agent import find_port  # type: ignore[import-not-found]
+except ImportError:  # on the host (tests)
+    from guest.agent import find_port
+
 HIDDEN_ROOT = "/run/gondolin/fs"
 FUSE_DEVICE = "/dev/fuse"
 
@@ -593,25 +598,6 @@ def fuse_dirents(msg: bytes, pos: int) -> bytes:
 
 # ---------------------------------------------------------------------------------------------
 # Driver
-
-
-def find_port(name: str, timeout: float = 10.0) -> str:
-    deadline = time.monotonic() + timeout
-    base = "/sys/class/virtio-ports"
-    while True:
-        try:
-            for entry in os.listdir(base):
-                try:
-                    with open(f"{base}/{entry}/name") as f:
-                        if f.read().strip() == name:
-                            return f"/dev/{entry}"
-                except OSError:
-                    continue
-        except FileNotFoundError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"virtio port {name!r} not found")
-        time.sleep(0.01)
 
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_BIND = 1, 2, 4, 4096
