@@ -76,7 +76,7 @@ def _size(n: int) -> str:
 def _list(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from .sessions import list_sessions
+    from .registry import list_sessions
 
     sessions = list_sessions()
     if args.json:
@@ -94,8 +94,8 @@ def _list(args: argparse.Namespace) -> int:
 
 
 async def _attach(args: argparse.Namespace) -> int:
-    from .cli import interactive_shell
-    from .sessions import RemoteVM
+    from ._terminal import interactive_shell
+    from .registry import RemoteVM
 
     remote = RemoteVM.find(args.id)
     command = list(args.command)
@@ -123,7 +123,7 @@ async def _attach(args: argparse.Namespace) -> int:
 
 
 def default_snapshot_path(ident: str) -> Path:
-    from .checkpoint import SUFFIX, default_dir
+    from .machine.checkpoint import SUFFIX, default_dir
 
     d = default_dir()
     d.mkdir(parents=True, exist_ok=True)
@@ -131,7 +131,7 @@ def default_snapshot_path(ident: str) -> Path:
 
 
 async def _snapshot(args: argparse.Namespace) -> int:
-    from .sessions import RemoteVM
+    from .registry import RemoteVM
 
     remote = RemoteVM.find(args.id)
     path = Path(args.output) if args.output else default_snapshot_path(remote.info.label or remote.id)
@@ -142,7 +142,7 @@ async def _snapshot(args: argparse.Namespace) -> int:
 
 def resolve_checkpoint(name: str) -> Path:
     """A path, or a name in the checkpoint folder (with or without its suffix)."""
-    from .checkpoint import SUFFIX, default_dir
+    from .machine.checkpoint import SUFFIX, default_dir
 
     p = Path(name)
     if p.exists() or os.sep in name:
@@ -154,7 +154,8 @@ def resolve_checkpoint(name: str) -> Path:
 
 
 def _checkpoint(args: argparse.Namespace) -> int:
-    from .checkpoint import Checkpoint, default_dir, list_checkpoints
+    from .machine.checkpoint import default_dir, list_checkpoints
+    from .vm import Checkpoint
 
     if args.checkpoint_cmd == "list":
         folder = Path(args.dir) if args.dir else default_dir()
@@ -184,7 +185,7 @@ def _checkpoint(args: argparse.Namespace) -> int:
 
 async def resume_for_shell(name: str, options: dict[str, Any]) -> Any:
     """``gondolin bash --resume``: the VM from a checkpoint, with the shell's network options."""
-    from .checkpoint import Checkpoint
+    from .vm import Checkpoint
 
     cp = Checkpoint.load(resolve_checkpoint(name))
     kwargs: dict[str, Any] = {}
@@ -196,7 +197,10 @@ async def resume_for_shell(name: str, options: dict[str, Any]) -> Any:
 
 
 async def image_warm(args: argparse.Namespace) -> int:
-    from .templates import TemplateStore
+    from .machine.launch import resolve
+    from .machine.shape import machine_shape
+    from .machine.templates import TemplateStore
+    from .options import VMOptions
     from .vm import VM
 
     store = TemplateStore()
@@ -207,15 +211,15 @@ async def image_warm(args: argparse.Namespace) -> int:
         for t in templates:
             print(f"{t.key}  {_size(t.size):>7}  saved {_age(t.created)} ago  {t.shape.describe()}")
         return 0
-    options = {"memory": args.memory, "cpus": args.cpus, "rootfs": args.rootfs, "image": args.image,
-               "network": not args.no_network}
+    options = VMOptions(memory=args.memory, cpus=args.cpus, rootfs=args.rootfs, image=args.image,
+                        network=not args.no_network)
     if args.rebuild:
-        probe = (await VM._factory(**options))()
-        if store.remove(probe.machine_shape().key()):
+        checked, image, accel = await resolve(options)
+        if store.remove(machine_shape(checked, image, accel).key()):
             print("discarded the saved template")
     t0 = time.monotonic()
-    async with await VM.create(**options) as vm:
-        shape = vm.machine_shape()
+    async with await VM.create(options) as vm:
+        shape = vm.shape()
         how = "restored it" if vm.restored_from else "booted and saved it"
     tpl = store.lookup(shape)
     if tpl is None:

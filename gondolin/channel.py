@@ -12,17 +12,25 @@ import contextlib
 import itertools
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol
 
 import anyio
 from anyio.abc import ByteStream
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._log import get_logger
-from .errors import GondolinError, ProtocolError, VMClosedError, VMDiedError
+from .errors import GondolinError, GuestTimeoutError, ProtocolError, VMClosedError, VMDiedError
+from .options import Timeouts
 from .protocol import FrameDecoder, FrameError, Message, T, encode
 
 log = get_logger("protocol")
 READ_SIZE = 1 << 20
+# Unsolicited guest messages (id 0) queued during boot, when the host waits for HELLO.
+UNSOLICITED_SLOTS = 8
+# Messages queued for one request before the host reads them. Output and file data are bounded
+# by credit; this bounds the rest (a guest that floods one request with small messages).
+INBOX_SLOTS = 4096
+UNGRANTED_DATA_MAX = 4096  # bytes a message may carry when the host granted none (PONG nonces)
 # Ids for host-originated requests. The guest never originates ids other than 0.
 _FIRST_ID = 1
 
@@ -35,13 +43,14 @@ class Inbox:
         self.id = id
         self._send: MemoryObjectSendStream[Message | BaseException]
         self._recv: MemoryObjectReceiveStream[Message | BaseException]
-        # Bounded in practice by the credit this side grants; see Channel._dispatch.
-        self._send, self._recv = anyio.create_memory_object_stream(math.inf)
+        # Data is bounded by the credit this side grants; the number of messages by INBOX_SLOTS.
+        self._send, self._recv = anyio.create_memory_object_stream(INBOX_SLOTS)
         self.credit = 0  # bytes we may still send to the guest (stdin / file data)
         self.credit_changed = anyio.Event()
         self.granted: dict[int, int] = {}  # message type -> bytes the guest may still send us
         self.closed = False
         self.finished = False
+        self.failure: BaseException | None = None
 
     def deliver(self, msg: Message) -> None:
         if msg.t == T.CREDIT:
@@ -61,8 +70,14 @@ class Inbox:
                     f"guest sent {len(msg.data)} bytes of {msg.type_name} beyond the granted credit"))
                 return
             self.granted[msg.t] = left
+        elif len(msg.data) > UNGRANTED_DATA_MAX:
+            self.fail(ProtocolError(f"guest sent {len(msg.data)} bytes of {msg.type_name}, which the host "
+                                    "never asked for"))
+            return
         try:
             self._send.send_nowait(msg)
+        except anyio.WouldBlock:
+            self.fail(ProtocolError(f"guest sent more than {INBOX_SLOTS} unread messages for one request"))
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             pass
 
@@ -75,24 +90,49 @@ class Inbox:
         self.granted[t] = self.granted.get(t, 0) + n
 
     def fail(self, exc: BaseException) -> None:
+        self.failure = self.failure or exc
         try:
             self._send.send_nowait(exc)
+        except anyio.WouldBlock:
+            pass  # get() raises self.failure once the queue is read
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             pass
         self.credit_changed.set()
 
-    async def get(self) -> Message:
-        item = await self._recv.receive()
+    async def get(self, timeout: float | None = None, what: str = "a reply") -> Message:
+        """The next message for this request; :class:`GuestTimeoutError` when none arrives
+        within ``timeout`` seconds (None: wait as long as the channel lives)."""
+        if self.failure is not None:
+            raise self.failure
+        with anyio.move_on_after(timeout if timeout is not None else math.inf) as scope:
+            item = await self._recv.receive()
+        if scope.cancelled_caught:
+            raise GuestTimeoutError(f"the guest sent no {what} within {timeout:g}s")
         if isinstance(item, BaseException):
             raise item
         return item
 
-    async def wait_credit(self) -> None:
+    async def wait_credit(self, timeout: float | None = None) -> None:
+        """Wait until the guest grants credit (or the request ends); :class:`GuestTimeoutError`
+        after ``timeout`` seconds without any."""
         if self.channel.dead is not None:
             raise self.channel.dead
-        await self.credit_changed.wait()
+        with anyio.move_on_after(timeout if timeout is not None else math.inf) as scope:
+            await self.credit_changed.wait()
         if self.channel.dead is not None:
             raise self.channel.dead
+        if scope.cancelled_caught:
+            raise GuestTimeoutError(f"the guest granted no credit within {timeout:g}s")
+
+    def take_nowait(self) -> Message | None:
+        """A message already queued for this request, if any (raises a queued failure)."""
+        try:
+            item = self._recv.receive_nowait()
+        except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+            return None
+        if isinstance(item, BaseException):
+            raise item
+        return item
 
     def close(self) -> None:
         if not self.closed:
@@ -100,6 +140,22 @@ class Inbox:
             self.channel._inboxes.pop(self.id, None)
             self._send.close()
             self._recv.close()
+
+
+class ControlLink(Protocol):
+    """What requests (exec, file operations) need from a running VM: its control channel, a
+    place to run their helper tasks, and the host-side deadlines. A machine provides it; unit
+    tests provide one over in-memory streams."""
+
+    timeouts: Timeouts
+
+    def control(self) -> Channel:
+        """The control channel; raises the VM's death or close error when it has none."""
+        ...
+
+    def spawn(self, name: str, fn: Callable[..., Awaitable[Any]], *args: Any, critical: bool = True) -> None:
+        """Run ``fn(*args)`` as a background task owned by the VM."""
+        ...
 
 
 class Channel:
@@ -116,8 +172,18 @@ class Channel:
         self.dead: GondolinError | None = None
         self.unsolicited: MemoryObjectSendStream[Message]
         self._unsolicited_recv: MemoryObjectReceiveStream[Message]
-        self.unsolicited, self._unsolicited_recv = anyio.create_memory_object_stream(64)
+        self.unsolicited, self._unsolicited_recv = anyio.create_memory_object_stream(UNSOLICITED_SLOTS)
         self.decode_errors = 0
+        self.dropped_unsolicited = 0
+        self._booted = False
+
+    def booted(self) -> None:
+        """The boot handshake is over: later unsolicited guest messages are dropped unread."""
+        self._booted = True
+        self.unsolicited.close()
+        with contextlib.suppress(anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+            while True:
+                self._unsolicited_recv.receive_nowait()
 
     def open(self) -> Inbox:
         if self.dead is not None:
@@ -139,6 +205,15 @@ class Channel:
 
     async def send_message(self, t: int, id: int, data: bytes = b"", **p: object) -> None:
         await self.send(encode(Message(t, id, p, data)))
+
+    async def request(self, t: int, data: bytes = b"", *, timeout: float | None = None, **p: object) -> Message:
+        """Send one request and return the guest's first answer to it."""
+        inbox = self.open()
+        try:
+            await self.send_message(t, inbox.id, data, **p)
+            return await inbox.get(timeout, what=f"answer to {T(t).name}")
+        finally:
+            inbox.close()
 
     @contextlib.asynccontextmanager
     async def quiesced(self, timeout: float = 30.0) -> AsyncIterator[None]:
@@ -190,9 +265,15 @@ class Channel:
         if log.isEnabledFor(10):
             log.debug("<- %s id=%s %s %s", msg.type_name, msg.id, msg.p, f"+{len(msg.data)}B" if msg.data else "")
         if msg.id == 0:
+            if self._booted:
+                # Nothing reads unsolicited messages once the guest has said hello: a guest
+                # that keeps sending them must not make the host hold their bytes.
+                self.dropped_unsolicited += 1
+                return
             try:
                 self.unsolicited.send_nowait(msg)
             except anyio.WouldBlock:
+                self.dropped_unsolicited += 1
                 log.debug("dropping unsolicited %s", msg.type_name)
             return
         inbox = self._inboxes.get(msg.id)

@@ -59,14 +59,30 @@ class VMDiedError(GondolinError):
         super().__init__(message)
 
 
+class VMUnresponsiveError(VMDiedError):
+    """The guest stopped answering the host's pings (frozen, or too busy to schedule the agent)
+    for longer than ``timeouts.unresponsive``; the VM was stopped."""
+
+    code = "vm_unresponsive"
+
+
 class VMClosedError(GondolinError):
     """The VM was closed by its owner; no further operations are possible."""
 
     code = "vm_closed"
 
 
-class ExecTimeout(GondolinError):
-    """Raised by ``ExecProcess.wait(timeout=...)`` when the host-side wait expires."""
+class GuestTimeoutError(GondolinError):
+    """The guest did not answer a request within its host-side deadline (``timeouts.call``,
+    or the ``timeout`` of the call). The VM may still be running."""
+
+    code = "guest_timeout"
+
+
+class ExecTimeout(GuestTimeoutError):
+    """A command did not finish within a host-side deadline: ``ExecProcess.wait(timeout=...)``
+    expired (the command keeps running), or the guest did not report the end of a command
+    ``exec(timeout=t)`` had to kill by ``t + timeouts.grace``."""
 
     code = "exec_timeout"
 

@@ -8,17 +8,14 @@ import signal as _signal
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Generator, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import anyio
 
 from ._log import get_logger
-from .channel import Inbox
-from .errors import ExecTimeout, GondolinError, ProtocolError
+from .channel import ControlLink, Inbox
+from .errors import ExecTimeout, GondolinError, GuestTimeoutError, ProtocolError
 from .protocol import DATA_CHUNK, T
-
-if TYPE_CHECKING:
-    from .vm import VM
 
 log = get_logger("exec")
 StreamMode = Literal["buffer", "pipe", "ignore"]
@@ -81,12 +78,12 @@ class ExecProcess:
     produces more once they are consumed (credit-based flow control), so memory stays bounded.
     """
 
-    def __init__(self, vm: VM, request: dict[str, Any], *, stdin: StdinSource, stdout: StreamMode,
+    def __init__(self, link: ControlLink, request: dict[str, Any], *, stdin: StdinSource, stdout: StreamMode,
                  stderr: StreamMode, window: int, timeout: float | None) -> None:
         for name, mode in (("stdout", stdout), ("stderr", stderr)):
             if mode not in ("buffer", "pipe", "ignore"):
                 raise ValueError(f"{name} must be 'buffer', 'pipe' or 'ignore', not {mode!r}")
-        self._vm = vm
+        self._link = link
         self._request = request
         self._stdin_source = stdin
         self._modes: dict[int, StreamMode] = {T.STDOUT: stdout, T.STDERR: stderr}
@@ -118,7 +115,7 @@ class ExecProcess:
         async with self._start_lock:
             if self._inbox is not None:
                 return self
-            channel = self._vm._require_channel()
+            channel = self._link.control()
             inbox = channel.open()
             self._inbox = inbox
             inbox.grant(T.STDOUT, self._window)
@@ -151,7 +148,7 @@ class ExecProcess:
                 await inbox.wait_credit()
             n = min(len(view), inbox.credit, DATA_CHUNK)
             inbox.credit -= n
-            await self._vm._require_channel().send_message(T.STDIN, inbox.id, bytes(view[:n]))
+            await self._link.control().send_message(T.STDIN, inbox.id, bytes(view[:n]))
             view = view[n:]
 
     async def close_stdin(self) -> None:
@@ -160,7 +157,7 @@ class ExecProcess:
         if not self._stdin_closed and self._result is None:
             self._stdin_closed = True
             assert self._inbox is not None
-            await self._vm._require_channel().send_message(T.STDIN_EOF, self._inbox.id)
+            await self._link.control().send_message(T.STDIN_EOF, self._inbox.id)
 
     def _request_stdin(self) -> bool:
         return self._stdin_source is not None and self._stdin_source is not False
@@ -190,7 +187,7 @@ class ExecProcess:
         await self.start()
         if self._result is None:
             assert self._inbox is not None
-            await self._vm._require_channel().send_message(T.SIGNAL, self._inbox.id, signal=int(signum))
+            await self._link.control().send_message(T.SIGNAL, self._inbox.id, signal=int(signum))
 
     async def kill(self) -> None:
         await self.signal(_signal.SIGKILL)
@@ -200,7 +197,7 @@ class ExecProcess:
         await self.start()
         if self._result is None:
             assert self._inbox is not None
-            await self._vm._require_channel().send_message(T.RESIZE, self._inbox.id, rows=rows, cols=cols)
+            await self._link.control().send_message(T.RESIZE, self._inbox.id, rows=rows, cols=cols)
 
     # -- output --------------------------------------------------------------
     async def _next(self) -> OutputChunk | None:
@@ -208,7 +205,12 @@ class ExecProcess:
         inbox = self._inbox
         assert inbox is not None
         while self._result is None:
-            msg = await inbox.get()
+            try:
+                msg = await inbox.get(self._remaining(), what="end of the command it had to kill")
+            except GuestTimeoutError:
+                raise ExecTimeout(
+                    f"the guest did not report the end of the command within its timeout of {self._timeout:g}s "
+                    f"plus {self._link.timeouts.grace:g}s (frozen or overloaded guest)") from None
             if msg.t in (T.STDOUT, T.STDERR):
                 mode = self._modes[msg.t]
                 if mode == "pipe":
@@ -226,6 +228,13 @@ class ExecProcess:
                                     code=str(msg.p.get("code") or "exec_failed"))
         return None
 
+    def _remaining(self) -> float | None:
+        """Seconds until the host gives up on a command run with ``timeout`` (the guest kills it
+        at ``timeout``; a guest that does not report that within the grace is not answering)."""
+        if self._timeout is None:
+            return None
+        return max(0.0, self._t0 + self._timeout + self._link.timeouts.grace - time.monotonic())
+
     async def _return_credit(self, t: int, n: int) -> None:
         self._unreturned[t] += n
         if self._unreturned[t] >= self._window // 4 and self._result is None:
@@ -234,7 +243,7 @@ class ExecProcess:
             self._inbox.grant(t, n)
             grant = {"stdout": n} if t == T.STDOUT else {"stderr": n}
             try:
-                await self._vm._require_channel().send_message(T.CREDIT, self._inbox.id, b"", **grant)
+                await self._link.control().send_message(T.CREDIT, self._inbox.id, b"", **grant)
             except GondolinError:
                 pass  # surfaced by the next inbox.get()
 
@@ -267,7 +276,7 @@ class ExecProcess:
         await self.start()
         if not self._feeder_started and self._request_stdin() and not isinstance(self._stdin_source, bool):
             self._feeder_started = True
-            self._vm._spawn(self._feed_stdin())
+            self._link.spawn("stdin feeder", self._feed_stdin, critical=False)
 
     async def wait(self, timeout: float | None = None) -> ExecResult:
         """Wait for the process to exit. Unread piped output is discarded (credit is returned).

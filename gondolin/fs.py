@@ -7,60 +7,23 @@ so file operations run concurrently with execs and with each other.
 
 from __future__ import annotations
 
+import collections
 import errno as _errno
 import os
 import posixpath
-import stat as _stat
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
+from typing import Any, Protocol
 
 from ._log import get_logger
-from .channel import Inbox
+from .channel import ControlLink, Inbox
 from .errors import GondolinError, GuestFileError, ProtocolError
+from .fstypes import DirEntry, FileStat
 from .protocol import DATA_CHUNK, DEFAULT_WINDOW, Message, T
-
-if TYPE_CHECKING:
-    from .vfs.direct import DirectFS
-    from .vm import VM
+from .vfs.direct import DirectFS, mounted
+from .vfs.provider import Provider
 
 log = get_logger("fs")
 WriteSource = bytes | bytearray | memoryview | str | Iterable[bytes] | AsyncIterable[bytes]
-
-
-@dataclass(frozen=True)
-class FileStat:
-    mode: int
-    size: int
-    uid: int
-    gid: int
-    mtime_ns: int
-    atime_ns: int
-    ctime_ns: int
-    nlink: int
-    ino: int
-
-    @property
-    def is_dir(self) -> bool:
-        return _stat.S_ISDIR(self.mode)
-
-    @property
-    def is_file(self) -> bool:
-        return _stat.S_ISREG(self.mode)
-
-    @property
-    def is_symlink(self) -> bool:
-        return _stat.S_ISLNK(self.mode)
-
-    @property
-    def permissions(self) -> int:
-        return _stat.S_IMODE(self.mode)
-
-
-@dataclass(frozen=True)
-class DirEntry:
-    name: str
-    kind: str  # file | dir | symlink | other
 
 
 def _check_path(path: str) -> str:
@@ -83,27 +46,43 @@ def _raise_for(msg: Message, path: str | None) -> None:
         raise ProtocolError(f"guest refused the file operation: {text}", code=code)
 
 
-class GuestFS:
-    """File operations on the guest's file system. Obtain it as ``vm.fs``."""
+class MountAccess(Protocol):
+    """What ``vm.fs`` needs to serve mounted paths on the host side."""
 
-    def __init__(self, vm: VM) -> None:
-        self._vm = vm
+    @property
+    def mounts(self) -> Mapping[str, Provider]: ...
+
+    def vfs_root(self) -> Provider | None: ...
+
+    def vfs_invalidate(self, path: str) -> None: ...
+
+
+class GuestFS:
+    """File operations on the guest's file system. Obtain it as ``vm.fs``.
+
+    Every wait on the guest has a host-side deadline: ``timeouts.call`` seconds for each
+    answer (a streamed transfer may take longer in total; each chunk resets it)."""
+
+    def __init__(self, link: ControlLink, mounts: MountAccess | None = None) -> None:
+        self._link = link
+        self._mounts = mounts
+        self._direct_fs: DirectFS | None = None
 
     def _direct(self, path: str) -> DirectFS | None:
         """The host-side route when ``path`` lies on a mount: straight to its provider."""
-        if not getattr(self._vm, "mounts", None):
+        access = self._mounts
+        if access is None or not access.mounts or not mounted(access.mounts, path):
             return None
-        from .vfs.direct import DirectFS
-
-        direct = DirectFS(self._vm.mounts, self, self._vm._vfs_root, self._vm._vfs_invalidate)
-        return direct if direct.handles(path) else None
+        if self._direct_fs is None:
+            self._direct_fs = DirectFS(access.mounts, self, access.vfs_root, access.vfs_invalidate)
+        return self._direct_fs
 
     async def _request(self, t: int, err_path: str | None, **p: Any) -> dict[str, Any]:
-        channel = self._vm._require_channel()
+        channel = self._link.control()
         inbox = channel.open()
         try:
             await channel.send_message(t, inbox.id, **p)
-            msg = await inbox.get()
+            msg = await inbox.get(self._link.timeouts.call, what=f"answer to {T(t).name}")
             _raise_for(msg, err_path)
             if msg.t != T.FILE_DONE:
                 raise ProtocolError(f"unexpected {msg.type_name} answering {T(t).name}")
@@ -168,14 +147,14 @@ class GuestFS:
         path = _check_path(path)
         if (direct := self._direct(path)) is not None:
             return await direct.open_read(path, offset=offset, length=length, chunk_size=chunk_size)
-        channel = self._vm._require_channel()
+        channel = self._link.control()
         inbox = channel.open()
         window = DEFAULT_WINDOW
         inbox.grant(T.FILE_DATA, window)
         await channel.send_message(T.FILE_READ, inbox.id, path=path, offset=offset, length=length,
                                    window=window, chunk=chunk_size)
         try:
-            first = await inbox.get()
+            first = await inbox.get(self._link.timeouts.call, what=f"answer to reading {path}")
         except BaseException:
             inbox.close()
             raise
@@ -186,11 +165,11 @@ class GuestFS:
         return self._read_stream(inbox, path, window)
 
     async def _read_stream(self, inbox: Inbox, path: str, window: int) -> AsyncIterator[bytes]:
-        channel = self._vm._require_channel()
+        channel = self._link.control()
         unreturned = 0
         try:
             while True:
-                msg = await inbox.get()
+                msg = await inbox.get(self._link.timeouts.call, what=f"data of {path}")
                 if msg.t == T.FILE_DATA:
                     yield msg.data
                     unreturned += len(msg.data)
@@ -227,7 +206,8 @@ class GuestFS:
         path = _check_path(path)
         if (direct := self._direct(path)) is not None:
             return await direct.write(path, data, mode=mode, append=append, parents=parents, user=user)
-        channel = self._vm._require_channel()
+        channel = self._link.control()
+        call = self._link.timeouts.call
         inbox = channel.open()
         try:
             req: dict[str, Any] = {"path": path, "append": append, "parents": parents}
@@ -244,7 +224,7 @@ class GuestFS:
                     while inbox.credit <= 0:
                         if inbox.finished:
                             self._check_early_error(inbox, path)
-                        await inbox.wait_credit()
+                        await inbox.wait_credit(call)
                     n = min(len(view), inbox.credit, DATA_CHUNK)
                     inbox.credit -= n
                     await channel.send_message(T.FILE_DATA, inbox.id, bytes(view[:n]))
@@ -262,7 +242,7 @@ class GuestFS:
                     await send(chunk)
             await channel.send_message(T.FILE_EOF, inbox.id)
             while True:
-                msg = await inbox.get()
+                msg = await inbox.get(call, what=f"end of writing {path}")
                 _raise_for(msg, path)
                 if msg.t == T.FILE_DONE:
                     return int(msg.p.get("size", 0))
@@ -272,13 +252,37 @@ class GuestFS:
     @staticmethod
     def _check_early_error(inbox: Inbox, path: str) -> None:
         """An open() failure arrives as ERROR while we wait for credit: raise it right away."""
-        try:
-            msg = inbox._recv.receive_nowait()
-        except Exception:  # noqa: BLE001 - WouldBlock / closed: nothing queued
-            return
-        if isinstance(msg, BaseException):
-            raise msg
-        _raise_for(msg, path)
+        msg = inbox.take_nowait()
+        if msg is not None:
+            _raise_for(msg, path)
+
+    async def walk(self, top: str, *, max_entries: int | None = None,
+                   include_hidden: bool = True) -> AsyncIterator[tuple[str, list[DirEntry]]]:
+        """Breadth-first directory walk: yields ``(directory, entries)`` with entries sorted by
+        name, then descends into the subdirectories (symlinks are not followed). Unreadable
+        subdirectories are skipped; an unreadable ``top`` raises. ``max_entries`` stops the walk
+        after that many entries in all (the last batch is cut to fit)."""
+        top = _check_path(top)
+        queue: collections.deque[str] = collections.deque([top])
+        seen = 0
+        while queue:
+            directory = queue.popleft()
+            try:
+                items = await self.scandir(directory)
+            except GuestFileError:
+                if directory == top:
+                    raise
+                continue
+            items = sorted((e for e in items if include_hidden or not e.name.startswith(".")),
+                           key=lambda e: e.name)
+            if max_entries is not None and seen + len(items) > max_entries:
+                items = items[:max(0, max_entries - seen)]
+                queue.clear()
+            seen += len(items)
+            yield directory, items
+            queue.extend(posixpath.join(directory, e.name) for e in items if e.kind == "dir")
+            if max_entries is not None and seen >= max_entries:
+                return
 
     async def upload(self, host_path: str | os.PathLike[str], guest_path: str, *, mode: int | None = None) -> int:
         """Copy a host file into the guest, streaming."""
@@ -303,4 +307,4 @@ class GuestFS:
         return total
 
 
-__all__ = ["DirEntry", "FileStat", "GondolinError", "GuestFS"]
+__all__ = ["DirEntry", "FileStat", "GondolinError", "GuestFS", "MountAccess"]

@@ -15,13 +15,14 @@ from __future__ import annotations
 import collections
 import math
 from types import TracebackType
-from typing import Any
+from typing import Unpack
 
 import anyio
 from anyio.abc import TaskGroup
 
 from ._log import get_logger
 from .errors import GondolinError
+from .options import OptionChanges, VMOptions
 from .vm import VM
 
 log = get_logger("vm")
@@ -30,15 +31,17 @@ RETRY_MAX = 30.0
 
 
 class VMPool:
-    """Keeps ``size`` started VMs ready. ``vm_options`` are those of :meth:`VM.create`."""
+    """Keeps ``size`` started VMs ready, made from ``options`` and keyword ``changes`` as
+    :meth:`VM.create` makes them."""
 
-    def __init__(self, size: int = 2, **vm_options: Any) -> None:
+    def __init__(self, size: int = 2, options: VMOptions | None = None, /,
+                 **changes: Unpack[OptionChanges]) -> None:
         if size < 1:
             raise ValueError("a pool needs size >= 1")
-        if "warm" in vm_options and not vm_options["warm"]:
-            log.debug("pool of cold-booted VMs: refills take seconds each")
         self.size = size
-        self._options = vm_options
+        self.options = VMOptions.from_kwargs(options, **changes).checked()
+        if not self.options.warm:
+            log.debug("pool of cold-booted VMs: refills take seconds each")
         self._ready: collections.deque[VM] = collections.deque()
         self._starting = 0
         self._changed = anyio.Event()
@@ -76,7 +79,7 @@ class VMPool:
         finally:
             with anyio.CancelScope(shield=True):
                 while self._ready:
-                    await self._ready.popleft().close()
+                    await self._ready.popleft().discard()
 
     async def _filler(self) -> None:
         delay = RETRY_FIRST
@@ -85,7 +88,7 @@ class VMPool:
                 await self._changed.wait()
             self._starting += 1
             try:
-                vm = await VM.create(**self._options)
+                vm = await VM.create(self.options)
             except GondolinError as exc:
                 log.warning("pool: a VM failed to start (%s); retrying in %.0fs", exc, delay)
                 self._error = exc
@@ -106,7 +109,7 @@ class VMPool:
         raises the last start failure if VMs cannot be started at all."""
         if self._tg is None or self._closed:
             raise GondolinError("use the pool inside `async with VMPool(...)`", code="pool_not_running")
-        with anyio.fail_after(timeout if timeout is not None else math.inf):
+        with anyio.move_on_after(timeout if timeout is not None else math.inf):
             while True:
                 while self._ready:
                     vm = self._ready.popleft()
@@ -114,8 +117,10 @@ class VMPool:
                     if vm.running:
                         self.handed_out += 1
                         return vm
-                    await vm.close()  # died while waiting: discard it
+                    with anyio.CancelScope(shield=True):
+                        await vm.discard()
                 if self._error is not None:
                     err, self._error = self._error, None
                     raise err
                 await self._changed.wait()
+        raise GondolinError(f"no VM became ready within {timeout:g}s", code="pool_timeout")

@@ -6,32 +6,83 @@
         print(vm.exec("uname -a").stdout)
         vm.fs.write("/tmp/hello.txt", "hi")
 
-Each sync VM runs its own event loop in a background thread (an anyio blocking portal);
-closing the VM stops that thread.
+Each sync VM runs its own event loop in a background (daemon) thread. Closing the VM stops
+that thread; a VM that is never closed is closed when it is garbage collected or when the
+interpreter exits, so a script that raises before ``close()`` still exits promptly.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+import atexit
+import concurrent.futures
+import threading
+import weakref
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar, Unpack
 
-from anyio.from_thread import BlockingPortal, start_blocking_portal
+import anyio
+from anyio.from_thread import BlockingPortal
 
 from . import vm as _vm
+from .errors import GondolinError
 from .exec import ExecResult
-from .fs import DirEntry, FileStat
+from .fstypes import DirEntry, FileStat
+from .options import OptionChanges, VMOptions
 
 R = TypeVar("R")
+CLOSE_AT_EXIT_TIMEOUT = 15.0  # seconds an exit handler waits for one VM to close
+_OPEN: weakref.WeakSet[_Loop] = weakref.WeakSet()
+
+
+class _Loop:
+    """An event loop in a daemon thread, reached through a blocking portal."""
+
+    def __init__(self) -> None:
+        ready: concurrent.futures.Future[BlockingPortal] = concurrent.futures.Future()
+        self._stop: anyio.Event | None = None
+
+        async def main() -> None:
+            async with BlockingPortal() as portal:
+                self._stop = anyio.Event()
+                ready.set_result(portal)
+                await self._stop.wait()
+
+        def run() -> None:
+            try:
+                anyio.run(main)
+            except BaseException as exc:  # noqa: BLE001 - reported to the thread that waits
+                if not ready.done():
+                    ready.set_exception(exc)
+
+        self._thread = threading.Thread(target=run, name="gondolin-sync-vm", daemon=True)
+        self._thread.start()
+        self.portal = ready.result()
+        _OPEN.add(self)
+
+    def call(self, fn: Callable[[], Awaitable[R]], timeout: float | None = None) -> R:
+        future = self.portal.start_task_soon(fn)
+        return future.result(timeout)
+
+    def stop(self) -> None:
+        if self._thread.is_alive() and self._stop is not None:
+            stop = self._stop
+            try:
+                self.portal.call(stop.set)
+            except RuntimeError:
+                return  # the loop is already gone
+            self._thread.join(5.0)
+        _OPEN.discard(self)
 
 
 class SyncFS:
+    """Blocking twin of ``vm.fs``."""
+
     def __init__(self, vm: VM) -> None:
         self._vm = vm
 
     def _call(self, name: str, *args: Any, **kw: Any) -> Any:
         fn = getattr(self._vm._async.fs, name)
-        return self._vm._portal.call(lambda: fn(*args, **kw))
+        return self._vm._loop.call(lambda: fn(*args, **kw))
 
     def read_bytes(self, path: str, **kw: Any) -> bytes:
         return self._call("read_bytes", path, **kw)  # type: ignore[no-any-return]
@@ -70,26 +121,36 @@ class SyncFS:
         return self._call("download", guest_path, host_path)  # type: ignore[no-any-return]
 
 
+def _close_quietly(loop: _Loop, async_vm: _vm.VM | None) -> None:
+    """Finalizer and exit handler: close the VM (bounded) and stop its loop."""
+    try:
+        if async_vm is not None:
+            loop.call(async_vm.discard, timeout=CLOSE_AT_EXIT_TIMEOUT)
+    except (GondolinError, RuntimeError, concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
+        pass
+    finally:
+        loop.stop()
+
+
 class VM:
     """Blocking twin of :class:`gondolin.VM`; same options, same results."""
 
-    def __init__(self, portal: BlockingPortal, cm: contextlib.AbstractContextManager[BlockingPortal],
-                 async_vm: _vm.VM) -> None:
-        self._portal = portal
-        self._portal_cm = cm
+    def __init__(self, loop: _Loop, async_vm: _vm.VM) -> None:
+        self._loop = loop
         self._async = async_vm
         self.fs = SyncFS(self)
+        self._finalizer = weakref.finalize(self, _close_quietly, loop, async_vm)
 
     @classmethod
-    def create(cls, **options: Any) -> VM:
-        cm = start_blocking_portal("asyncio")
-        portal = cm.__enter__()
+    def create(cls, options: VMOptions | None = None, /, **changes: Unpack[OptionChanges]) -> VM:
+        """Start a VM (see :meth:`gondolin.VM.create`: the same options)."""
+        loop = _Loop()
         try:
-            async_vm = portal.call(lambda: _vm.VM.create(**options))
-        except BaseException as exc:
-            cm.__exit__(type(exc), exc, exc.__traceback__)
+            async_vm = loop.call(lambda: _vm.VM.create(options, **changes))
+        except BaseException:
+            loop.stop()
             raise
-        return cls(portal, cm, async_vm)
+        return cls(loop, async_vm)
 
     @property
     def id(self) -> str:
@@ -99,6 +160,10 @@ class VM:
     def running(self) -> bool:
         return self._async.running
 
+    @property
+    def options(self) -> VMOptions:
+        return self._async.options
+
     def exec(self, command: str | list[str], **kw: Any) -> ExecResult:
         """Run a command to completion (see :meth:`gondolin.VM.exec`; ``stdin`` may be bytes/str)."""
         if kw.get("stdout") == "pipe" or kw.get("stderr") == "pipe":
@@ -107,7 +172,7 @@ class VM:
         async def run() -> ExecResult:
             return await self._async.exec(command, **kw)
 
-        return self._portal.call(run)
+        return self._loop.call(run)
 
     def exec_lines(self, command: str | list[str], **kw: Any) -> Iterator[str]:
         """Run a command and yield its stdout line by line as it arrives."""
@@ -117,28 +182,39 @@ class VM:
         try:
             while True:
                 try:
-                    yield self._portal.call(agen.__anext__)
+                    yield self._loop.call(agen.__anext__)
                 except StopAsyncIteration:
                     break
-            self._portal.call(proc.wait)
+            self._loop.call(proc.wait)
         finally:
-            self._portal.call(agen.aclose)  # type: ignore[attr-defined,call-arg]
+            self._loop.call(agen.aclose)  # type: ignore[attr-defined]
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``await fn(async_vm, *args)`` on the VM's event loop (escape hatch to the async API)."""
-        return self._portal.call(lambda: fn(self._async, *args))
+        return self._loop.call(lambda: fn(self._async, *args))
 
     def close(self) -> None:
+        """Stop the VM (raises what killed it, as :meth:`gondolin.VM.close` does)."""
+        if not self._finalizer.alive:
+            return
+        self._finalizer.detach()
         try:
-            self._portal.call(self._async.close)
+            self._loop.call(self._async.close)
         finally:
-            self._portal_cm.__exit__(None, None, None)
+            self._loop.stop()
 
     def __enter__(self) -> VM:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@atexit.register
+def _stop_loops_at_exit() -> None:
+    """Open VMs were closed by their finalizers (weakref runs those at exit); stop what is left."""
+    for loop in list(_OPEN):
+        loop.stop()
 
 
 __all__ = ["VM", "SyncFS"]

@@ -1,566 +1,210 @@
-"""The VM: boot a guest under QEMU, run commands in it, move files in and out, close it for sure."""
+"""The public facade: :class:`VM`, :func:`open_vm` and :class:`Checkpoint`.
+
+    async with gondolin.open_vm(memory="1G") as vm:
+        result = await vm.exec("echo hello")
+
+A VM is a facade over one :class:`gondolin.machine.Machine`, which owns its lifecycle. Every
+public call raises only :class:`gondolin.GondolinError` subclasses (and ``ValueError`` /
+``TypeError`` for bad arguments): task-group exception groups are unwrapped here.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
+import atexit
+import contextlib
 import functools
 import os
 import secrets
-import shutil
-import signal as _signal
-import subprocess
-import tempfile
-import time
-import uuid
-from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import dataclass, field
+import weakref
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, ParamSpec, TypeVar, Unpack
 
 import anyio
-from anyio.abc import SocketListener
 
 from ._log import get_logger
-from ._proc import pid_alive
-from .channel import Channel
-from .errors import GondolinError, MissingToolError, VMClosedError, VMDiedError, VMStartError
+from .errors import GondolinError, VMClosedError
 from .exec import ExecProcess, StdinSource, StreamMode, normalize_command
 from .fs import GuestFS
-from .images import Image, ImageStore, ensure_image
+from .images import Image, ImageStore
+from .machine import Machine, Network
+from .machine.boot import BootSource, ForkClone
+from .machine.checkpoint import CheckpointError, CheckpointFile, save_checkpoint
+from .machine.fork import fork_machine
+from .machine.launch import resolve, start_machine
+from .machine.machine import kill_all_machines
+from .machine.shape import MachineShape, machine_shape
+from .machine.state import SnapshotError
+from .options import OptionChanges, RootfsMode, VMOptions
 from .protocol import DEFAULT_WINDOW, T
-from .qemu import accel as _accel
-from .qemu.argv import MachineSpec, SerialPort, build_argv, parse_memory
-from .qemu.process import QemuProcess, find_qemu
-from .qemu.qmp import QmpClient
-from .snapshot import RestoreSource, Resync, Section, prepare_restored_disk
-
-if TYPE_CHECKING:
-    from .checkpoint import Checkpoint
-    from .templates import MachineShape, TemplateStore
+from .registry import Registration, register
 
 log = get_logger("vm")
-RootfsMode = Literal["cow", "readonly", "memory"]
-CONTROL_PORT = "gondolin.control"
-FS_PORT = "gondolin.fs"
-GUEST_IP = "192.168.127.3"
-JUMBO_MTU = 65520  # gondolin.net.JUMBO_MTU (kept here so importing vm does not load the stack)
-GATEWAY_IP = "192.168.127.1"
-_CA_CACHE: dict[str, Any] = {}
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
-def _load_ca(cls: Any) -> Any:
-    """The per-install MITM CA, loaded once per process."""
-    if "ca" not in _CA_CACHE:
-        _CA_CACHE["ca"] = cls.load_or_create()
-    return _CA_CACHE["ca"]
+def _typed_errors(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Let only documented errors out of a public coroutine (see :func:`unwrap_errors`)."""
 
-
-@dataclass(frozen=True)
-class NetworkOptions:
-    dns: str = "synthetic"
-    tcp_hosts: dict[str, str] = field(default_factory=dict)
-    http_hooks: Any = None
-
-
-class Network:
-    """A running VM's network: policy hooks, audit events, counters."""
-
-    def __init__(self, hooks: Any, mediator: Any, driver: Any, ca: Any) -> None:
-        self.hooks = hooks
-        self.mediator = mediator
-        self.driver = driver
-        self.ca = ca
-
-    def events(self) -> list[Any]:
-        """Recent HTTP audit events (allowed and blocked requests, with reasons)."""
-        return list(self.hooks.events.events())
-
-    @property
-    def stats(self) -> Any:
-        return self.driver.stats
-DEFAULT_START_TIMEOUT = float(os.environ.get("GONDOLIN_START_TIMEOUT", "120"))
-RUN_PREFIX = "gondolin-vm-"
-
-
-def _run_base() -> Path:
-    return Path(tempfile.gettempdir())
-
-
-def gc_run_dirs() -> int:
-    """Remove run directories left behind by host processes that died without cleaning up."""
-    removed = 0
-    for d in _run_base().glob(f"{RUN_PREFIX}*"):
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
-            owner = int((d / "owner.pid").read_text())
-        except (OSError, ValueError):
-            owner = 0
-        if owner and pid_alive(owner):
-            continue
-        if not owner and time.time() - d.stat().st_mtime < 60:
-            continue  # being created right now
-        shutil.rmtree(d, ignore_errors=True)
-        removed += 1
-    return removed
+            return await fn(*args, **kwargs)
+        except BaseExceptionGroup as group:
+            raise unwrap_errors(group) from group
+
+    return wrapper
 
 
-class _TaskSet:
-    """Background tasks owned by one VM; cancelled and awaited when it closes."""
+def unwrap_errors(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The one exception a task-group group stands for: its first Gondolin error (or
+    cancellation, KeyboardInterrupt, ...), else a GondolinError naming what happened."""
+    leaves: list[BaseException] = []
 
-    def __init__(self) -> None:
-        self._tasks: set[asyncio.Task[Any]] = set()
+    def collect(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                collect(inner)
+        else:
+            leaves.append(exc)
 
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            coro.close()
-            raise GondolinError("gondolin needs an asyncio event loop (anyio's asyncio backend)") from None
-        task = loop.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.debug("background task failed: %r", task.exception())
-
-    async def cancel_all(self, timeout: float = 5.0) -> None:
-        tasks = [t for t in self._tasks if not t.done()]
-        for t in tasks:
-            t.cancel()
-        if tasks:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(timeout):
-                await asyncio.gather(*tasks, return_exceptions=True)
+    collect(group)
+    for kind in (KeyboardInterrupt, SystemExit, anyio.get_cancelled_exc_class(), GondolinError,
+                 ValueError, TypeError):
+        for exc in leaves:
+            if isinstance(exc, kind):
+                return exc
+    first = leaves[0] if leaves else group
+    err = GondolinError(f"{type(first).__name__}: {first}", code="internal_error")
+    err.__cause__ = first
+    return err
 
 
 class VM:
-    """A running micro-VM. Create it with ``await VM.create(...)``; close it with ``await vm.close()``
-    or ``async with``. Every wait has a timeout; nothing (QEMU, sockets, temp files) outlives it."""
+    """A running micro-VM. Start one with ``await VM.create(...)`` (close it with
+    ``await vm.close()``) or ``async with open_vm(...) as vm``. Every wait has a host-side
+    deadline; nothing (QEMU, sockets, temp files) outlives it, even when ``close()`` is never
+    called (the VM is then stopped at garbage collection, event-loop shutdown or exit)."""
 
-    def __init__(self, *, image: Image, memory_mb: int, cpus: int, env: Mapping[str, str], rootfs: RootfsMode,
-                 accel: str, hostname: str, start_timeout: float, label: str | None,
-                 network: NetworkOptions | None = None, mounts: Mapping[str, Any] | None = None) -> None:
-        self.id = uuid.uuid4().hex[:12]
-        self.image = image
-        self.memory_mb = memory_mb
-        self.cpus = cpus
-        self.env = dict(env)
-        self.rootfs = rootfs
-        self.accel = accel
-        self.hostname = hostname
-        self.label = label
-        self._start_timeout = start_timeout
-        self._tasks = _TaskSet()
-        self._qemu: QemuProcess | None = None
-        self._channel: Channel | None = None
-        self._listeners: dict[str, SocketListener] = {}
-        self._run_dir: Path | None = None
-        self._closed = False
-        self._close_lock = anyio.Lock()
-        self.fs = GuestFS(self)
-        self._net_options = network
-        self.network: Network | None = None
-        self.mounts: dict[str, Any] = dict(mounts or {})
-        self._vfs_stream: Any = None
-        self._vfs: Any = None  # gondolin.vfs.port.VfsServer while the fs port is served
-        self.boot_time: float | None = None
-        self.guest_boot_ms: int | None = None
-        self.created = time.time()
-        self.restored_from: str | None = None  # "template" or "checkpoint" when not booted cold
-        self._qmp: QmpClient | None = None
-        self._qmp_lock = anyio.Lock()
-        self._snapshot_lock = anyio.Lock()
-        self._session: Any = None
+    def __init__(self, machine: Machine) -> None:
+        self._machine = machine
+        self.fs = GuestFS(machine, machine)
+        self._registration: Registration | None = None
+        self._finalizer = weakref.finalize(self, machine.kill_now)
 
-    # -- creation --------------------------------------------------------------
+    # -- starting ---------------------------------------------------------------------------
     @classmethod
-    async def create(
-        cls,
-        *,
-        memory: int | str = 512,
-        cpus: int = 1,
-        env: Mapping[str, str] | None = None,
-        rootfs: RootfsMode = "cow",
-        image: str = "default",
-        hostname: str = "gondolin",
-        start_timeout: float | None = None,
-        label: str | None = None,
-        accel: str | None = None,
-        network: bool = True,
-        dns: str = "synthetic",
-        tcp_hosts: Mapping[str, str] | None = None,
-        http_hooks: Any = None,
-        mounts: Mapping[str, Any] | None = None,
-        warm: bool = True,
-    ) -> VM:
-        """Start a VM and return it once its agent answers.
+    @_typed_errors
+    async def create(cls, options: VMOptions | None = None, /, **changes: Unpack[OptionChanges]) -> VM:
+        """Start a VM and return it once its agent answers and it is configured.
 
-        ``memory`` in MiB (or "1G"), ``cpus`` vCPUs, ``env`` defaults for every exec, ``rootfs``:
-        ``"cow"`` (writes go to a throwaway qcow2 overlay), ``"memory"`` (writes go to guest RAM) or
-        ``"readonly"``; ``image``: a ref name, build id or image directory (``"default"`` is built on
-        first use). ``accel``: ``"kvm"``/``"tcg"`` (default: probe once, or ``GONDOLIN_ACCEL``).
-
-        Network: ``network=False`` gives the guest no NIC at all. Otherwise every guest connection
-        goes through the host's network stack: ``http_hooks`` (from :func:`gondolin.http.create_http_hooks`)
-        decide which HTTP(S) requests may leave (none without hooks), ``tcp_hosts`` maps
-        ``"name:port"`` to a host ``"ip:port"`` for raw TCP, ``dns`` is ``"synthetic"`` (default),
-        ``"trusted"`` or ``"open"``. ``mounts`` maps guest paths to :mod:`gondolin.vfs` providers.
-
-        ``warm=True`` (default) restores the VM from a saved template of this image and machine
-        shape (a fraction of a second) instead of booting it; the first VM of a shape boots cold
-        and saves the template. ``warm=False`` always boots cold. See docs/snapshots.md.
+        ``options`` is a :class:`VMOptions` (default: the defaults); keyword ``changes`` are
+        applied on top: ``VM.create(memory="1G", cpus=2)``. See :class:`VMOptions` for each.
         """
-        make = await cls._factory(memory=memory, cpus=cpus, env=env, rootfs=rootfs, image=image, hostname=hostname,
-                                  start_timeout=start_timeout, label=label, accel=accel, network=network, dns=dns,
-                                  tcp_hosts=tcp_hosts, http_hooks=http_hooks, mounts=mounts)
-        if warm:
-            from .templates import create_warm
+        opts = VMOptions.from_kwargs(options, **changes)
+        return await cls._start(opts)
 
-            return await create_warm(make)
-        vm = make()
-        await vm._launch()
+    @classmethod
+    async def _start(cls, options: VMOptions, source: BootSource | None = None, *, image: Image | None = None) -> VM:
+        machine = await start_machine(options, source, image=image)
+        vm = cls(machine)
+        await vm._register()
         return vm
 
-    @classmethod
-    async def _factory(
-        cls,
-        *,
-        memory: int | str = 512,
-        cpus: int = 1,
-        env: Mapping[str, str] | None = None,
-        rootfs: RootfsMode = "cow",
-        image: str = "default",
-        hostname: str = "gondolin",
-        start_timeout: float | None = None,
-        label: str | None = None,
-        accel: str | None = None,
-        network: bool = True,
-        dns: str = "synthetic",
-        tcp_hosts: Mapping[str, str] | None = None,
-        http_hooks: Any = None,
-        mounts: Mapping[str, Any] | None = None,
-    ) -> Callable[[], VM]:
-        """Check the options and resolve the image; return a constructor of unstarted VMs."""
-        if rootfs not in ("cow", "readonly", "memory"):
-            raise ValueError(f"rootfs must be 'cow', 'readonly' or 'memory', not {rootfs!r}")
-        if cpus < 1 or cpus > 64:
-            raise ValueError("cpus must be between 1 and 64")
-        memory_mb = parse_memory(memory)
-        find_qemu()
-        store = ImageStore()
-        img = await anyio.to_thread.run_sync(ensure_image, image, store)
-        timeout = DEFAULT_START_TIMEOUT if start_timeout is None else start_timeout
-        net = NetworkOptions(dns=dns, tcp_hosts=dict(tcp_hosts or {}), http_hooks=http_hooks) if network else None
-        if not network and (tcp_hosts or http_hooks is not None):
-            raise ValueError("tcp_hosts and http_hooks need network=True")
-        for guest_path in mounts or {}:
-            if not guest_path.startswith("/") or guest_path.rstrip("/") in ("", "/proc", "/sys", "/dev", "/run"):
-                raise ValueError(f"cannot mount at {guest_path!r}: give an absolute path such as /workspace")
-        chosen = accel or await _accel.choose(img, cls._probe_boot)
-        return functools.partial(cls, image=img, memory_mb=memory_mb, cpus=cpus, env=env or {}, rootfs=rootfs,
-                                 accel=chosen, hostname=hostname, start_timeout=timeout, label=label, network=net,
-                                 mounts=mounts)
-
-    async def _launch(self, *, restore: RestoreSource | None = None, disk: Section | None = None,
-                      save_template: tuple[TemplateStore, MachineShape] | None = None) -> None:
-        """Start this VM (cold, or from saved state); close it if that fails."""
+    async def _register(self) -> None:
         try:
-            await self._start(restore=restore, disk=disk, save_template=save_template)
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await self.close()
-            raise
-
-    @classmethod
-    async def _probe_boot(cls, image: Image, accel: str, timeout: float) -> None:
-        vm = cls(image=image, memory_mb=256, cpus=1, env={}, rootfs="readonly", accel=accel,
-                 hostname="probe", start_timeout=timeout, label="accelerator probe")
-        try:
-            await vm._start()
-        finally:
-            with anyio.CancelScope(shield=True):
-                await vm.close()
-
-    def _machine_spec(self, run_dir: Path) -> MachineSpec:
-        """The QEMU machine for this VM; every per-VM path lives under ``run_dir``."""
-        ports = [SerialPort(CONTROL_PORT, str(run_dir / "control.sock"))]
-        if self.mounts:
-            ports.append(SerialPort(FS_PORT, str(run_dir / "fs.sock")))
-        disk, fmt, readonly, mode = self._disk_layout(run_dir)
-        return MachineSpec(
-            kernel=str(self.image.kernel), initrd=str(self.image.initrd), disk=disk, disk_format=fmt,
-            disk_readonly=readonly, root_mode=mode, memory_mb=self.memory_mb, cpus=self.cpus,
-            accel=self.accel, ports=tuple(ports),
-            net_socket=str(run_dir / "net.sock") if self._net_options is not None else None,
-            qmp_socket=str(run_dir / "qmp.sock"),
-            extra_append=" ".join(filter(None, (
-                "gondolin.debug=1 loglevel=6" if os.environ.get("GONDOLIN_GUEST_DEBUG") else "",
-                os.environ.get("GONDOLIN_KERNEL_APPEND", "")))),
-        )
-
-    def machine_shape(self) -> MachineShape:
-        """What a saved memory image of this VM depends on (the template key)."""
-        from .templates import (
-            RUN_PLACEHOLDER,
-            MachineShape,
-            device_fingerprint,
-            qemu_version_cached,
-        )
-
-        spec = self._machine_spec(Path(RUN_PLACEHOLDER))
-        return MachineShape(
-            image=self.image.build_id, memory_mb=self.memory_mb, cpus=self.cpus, rootfs=self.rootfs,
-            accel=self.accel, network=self._net_options is not None, fs_port=bool(self.mounts),
-            qemu=qemu_version_cached(find_qemu()),
-            devices=device_fingerprint(spec, RUN_PLACEHOLDER, str(self.image.path)),
-        )
-
-    async def _start(self, *, restore: RestoreSource | None = None, disk: Section | None = None,
-                     save_template: tuple[TemplateStore, MachineShape] | None = None) -> None:
-        t0 = time.monotonic()
-        gc_run_dirs()
-        self._run_dir = Path(tempfile.mkdtemp(prefix=RUN_PREFIX, dir=_run_base()))
-        (self._run_dir / "owner.pid").write_text(str(os.getpid()))
-        spec = self._machine_spec(self._run_dir)
-        sockets = {"control": spec.ports[0].socket_path}
-        if self.mounts:
-            sockets["fs"] = spec.ports[1].socket_path
-        if spec.net_socket:
-            sockets["net"] = spec.net_socket
-        for name, path in sockets.items():
-            self._listeners[name] = await anyio.create_unix_listener(path)
-        await anyio.to_thread.run_sync(self._prepare_disk, restore.disk if restore else disk)
-        if restore is not None:
-            spec = dataclasses.replace(spec, incoming=restore.incoming_uri())
-        self._qemu = QemuProcess(build_argv(spec, find_qemu()))
-        try:
-            self._qemu.start()
-        except OSError as exc:
-            raise VMStartError(f"cannot start QEMU: {exc}") from exc
-        self._tasks.spawn(self._qemu.watch())
-        qemu = self._qemu
-        try:
-            with anyio.fail_after(self._start_timeout):
-                streams = await self._accept_all()
-                control = streams["control"]
-                resync = Resync(control) if restore is not None else None
-                if resync is not None:
-                    await resync.ping()  # answered once QEMU has loaded the guest; set up the rest meanwhile
-                if "net" in streams:
-                    await self._start_network(streams["net"])
-                if "fs" in streams:
-                    await self._start_vfs(streams["fs"])
-                first_id = 1
-                if resync is not None:
-                    control = await resync.wait()
-                    first_id = secrets.randbelow(1 << 30) + (1 << 30)
-                self._channel = Channel(control, qemu.console_tail, self._wait_qemu_exit, first_id=first_id)
-                self._tasks.spawn(self._channel.run())
-                if restore is None:
-                    hello = await self._first_message(T.HELLO)
-                    self.guest_boot_ms = int(hello.p.get("boot_ms") or 0)
-                    if save_template is not None:
-                        await self._configure(base=True)
-                        await self._save_template(*save_template)
-                else:
-                    self.restored_from = restore.kind
-                await self._configure(new_session=restore is not None)
-        except TimeoutError:
-            raise VMStartError(
-                f"the guest agent did not answer within {self._start_timeout:.0f}s (accelerator {self.accel}); "
-                "raise start_timeout / GONDOLIN_START_TIMEOUT, or set GONDOLIN_ACCEL=tcg if KVM hangs here",
-                qemu.console_tail(), code="vm_start_timeout") from None
-        except VMDiedError as exc:
-            raise VMStartError(f"the VM stopped while booting (QEMU exit code {qemu.returncode})",
-                               exc.console or qemu.console_tail()) from None
-        finally:
-            await self._close_listeners()
-        self.boot_time = time.monotonic() - t0
-        log.debug("vm %s ready in %.3fs (%s)", self.id, self.boot_time,
-                  f"restored from a {self.restored_from}" if self.restored_from
-                  else f"guest agent at {self.guest_boot_ms}ms uptime")
-        from .sessions import register_session
-
-        try:
-            self._session = await register_session(self)
+            self._registration = await register(self, self._machine)
         except OSError as exc:  # only `gondolin list` / `attach` miss it
-            log.warning("could not register the VM in the session registry: %s", exc)
+            log.warning("could not register the VM in the VM registry: %s", exc)
 
-    async def _save_template(self, store: TemplateStore, shape: MachineShape) -> None:
-        """Save this freshly booted, idle VM as its shape's template. A failure only costs speed."""
-        from .snapshot import SnapshotError
-        from .templates import save_template
+    # -- what it is ---------------------------------------------------------------------------
+    @property
+    def id(self) -> str:
+        return self._machine.id
 
-        assert self._run_dir is not None and self._channel is not None
-        overlay = self._run_dir / "root.qcow2" if self.rootfs == "cow" else None
-        try:
-            await save_template(store, shape, await self._qmp_client(), self._channel.quiesced, overlay)
-        except (SnapshotError, OSError) as exc:
-            log.warning("could not save a warm template (%s); later VMs boot cold", exc)
+    @property
+    def options(self) -> VMOptions:
+        """The (checked) options this VM was started with."""
+        return self._machine.options
 
-    async def checkpoint(self, path: str | os.PathLike[str], *, disk_only: bool = False) -> Checkpoint:
-        """Save this VM to the file ``path``: disk and memory (running processes included), or
-        with ``disk_only=True`` the disk alone. The VM keeps running. Resume it with
-        ``await Checkpoint.load(path).resume()``, any number of times; see docs/snapshots.md."""
-        from .checkpoint import save_checkpoint
+    @property
+    def image(self) -> Image:
+        return self._machine.image
 
-        self._require_channel()
-        return await save_checkpoint(self, Path(os.fspath(path)), disk_only=disk_only)
+    @property
+    def memory_mb(self) -> int:
+        return self._machine.memory_mb
 
-    async def _qmp_client(self) -> QmpClient:
-        """The QMP connection to this VM's QEMU (opened on first use)."""
-        async with self._qmp_lock:
-            if self._qmp is None:
-                assert self._run_dir is not None
-                self._qmp = await QmpClient.connect(str(self._run_dir / "qmp.sock"))
-            return self._qmp
+    @property
+    def cpus(self) -> int:
+        return self._machine.options.cpus
 
-    async def _close_listeners(self) -> None:
-        for listener in self._listeners.values():
-            with anyio.CancelScope(shield=True):
-                await listener.aclose()
-        self._listeners.clear()
+    @property
+    def env(self) -> dict[str, str]:
+        return dict(self._machine.options.env)
 
-    async def _start_network(self, stream: Any) -> None:
-        from .http import CertificateAuthority, HttpMediator, deny_all_hooks
-        from .net import NetworkConfig, NetworkDriver
+    @property
+    def rootfs(self) -> RootfsMode:
+        return self._machine.options.rootfs
 
-        opts = self._net_options
-        assert opts is not None
-        hooks = opts.http_hooks if opts.http_hooks is not None else deny_all_hooks()
-        ca = await anyio.to_thread.run_sync(_load_ca, CertificateAuthority)
-        mediator = HttpMediator(hooks, ca)
-        driver = NetworkDriver(NetworkConfig(dns=opts.dns, tcp_hosts=opts.tcp_hosts,  # type: ignore[arg-type]
-                                             flow_handler=mediator, mtu=JUMBO_MTU))
-        self.network = Network(hooks, mediator, driver, ca)
-        self._tasks.spawn(driver.run(stream))
+    @property
+    def accel(self) -> str:
+        return self._machine.accel
 
-    async def _start_vfs(self, stream: Any) -> None:
-        from .vfs.port import VfsServer
+    @property
+    def hostname(self) -> str:
+        return self._machine.options.hostname
 
-        self._vfs = VfsServer(self.mounts)
-        self._tasks.spawn(self._vfs.serve(stream))
+    @property
+    def label(self) -> str | None:
+        return self._machine.options.label
 
-    def _vfs_root(self) -> Any:
-        """The provider tree the guest's mounts see (``vm.fs`` uses it for mounted paths)."""
-        return self._vfs.root if self._vfs is not None else None
+    @property
+    def network(self) -> Network | None:
+        """Policy hooks, audit events and counters of the VM's network (None without one)."""
+        return self._machine.network
 
-    def _vfs_invalidate(self, path: str) -> None:
-        """Drop what the guest kernel caches about ``path`` (changed from the host side)."""
-        if self._vfs is not None:
-            self._vfs.invalidate(path)
+    @property
+    def mounts(self) -> dict[str, Any]:
+        return self._machine.mounts
 
-    def _disk_layout(self, run_dir: Path) -> tuple[str, str, bool, str]:
-        """(disk path, format, read-only, guest root mode) for this VM's rootfs mode."""
-        base = str(self.image.rootfs)
-        if self.rootfs == "readonly":
-            return base, "raw", True, "ro"
-        if self.rootfs == "memory":
-            return base, "raw", True, "overlay"
-        return str(run_dir / "root.qcow2"), "qcow2", False, "rw"
+    @property
+    def created(self) -> float:
+        return self._machine.created
 
-    def _prepare_disk(self, saved: Section | None = None) -> None:
-        """Create the cow overlay: empty, or a copy of a saved one (template or checkpoint)."""
-        if self.rootfs != "cow":
-            return
-        assert self._run_dir is not None
-        base = str(self.image.rootfs)
-        overlay = self._run_dir / "root.qcow2"
-        if saved is not None:
-            prepare_restored_disk(saved, overlay, base)
-            return
-        qemu_img = shutil.which("qemu-img")
-        if not qemu_img:
-            raise MissingToolError("qemu-img", "qemu-utils", "create copy-on-write disks")
-        proc = subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-F", "raw", "-b", base, str(overlay)],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise VMStartError(f"qemu-img could not create the overlay disk: {proc.stderr.strip()}")
+    @property
+    def boot_time(self) -> float | None:
+        """Seconds from QEMU's start until the agent answered."""
+        return self._machine.boot_time
 
-    async def _wait_qemu_exit(self) -> None:
-        if self._qemu is not None:
-            await self._qemu.exited.wait()
+    @property
+    def guest_boot_ms(self) -> int | None:
+        """The guest's uptime when its agent said hello (cold boots only)."""
+        return self._machine.guest_boot_ms
 
-    async def _accept_all(self) -> dict[str, Any]:
-        """Accept QEMU's connection on every listener (it connects to all at start), unless it exits first."""
-        qemu = self._qemu
-        assert qemu is not None
-        result: dict[str, Any] = {}
-        async with anyio.create_task_group() as tg:
-            async def accept(name: str, listener: SocketListener) -> None:
-                result[name] = await listener.accept()
-                if len(result) == len(self._listeners):
-                    tg.cancel_scope.cancel()
+    @property
+    def restored_from(self) -> str | None:
+        """``"template"``, ``"checkpoint"`` or ``"fork"`` when not booted cold."""
+        return self._machine.restored_from
 
-            async def exited() -> None:
-                await qemu.exited.wait()
-                tg.cancel_scope.cancel()
+    @property
+    def running(self) -> bool:
+        return self._machine.running
 
-            for name, listener in self._listeners.items():
-                tg.start_soon(accept, name, listener)
-            tg.start_soon(exited)
-        if len(result) != len(self._listeners):
-            for stream in result.values():
-                await stream.aclose()
-            raise VMStartError(f"QEMU exited at start (exit code {qemu.returncode})", qemu.console_tail())
-        return result
+    @property
+    def qemu_pid(self) -> int | None:
+        return self._machine.qemu_pid
 
-    async def _first_message(self, t: int) -> Any:
-        assert self._channel is not None
-        while True:
-            try:
-                msg = await self._channel.next_unsolicited()
-            except (anyio.EndOfStream, anyio.ClosedResourceError):
-                self._channel.refresh_console()
-                raise self._channel.dead or VMDiedError("the VM stopped while booting") from None
-            if msg.t == t:
-                return msg
-            log.debug("ignoring unsolicited %s during boot", msg.type_name)
+    def console(self, lines: int = 50) -> list[str]:
+        """The last lines QEMU's serial console printed."""
+        return self._machine.console(lines)
 
-    async def _configure(self, *, base: bool = False, new_session: bool = False) -> None:
-        """Send the guest its configuration: after every boot and every restore (clock, fresh
-        entropy, ...). ``base`` leaves out what is per VM (for a template); ``new_session`` tells
-        a restored agent that the requests of the host that saved it are gone."""
-        channel = self._require_channel()
-        inbox = channel.open()
-        try:
-            extra: dict[str, Any] = {}
-            if self.network is not None:
-                # A 64 KiB link MTU: the link is virtual, and fewer, larger frames halve the host CPU
-                # per MiB and double throughput under TCG (the host stack takes frames of any size).
-                extra["network"] = {"address": f"{GUEST_IP}/24", "gateway": GATEWAY_IP, "dns": GATEWAY_IP,
-                                    "mtu": JUMBO_MTU}
-                extra["ca_pem"] = self.network.ca.ca_bundle_pem().decode()
-            if not base:
-                extra.update(hostname=self.hostname, env=self.env)
-                if self.mounts:
-                    extra["mounts"] = sorted(self.mounts)
-            if new_session:
-                extra["new_session"] = True
-            await channel.send_message(T.CONFIGURE, inbox.id, os.urandom(64), clock_ns=time.time_ns(), **extra)
-            msg = await inbox.get()
-            if msg.t != T.CONFIGURED:
-                raise VMStartError(f"guest rejected its configuration: {msg.p}")
-            for err in msg.p.get("errors") or []:
-                log.warning("guest configuration: %s", err)
-        finally:
-            inbox.close()
+    def shape(self) -> MachineShape:
+        """What a saved memory image of this VM depends on (its warm template's key)."""
+        return self._machine.shape()
 
-    # -- operations ------------------------------------------------------------
-    def _require_channel(self) -> Channel:
-        if self._closed:
-            raise VMClosedError("this VM is closed")
-        if self._channel is None:
-            raise VMClosedError("this VM is not running")
-        if self._channel.dead is not None:
-            self._channel.refresh_console()
-            raise self._channel.dead
-        return self._channel
-
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        self._tasks.spawn(coro)
-
+    # -- commands -----------------------------------------------------------------------------
     def exec(
         self,
         command: str | list[str] | tuple[str, ...],
@@ -582,7 +226,9 @@ class VM:
 
         ``stdin``: bytes/str/iterable/async iterable to send then close, or ``True`` to write it
         yourself with ``proc.write()`` / ``proc.close_stdin()``. ``timeout`` (seconds) kills the
-        process in the guest when it expires (``result.timed_out``). ``user``: name or uid.
+        process in the guest when it expires (``result.timed_out``); if the guest does not
+        report that within ``timeouts.grace`` more, the host raises :class:`ExecTimeout`.
+        ``user``: name or uid.
         """
         request: dict[str, Any] = normalize_command(command)
         if env:
@@ -599,59 +245,63 @@ class VM:
             if timeout <= 0:
                 raise ValueError("timeout must be positive")
             request["timeout"] = timeout
-        if self._closed:
-            raise VMClosedError("this VM is closed")
-        return ExecProcess(self, request, stdin=stdin, stdout=stdout, stderr=stderr, window=window,
+        self._machine.control()  # a closed or dead VM fails here, not at the first await
+        return ExecProcess(self._machine, request, stdin=stdin, stdout=stdout, stderr=stderr, window=window,
                            timeout=timeout)
 
     async def ping(self, timeout: float = 10.0) -> float:
-        """Round trip to the guest agent, in seconds."""
-        channel = self._require_channel()
-        inbox = channel.open()
-        try:
-            t0 = time.perf_counter()
-            with anyio.fail_after(timeout):
-                await channel.send_message(T.PING, inbox.id)
-                await inbox.get()
-            return time.perf_counter() - t0
-        finally:
-            inbox.close()
+        """Round trip to the guest agent, in seconds (:class:`GuestTimeoutError` after ``timeout``)."""
+        t0 = anyio.current_time()
+        await self._machine.control().request(T.PING, timeout=timeout)
+        return anyio.current_time() - t0
 
-    @property
-    def running(self) -> bool:
-        return not self._closed and self._channel is not None and self._channel.dead is None
+    # -- saved state ----------------------------------------------------------------------------
+    @_typed_errors
+    async def checkpoint(self, path: str | os.PathLike[str], *, disk_only: bool = False) -> Checkpoint:
+        """Save this VM to the file ``path``: disk and memory (running processes included), or
+        with ``disk_only=True`` the disk alone. The VM keeps running. Resume it with
+        ``await Checkpoint.load(path).resume()``, any number of times; see docs/snapshots.md."""
+        self._machine.control()
 
-    @property
-    def qemu_pid(self) -> int | None:
-        return self._qemu.pid if self._qemu else None
+        async def sync_disk() -> None:
+            await self.exec(["sync"], timeout=60)
 
-    def console(self, lines: int = 50) -> list[str]:
-        """The last lines QEMU's serial console printed."""
-        return self._qemu.console_tail(lines) if self._qemu else []
+        header = await save_checkpoint(self._machine, Path(os.fspath(path)), disk_only=disk_only,
+                                       sync_disk=sync_disk)
+        return Checkpoint(Path(os.fspath(path)).absolute(), header)
 
-    # -- teardown --------------------------------------------------------------
+    @_typed_errors
+    async def fork(self, n: int = 1, *, label: str | None = None) -> list[VM]:
+        """``n`` new VMs whose memory, processes and disk are copies of this one now (this VM
+        keeps running). Each copy gets its own entropy, clock, generation id, network stack and
+        id; mounts and network policy are the same host objects as this VM's. Close each."""
+        opts = self._machine.options.replace(label=label if label is not None else self._machine.options.label)
+        image = self._machine.image
+
+        async def start(clone: ForkClone) -> Machine:
+            return await start_machine(opts.replace(accel=self._machine.accel), clone, image=image)
+
+        machines, _stats = await fork_machine(self._machine, n, start)
+        vms = [VM(m) for m in machines]
+        for vm in vms:
+            await vm._register()
+        return vms
+
+    # -- teardown -------------------------------------------------------------------------------
+    @_typed_errors
     async def close(self) -> None:
-        """Stop the VM and remove everything it created. Safe to call twice, from any task."""
-        async with self._close_lock:
-            if self._closed:
-                return
-            self._closed = True
-            with anyio.CancelScope(shield=True):
-                if self._session is not None:
-                    self._session.close()
-                if self._qmp is not None:
-                    await self._qmp.aclose()
-                if self._channel is not None:
-                    await self._channel.aclose()
-                await self._close_listeners()
-                if self._qemu is not None:
-                    await self._qemu.stop()
-                await self._tasks.cancel_all()
-                if self.network is not None:
-                    await self.network.mediator.aclose()
-                if self._run_dir is not None:
-                    shutil.rmtree(self._run_dir, ignore_errors=True)
-            log.debug("vm %s closed", self.id)
+        """Stop the VM and remove everything it created. Safe to call twice, from any task.
+        Raises the error of a background failure that killed the VM (a crashed network or file
+        service, an unresponsive guest) unless a call already raised it."""
+        if self._registration is not None:
+            self._registration.close()
+        await self._machine.close()
+
+    async def discard(self) -> None:
+        """Close this VM without raising why it died (for VMs known to be dead or unwanted)."""
+        if self._registration is not None:
+            self._registration.close()
+        await self._machine.close(raise_failure=False)
 
     async def __aenter__(self) -> VM:
         return self
@@ -661,13 +311,107 @@ class VM:
 
     def kill_qemu(self) -> None:
         """Kill the QEMU process abruptly (for tests of failure handling)."""
-        if self._qemu is not None and self._qemu.pid:
-            os.kill(self._qemu.pid, _signal.SIGKILL)
+        self._machine.kill_qemu()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else ("running" if self.running else "starting")
+        state = "running" if self.running else "stopped"
         return f"<VM {self.id} {state} image={self.image.build_id[:12]} accel={self.accel}>"
+
+
+@contextlib.asynccontextmanager
+async def open_vm(options: VMOptions | None = None, /, **changes: Unpack[OptionChanges]) -> AsyncIterator[VM]:
+    """``async with open_vm(...) as vm``: start a VM (same options as :meth:`VM.create`) and close
+    it when the block ends, however it ends."""
+    vm = await VM.create(options, **changes)
+    try:
+        yield vm
+    finally:
+        with anyio.CancelScope(shield=True):
+            await vm.close()
+
+
+class Checkpoint(CheckpointFile):
+    """A saved VM. ``Checkpoint.load(path)`` reads and checks the header; :meth:`resume` starts
+    a new VM from it (the file is only read)."""
+
+    @_typed_errors
+    async def resume(self, options: VMOptions | None = None, /, **changes: Unpack[OptionChanges]) -> VM:
+        """Start a new VM from this checkpoint. A full checkpoint resumes with its processes
+        running; a disk-only one boots with its disk (``memory``/``cpus`` may then change).
+
+        What the checkpoint recorded (hostname, label, env, network mode, DNS mode, TCP
+        mappings) is reused unless changed. Network policy (``http_hooks``) and mount providers
+        (``mounts``, same guest paths as when saved) are live host objects, so they are passed
+        again."""
+        h = self.header
+        try:
+            img = await anyio.to_thread.run_sync(ImageStore().resolve, h.image)
+        except GondolinError:
+            raise CheckpointError(
+                f"{self.path.name} needs guest image {h.image} (kernel {h.kernel_version}), which is not in the "
+                "image store any more; rebuild or restore that image to resume it", code="checkpoint_image") from None
+        o = h.options
+        saved = VMOptions(image=img.build_id, memory=h.shape.memory_mb, cpus=h.shape.cpus,
+                          rootfs=h.shape.rootfs,  # type: ignore[arg-type]
+                          hostname=o.hostname, label=o.label, env=o.env, network=o.network,
+                          dns=o.dns,  # type: ignore[arg-type]
+                          tcp_hosts=o.tcp_hosts, accel=h.shape.accel)
+        if options is not None:
+            changes = {**{f: getattr(options, f) for f in ("env", "hostname", "label", "http_hooks", "mounts",
+                                                           "timeouts")}, **changes}  # type: ignore[typeddict-item]
+        if "image" in changes:
+            wanted = await anyio.to_thread.run_sync(ImageStore().resolve, changes.pop("image"))
+            if wanted.build_id != img.build_id:
+                raise CheckpointError(f"{self.path.name} was saved from image {h.image}; it cannot resume on "
+                                      f"image {wanted.build_id}", code="checkpoint_image")
+        full = h.kind == "full"
+        if full and ({"memory", "cpus", "rootfs", "network"} & {k for k, v in changes.items() if v is not None}):
+            raise ValueError("memory, cpus, rootfs and network are fixed by a full checkpoint (part of its saved state)")
+        opts = VMOptions.from_kwargs(saved, **{k: v for k, v in changes.items() if v is not None or k == "label"})
+        checked, image, accel = await resolve(opts, image=img)
+        if full:
+            self.check_shape(machine_shape(checked, image, accel))
+        failure: list[BaseException] = []
+
+        async def verify() -> None:
+            try:
+                await anyio.to_thread.run_sync(self.verify)
+            except CheckpointError as exc:
+                failure.append(exc)
+
+        if not full:
+            await verify()
+            if failure:
+                raise failure[0]
+        try:
+            async with anyio.create_task_group() as tg:
+                if full:
+                    tg.start_soon(verify)  # while QEMU loads the memory
+                vm = await VM._start(checked.replace(accel=accel), self.boot_source(), image=image)
+        except* GondolinError as group:
+            if failure:
+                raise failure[0] from None
+            first = group.exceptions[0]
+            if isinstance(first, CheckpointError):
+                raise first from None
+            code = "checkpoint_failed" if isinstance(first, SnapshotError) else "checkpoint_corrupt"
+            raise CheckpointError(f"{self.path.name} could not be resumed: {first}", code=code) from first
+        if failure:
+            with anyio.CancelScope(shield=True):
+                await vm._machine.close(raise_failure=False)
+            raise failure[0]
+        return vm
+
+
+def _kill_at_exit() -> None:
+    kill_all_machines()
+
+
+atexit.register(_kill_at_exit)
 
 
 def new_hostname() -> str:
     return f"gondolin-{secrets.token_hex(3)}"
+
+
+__all__ = ["VM", "Checkpoint", "VMClosedError", "new_hostname", "open_vm", "unwrap_errors"]

@@ -88,6 +88,7 @@ class QemuProcess:
                 self._partial = b""
             os.close(fd)
             self._read_fd = -1
+            self.kill()  # the reader only stops early when its owner is going away: so does QEMU
             await self._reap()
 
     async def _wait_exit(self, timeout: float | None = None) -> None:

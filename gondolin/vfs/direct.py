@@ -15,13 +15,15 @@ import stat
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from ..errors import GuestFileError
+from ..fstypes import DirEntry, FileStat
 from . import paths
 from .errors import EEXIST, EISDIR, ELOOP, ENOENT, ENOTDIR, EXDEV, LINUX_ERRNO, VfsError
 from .provider import MAX_IO, Attr, Caller, FileHandle, OpenMode, Provider, SetAttr
 from .router import single_or_router
 
 if TYPE_CHECKING:
-    from ..fs import DirEntry, FileStat, GuestFS
+    from ..fs import GuestFS
 
 MAX_LINKS = 40  # symlinks followed in one path (Linux MAXSYMLINKS)
 _NAMES = {v: k for k, v in reversed(LINUX_ERRNO.items())}  # first name wins (ENOTSUP -> ...)
@@ -41,8 +43,6 @@ class _Outside(Exception):
 
 
 def _file_error(exc: VfsError, op: str, path: str) -> Exception:
-    from ..errors import GuestFileError
-
     num = exc.errno or LINUX_ERRNO["EIO"]
     name = _NAMES.get(num, _errno.errorcode.get(num, "EIO"))
     return GuestFileError(f"{op} {path}: {exc.strerror}", errno=num, errno_name=name, path=path)
@@ -138,8 +138,6 @@ class DirectFS:
     # --- metadata ----------------------------------------------------------------------------
 
     async def stat(self, path: str, *, follow_symlinks: bool = True) -> FileStat:
-        from ..fs import FileStat
-
         try:
             _, a = await self._attr(path, follow_symlinks)
         except _Outside as out:
@@ -152,8 +150,6 @@ class DirectFS:
         )  # fmt: skip
 
     async def scandir(self, path: str) -> list[DirEntry]:
-        from ..fs import DirEntry
-
         try:
             resolved = await self._resolve(path, True)
             listing = await self._root.readdir(resolved)
@@ -327,8 +323,6 @@ class DirectFS:
 
     async def _owner(self, user: str | int) -> tuple[int, int]:
         """(uid, gid) of a guest user, from the guest's /etc/passwd (names are the guest's)."""
-        from ..errors import GuestFileError
-
         passwd = await self._guest.read_text("/etc/passwd")
         for line in passwd.splitlines():
             fields = line.split(":")

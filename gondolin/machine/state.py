@@ -29,10 +29,10 @@ from typing import Any
 import anyio
 from anyio.abc import ByteStream
 
-from ._log import get_logger
-from .errors import GondolinError, MissingToolError, VMStartError
-from .protocol import Message, T, encode
-from .qemu.qmp import QmpClient
+from .._log import get_logger
+from ..errors import GondolinError, MissingToolError, VMStartError
+from ..protocol import Message, T, encode
+from ..qemu.qmp import QmpClient
 
 log = get_logger("vm")
 RESYNC_JUNK_LIMIT = 64 << 20  # bytes of stale guest output skipped before the PONG, at most

@@ -34,6 +34,7 @@ from .images.store import cache_root
 from .protocol import FrameDecoder, FrameError, Message, encode
 
 if TYPE_CHECKING:
+    from .machine import Machine
     from .vm import VM
 
 log = get_logger("vm")
@@ -168,10 +169,11 @@ class Registration:
             self.socket.unlink(missing_ok=True)
 
 
-async def register_session(vm: VM) -> Registration:
-    """Write the VM's entry and start serving its socket (a task owned by the VM)."""
-    assert vm._run_dir is not None
-    sock = vm._run_dir / SOCKET_NAME
+async def register(vm: VM, machine: Machine) -> Registration:
+    """Write the VM's entry and start serving its socket (a background task of its machine)."""
+    if machine.run_dir is None:
+        raise OSError("the VM has no run directory")
+    sock = machine.run_dir / SOCKET_NAME
     listener = await anyio.create_unix_listener(sock)
     info = SessionInfo(
         id=vm.id, pid=os.getpid(), qemu_pid=vm.qemu_pid, label=vm.label, created=vm.created, socket=str(sock),
@@ -185,7 +187,8 @@ async def register_session(vm: VM) -> Registration:
     tmp.write_text(json.dumps(asdict(info), indent=2) + "\n")
     os.replace(tmp, entry)
     reg = Registration(entry, listener, sock)
-    vm._spawn(_serve(vm, listener))
+    machine.on_close(reg.close)
+    machine.spawn("registry server", _serve, vm, listener, critical=False)
     return reg
 
 

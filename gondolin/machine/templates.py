@@ -22,113 +22,32 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
-import hashlib
 import json
 import os
 import shlex
 import shutil
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ._log import get_logger
-from .errors import VMStartError
-from .images.store import cache_root
-from .qemu.argv import MachineSpec, build_argv
-from .qemu.qmp import QmpClient
-from .snapshot import RestoreSource, Section, SnapshotError, save_running_vm
-
-if TYPE_CHECKING:
-    from .vm import VM
+from .._log import get_logger
+from ..errors import VMStartError
+from ..images import ImageStore
+from ..images.store import cache_root
+from .boot import BootSource, ColdBoot, TemplateRestore
+from .machine import Machine
+from .shape import TEMPLATE_FORMAT, MachineShape
+from .state import Section, SnapshotError, save_running_vm
 
 log = get_logger("vm")
-TEMPLATE_FORMAT = 1  # bump when what a template holds or how it is taken changes
 MAX_TEMPLATES = 8  # kept on disk; the least recently used go first
 LOCK_POLL = 0.05  # seconds between attempts to take another builder's lock
 META = "template.json"
 MEMORY = "memory.bin"
 DISK = "root.qcow2"
-RUN_PLACEHOLDER = "/@run"
-IMAGE_PLACEHOLDER = "/@image"
-
-
-@dataclass(frozen=True)
-class MachineShape:
-    """Everything a saved memory image depends on. Equal shapes can share a template."""
-
-    image: str  # image build id
-    memory_mb: int
-    cpus: int
-    rootfs: str
-    accel: str
-    network: bool
-    fs_port: bool
-    qemu: str  # `qemu-system-x86_64 --version`, first line
-    devices: str  # fingerprint of the QEMU command line (see device_fingerprint)
-
-    def key(self) -> str:
-        blob = json.dumps({"format": TEMPLATE_FORMAT, **asdict(self)}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:24]
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Any) -> MachineShape:
-        if not isinstance(data, dict):
-            raise ValueError("machine shape is not an object")
-        kwargs: dict[str, Any] = {}
-        for f in fields(cls):
-            if f.name not in data:
-                raise ValueError(f"machine shape lacks {f.name!r}")
-            value = data[f.name]
-            want = {"int": int, "bool": bool, "str": str}[str(f.type)]
-            if not isinstance(value, want) or (want is int and isinstance(value, bool)):
-                raise ValueError(f"machine shape field {f.name!r} has the wrong type")
-            kwargs[f.name] = value
-        return cls(**kwargs)
-
-    def differences(self, other: MachineShape) -> list[str]:
-        """Human-readable list of what differs (for refusals)."""
-        out = []
-        for f in fields(self):
-            a, b = getattr(self, f.name), getattr(other, f.name)
-            if a != b:
-                out.append(f"{f.name}: {a!r} != {b!r}" if f.name != "devices" else "QEMU device set differs")
-        return out
-
-    def describe(self) -> str:
-        return (f"image {self.image[:12]}, {self.memory_mb} MiB, {self.cpus} vCPU, rootfs {self.rootfs}, "
-                f"{self.accel}, network {'on' if self.network else 'off'}, mounts {'on' if self.fs_port else 'off'}")
-
-
-def device_fingerprint(spec: MachineSpec, run_dir: str, image_dir: str) -> str:
-    """Hash of the QEMU command line with the per-VM run directory and the image directory
-    replaced by placeholders, and without the restore source."""
-    argv = build_argv(replace(spec, incoming=None), "qemu")
-    normalized = [a.replace(run_dir, RUN_PLACEHOLDER).replace(image_dir, IMAGE_PLACEHOLDER) for a in argv]
-    return hashlib.sha256("\0".join(normalized).encode()).hexdigest()[:24]
-
-
-@functools.lru_cache(maxsize=8)
-def _qemu_version(path: str, mtime_ns: int) -> str:
-    from .qemu.accel import qemu_version
-
-    return qemu_version(path)
-
-
-def qemu_version_cached(path: str) -> str:
-    """QEMU's version string, asked once per binary (it costs a process start)."""
-    try:
-        mtime = os.stat(path).st_mtime_ns
-    except OSError:
-        mtime = 0
-    return _qemu_version(path, mtime)
 
 
 @dataclass(frozen=True)
@@ -143,9 +62,9 @@ class Template:
     def key(self) -> str:
         return self.path.name
 
-    def source(self) -> RestoreSource:
+    def boot_source(self) -> TemplateRestore:
         disk = Section(self.path / DISK) if self.has_disk else None
-        return RestoreSource("template", Section(self.path / MEMORY), disk)
+        return TemplateRestore(Section(self.path / MEMORY), disk, self.key)
 
     @property
     def size(self) -> int:
@@ -290,10 +209,12 @@ def memory_command(path: Path) -> str:
     return f"cat > {shlex.quote(str(path))}"
 
 
-async def save_template(store: TemplateStore, shape: MachineShape, qmp: QmpClient,
-                        quiesce: Callable[[], Any], overlay: Path | None) -> Template:
-    """Save the running VM (booted and idle) as the template for ``shape``."""
+async def save_template(store: TemplateStore, machine: Machine) -> Template:
+    """Save ``machine`` (booted, configured with the per-VM parts left out, idle) as the
+    template of its shape."""
+    shape = machine.shape()
     staging = store.staging(shape)
+    overlay = machine.disk_overlay
     try:
         memory = staging / MEMORY
 
@@ -301,7 +222,9 @@ async def save_template(store: TemplateStore, shape: MachineShape, qmp: QmpClien
             if overlay is not None:
                 await anyio.to_thread.run_sync(shutil.copyfile, overlay, staging / DISK)
 
-        stats = await save_running_vm(qmp, quiesce, memory_command(memory), memory, copy_disk)
+        async with machine.state_lock, machine.health_paused():
+            stats = await save_running_vm(await machine.qmp(), machine.quiesced, memory_command(memory), memory,
+                                          copy_disk)
         template = store.commit(staging, shape, stats.memory_bytes, overlay is not None)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -309,28 +232,39 @@ async def save_template(store: TemplateStore, shape: MachineShape, qmp: QmpClien
     log.debug("saved template %s (%s) in %.2fs, %d MB", template.key, shape.describe(), stats.seconds,
               stats.memory_bytes >> 20)
     with contextlib.suppress(OSError):
-        from .images import ImageStore
-
         store.prune(known_images={i.build_id for i in ImageStore().images()})
     return template
 
 
-async def create_warm(make: Callable[[], VM]) -> VM:
-    """Start a VM from its shape's template; boot cold and save the template when there is none
-    (one builder per shape: concurrent callers wait for it, then restore)."""
+async def _boot_and_save(machine: Machine, store: TemplateStore | None) -> None:
+    """Cold boot ``machine``; with a ``store``, save it as its shape's template first (a failure
+    to save only costs speed)."""
+    await machine.start(ColdBoot())
+    if store is not None:
+        await machine.configure(base=True)
+        try:
+            await save_template(store, machine)
+        except (SnapshotError, OSError) as exc:
+            log.warning("could not save a warm template (%s); later VMs boot cold", exc)
+
+
+async def start_warm(make: Callable[[], Machine]) -> Machine:
+    """Start a machine from its shape's template; boot cold and save the template when there is
+    none (one builder per shape: concurrent callers wait for it, then restore). The machine is
+    started, not yet configured."""
     store = TemplateStore()
-    vm = make()
-    shape = vm.machine_shape()
+    machine = make()
+    shape = machine.shape()
     template = store.lookup(shape)
     if template is None:
         async with store.build_lock(shape):
             template = store.lookup(shape)
             if template is None:
-                await vm._launch(save_template=(store, shape))
-                return vm
+                await _boot_and_save(machine, store)
+                return machine
     try:
-        await vm._launch(restore=template.source())
-        return vm
+        await machine.start(template.boot_source())
+        return machine
     except (VMStartError, SnapshotError) as exc:
         if exc.code == "vm_start_timeout":
             raise  # a slow host, not a bad template
@@ -338,8 +272,11 @@ async def create_warm(make: Callable[[], VM]) -> VM:
         log.warning("template %s could not be restored (%s); booting cold and saving a new one", template.key,
                     first)
         store.remove(template.key)
-    vm = make()
+    machine = make()
     async with store.build_lock(shape):
         again = store.lookup(shape)
-        await vm._launch(save_template=None if again is not None else (store, shape))
-    return vm
+        await _boot_and_save(machine, None if again is not None else store)
+    return machine
+
+
+__all__ = ["BootSource", "Template", "TemplateStore", "save_template", "start_warm"]

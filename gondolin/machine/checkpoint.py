@@ -27,20 +27,22 @@ import shlex
 import struct
 import time
 import zlib
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 import anyio
 
-from ._log import get_logger
-from .errors import GondolinError, ImageError
-from .images.store import cache_root
-from .snapshot import RestoreSource, Section, SnapshotError, pause_and_copy, save_running_vm
-from .templates import MachineShape
+from .._log import get_logger
+from ..errors import GondolinError
+from ..images.store import cache_root
+from .boot import BootSource, CheckpointResume, ColdBoot
+from .shape import MachineShape
+from .state import Section, append_file, pause_and_copy, save_running_vm
 
 if TYPE_CHECKING:
-    from .vm import VM
+    from .machine import Machine
 
 log = get_logger("vm")
 MAGIC = b"\x89GONDOLIN-CKPT\r\n"
@@ -194,16 +196,17 @@ def default_dir() -> Path:
     return Path(os.environ.get("GONDOLIN_CHECKPOINT_DIR") or cache_root() / "checkpoints")
 
 
-class Checkpoint:
-    """A saved VM. ``Checkpoint.load(path)`` reads and checks the header; :meth:`resume` starts
-    a new VM from it (the file is only read)."""
+class CheckpointFile:
+    """A saved VM on disk. ``load(path)`` reads and checks the header; :meth:`boot_source` says
+    how to start a machine from it (the file is only read). :class:`gondolin.Checkpoint` adds
+    ``resume()``."""
 
     def __init__(self, path: Path, header: CheckpointHeader) -> None:
         self.path = path
         self.header = header
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> Checkpoint:
+    def load(cls, path: str | os.PathLike[str]) -> Self:
         p = Path(os.fspath(path)).absolute()
         try:
             with open(p, "rb") as f:
@@ -254,109 +257,50 @@ class Checkpoint:
         return f"<Checkpoint {self.path.name} {self.kind} image={self.image_id[:12]} {self.shape.memory_mb}MiB>"
 
     # -- resuming --------------------------------------------------------------------
-    async def resume(
-        self,
-        *,
-        label: str | None = None,
-        env: dict[str, str] | None = None,
-        hostname: str | None = None,
-        http_hooks: Any = None,
-        mounts: dict[str, Any] | None = None,
-        image: str | None = None,
-        start_timeout: float | None = None,
-        memory: int | str | None = None,
-        cpus: int | None = None,
-    ) -> VM:
-        """Start a new VM from this checkpoint. A full checkpoint resumes with its processes
-        running; a disk-only one boots with its disk (``memory``/``cpus`` may then change).
-
-        Network policy (``http_hooks``) and mount providers (``mounts``, same guest paths as when
-        saved) are live host objects, so they are passed again; everything else is reused."""
-        from .images import ImageStore
-        from .vm import VM
-
+    def boot_source(self) -> BootSource:
+        """How a machine starts from this checkpoint."""
         h = self.header
-        try:
-            img = await anyio.to_thread.run_sync(ImageStore().resolve, h.image)
-        except ImageError:
-            raise CheckpointError(
-                f"{self.path.name} needs guest image {h.image} (kernel {h.kernel_version}), which is not in the "
-                "image store any more; rebuild or restore that image to resume it", code="checkpoint_image") from None
-        if image is not None:
-            wanted = await anyio.to_thread.run_sync(ImageStore().resolve, image)
-            if wanted.build_id != img.build_id:
-                raise CheckpointError(
-                    f"{self.path.name} was saved from image {h.image}; it cannot resume on image "
-                    f"{wanted.build_id} ({image!r})", code="checkpoint_image")
-        o = h.options
-        full = h.kind == "full"
-        if full and (memory is not None or cpus is not None):
-            raise ValueError("memory and cpus are fixed by a full checkpoint (they are part of its saved state)")
-        make = await VM._factory(
-            memory=memory if memory is not None else h.shape.memory_mb,
-            cpus=cpus if cpus is not None else h.shape.cpus, rootfs=h.shape.rootfs,  # type: ignore[arg-type]
-            image=img.build_id, hostname=hostname or o.hostname, env=env if env is not None else o.env,
-            label=label if label is not None else o.label, accel=h.shape.accel, network=o.network, dns=o.dns,
-            tcp_hosts=o.tcp_hosts or None, http_hooks=http_hooks, mounts=mounts, start_timeout=start_timeout)
-        vm = make()
         disk = h.sections.get("disk")
         disk_section = Section(self.path, disk.offset, disk.size) if disk else None
-        if not full:
-            await anyio.to_thread.run_sync(self.verify)
-            await vm._launch(disk=disk_section)
-            return vm
-        here = vm.machine_shape()
-        if here != h.shape:
-            raise CheckpointError(
-                f"{self.path.name} cannot resume on this host as configured: " + "; ".join(here.differences(h.shape))
-                + (" (pass mounts= with the same guest paths as when it was saved)"
-                   if here.fs_port != h.shape.fs_port else ""), code="checkpoint_incompatible")
+        if h.kind != "full":
+            return ColdBoot(disk_section)
         mem = h.sections["memory"]
-        source = RestoreSource("checkpoint", Section(self.path, mem.offset, mem.size), disk_section)
-        failure: list[BaseException] = []
+        return CheckpointResume(Section(self.path, mem.offset, mem.size), disk_section)
 
-        async def check() -> None:
-            try:
-                await anyio.to_thread.run_sync(self.verify)
-            except CheckpointError as exc:
-                failure.append(exc)
-
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(check)
-                await vm._launch(restore=source)
-        except SnapshotError as exc:
-            raise CheckpointError(f"{self.path.name} could not be resumed: {exc.message}") from exc
-        if failure:
-            with anyio.CancelScope(shield=True):
-                await vm.close()
-            raise failure[0]
-        return vm
+    def check_shape(self, here: MachineShape) -> None:
+        """Refuse to resume a full checkpoint into a machine of another shape."""
+        want = self.header.shape
+        if self.kind == "full" and here != want:
+            raise CheckpointError(
+                f"{self.path.name} cannot resume on this host as configured: " + "; ".join(here.differences(want))
+                + (" (pass mounts= with the same guest paths as when it was saved)"
+                   if here.fs_port != want.fs_port else ""), code="checkpoint_incompatible")
 
 
-def list_checkpoints(directory: Path | None = None) -> list[Checkpoint]:
+def list_checkpoints(directory: Path | None = None) -> list[CheckpointFile]:
     """Readable checkpoints in ``directory`` (default: the cache's checkpoints folder), newest first."""
     root = directory or default_dir()
     out = []
     if root.is_dir():
         for p in root.glob(f"*{SUFFIX}"):
             with contextlib.suppress(CheckpointError):
-                out.append(Checkpoint.load(p))
+                out.append(CheckpointFile.load(p))
     out.sort(key=lambda c: c.created, reverse=True)
     return out
 
 
 # -- saving --------------------------------------------------------------------------------
-async def save_checkpoint(vm: VM, path: Path, *, disk_only: bool = False) -> Checkpoint:
-    """Write ``vm`` to ``path`` (atomically: a partial file never has the final name)."""
-    if disk_only and vm.rootfs != "cow":
-        raise CheckpointError(f"a disk-only checkpoint needs rootfs='cow' (this VM's root disk is {vm.rootfs!r}: "
-                              "its writes live in memory); take a full checkpoint instead")
+async def save_checkpoint(machine: Machine, path: Path, *, disk_only: bool = False,
+                          sync_disk: Callable[[], Awaitable[Any]] | None = None) -> CheckpointHeader:
+    """Write ``machine`` to ``path`` (atomically: a partial file never has the final name).
+    ``sync_disk`` flushes the guest's page cache first (disk-only checkpoints)."""
+    overlay = machine.disk_overlay
+    if disk_only and overlay is None:
+        raise CheckpointError(f"a disk-only checkpoint needs rootfs='cow' (this VM's root disk is "
+                              f"{machine.options.rootfs!r}: its writes live in memory); take a full checkpoint instead")
     path = path.absolute()
     if not path.parent.is_dir():
         raise CheckpointError(f"cannot save a checkpoint in {path.parent}: no such directory")
-    assert vm._run_dir is not None
-    overlay = vm._run_dir / "root.qcow2" if vm.rootfs == "cow" else None
     tmp = path.with_name(f".{path.name}.{os.urandom(3).hex()}.partial")
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     sections: dict[str, SectionInfo] = {}
@@ -365,16 +309,16 @@ async def save_checkpoint(vm: VM, path: Path, *, disk_only: bool = False) -> Che
 
         def copy_disk(at: int) -> None:
             assert overlay is not None
-            from .snapshot import append_file
-
             size = append_file(overlay, fd, at)
             sections["disk"] = SectionInfo(at, size, 0)
 
-        async with vm._snapshot_lock:
-            qmp = await vm._qmp_client()
+        async with machine.state_lock:
+            qmp = await machine.qmp()
             if disk_only:
-                await vm.exec(["sync"], timeout=60)
-                await pause_and_copy(qmp, lambda: anyio.to_thread.run_sync(copy_disk, HEADER_SPACE))
+                if sync_disk is not None:
+                    await sync_disk()
+                async with machine.health_paused():
+                    await pause_and_copy(qmp, lambda: anyio.to_thread.run_sync(copy_disk, HEADER_SPACE))
             else:
                 async def after_stop() -> None:
                     mem_size = os.fstat(fd).st_size - HEADER_SPACE
@@ -382,19 +326,19 @@ async def save_checkpoint(vm: VM, path: Path, *, disk_only: bool = False) -> Che
                     if overlay is not None:
                         await anyio.to_thread.run_sync(copy_disk, align(HEADER_SPACE + mem_size))
 
-                assert vm._channel is not None
-                await save_running_vm(qmp, vm._channel.quiesced, f"cat >> {shlex.quote(str(tmp))}", tmp, after_stop)
+                async with machine.health_paused():
+                    await save_running_vm(qmp, machine.quiesced, f"cat >> {shlex.quote(str(tmp))}", tmp,
+                                          after_stop)
 
         def finish() -> CheckpointHeader:
             for name, sec in list(sections.items()):
                 sections[name] = SectionInfo(sec.offset, sec.size, section_crc(tmp, sec))
-            net = vm._net_options
+            o = machine.options
             header = CheckpointHeader(
-                kind="disk" if disk_only else "full", created=time.time(), image=vm.image.build_id,
-                kernel_version=vm.image.kernel_version, shape=vm.machine_shape(), vm_id=vm.id,
-                options=SavedOptions(hostname=vm.hostname, label=vm.label, env=dict(vm.env), network=net is not None,
-                                     dns=net.dns if net else "synthetic", tcp_hosts=dict(net.tcp_hosts) if net else {},
-                                     mounts=tuple(sorted(vm.mounts))),
+                kind="disk" if disk_only else "full", created=time.time(), image=machine.image.build_id,
+                kernel_version=machine.image.kernel_version, shape=machine.shape(), vm_id=machine.id,
+                options=SavedOptions(hostname=o.hostname, label=o.label, env=dict(o.env), network=o.network,
+                                     dns=o.dns, tcp_hosts=dict(o.tcp_hosts), mounts=tuple(sorted(o.mounts))),
                 sections=dict(sections))
             os.pwrite(fd, encode_header(header), 0)
             os.replace(tmp, path)
@@ -408,4 +352,4 @@ async def save_checkpoint(vm: VM, path: Path, *, disk_only: bool = False) -> Che
     finally:
         os.close(fd)
     log.debug("checkpoint %s: %s, %d bytes", path, header.kind, path.stat().st_size)
-    return Checkpoint(path, header)
+    return header

@@ -1,0 +1,70 @@
+"""From options to a running, configured machine: resolve the image and the accelerator, then
+start from a boot source (a warm template, a cold boot, a checkpoint, a fork)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import anyio
+
+from ..images import Image, ImageStore, ensure_image
+from ..options import VMOptions
+from ..qemu import accel as _accel
+from ..qemu.process import find_qemu
+from .boot import BootSource, ColdBoot
+from .machine import Machine
+from .templates import start_warm
+
+PROBE_MEMORY_MB = 256
+
+
+async def probe_boot(image: Image, accel: str, timeout: float) -> None:
+    """Boot a throwaway machine with ``accel`` (the accelerator probe)."""
+    options = VMOptions(image=image.build_id, memory=PROBE_MEMORY_MB, rootfs="readonly", network=False,
+                        hostname="probe", label="accelerator probe", warm=False).checked()
+    options = options.replace(timeouts=options.timeouts.__class__(start=timeout))
+    machine = Machine(options, image, accel)
+    try:
+        await machine.start(ColdBoot())
+    finally:
+        with anyio.CancelScope(shield=True):
+            await machine.close(raise_failure=False)
+
+
+async def resolve(options: VMOptions, *, image: Image | None = None) -> tuple[VMOptions, Image, str]:
+    """Checked options, the image (built on first use) and the accelerator they run on."""
+    opts = options.checked()
+    find_qemu()
+    img = image if image is not None else await anyio.to_thread.run_sync(ensure_image, opts.image, ImageStore())
+    accel = opts.accel or await _accel.choose(img, probe_boot)
+    return opts, img, accel
+
+
+def maker(options: VMOptions, image: Image, accel: str) -> Callable[[], Machine]:
+    return lambda: Machine(options, image, accel)
+
+
+async def start_machine(options: VMOptions, source: BootSource | None = None, *,
+                        image: Image | None = None) -> Machine:
+    """A started and configured machine. ``source=None``: a warm template when
+    ``options.warm`` (saving one first if there is none), else a cold boot."""
+    opts, img, accel = await resolve(options, image=image)
+    make = maker(opts, img, accel)
+    if source is not None:
+        machine = make()
+        await machine.start(source)
+    elif opts.warm:
+        machine = await start_warm(make)
+    else:
+        machine = make()
+        await machine.start(ColdBoot())
+    try:
+        await machine.configure()
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await machine.close(raise_failure=False)
+        raise
+    return machine
+
+
+__all__ = ["probe_boot", "resolve", "start_machine"]

@@ -1,0 +1,595 @@
+"""The owner of one VM's lifecycle: run directory, QEMU, QMP, control channel, network and
+file services, the configure message, health checks and close.
+
+A :class:`Machine` is started from a boot source (:mod:`gondolin.machine.boot`) and runs in
+one service task that owns an anyio task group; every background task of the VM (QEMU's
+console reader, the control channel reader, the network driver, the file service, the
+health monitor, stdin feeders, the registry server) runs in that group. A background task
+that fails marks the machine dead: every pending and later call fails with that error (its
+cause chained), and :meth:`close` raises it. Cancelling the service task (the event loop is
+shutting down) tears everything down too, so a program that never calls ``close()`` still
+exits promptly and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.abc import ByteStream, SocketListener, TaskGroup
+
+from .._log import get_logger
+from .._proc import pid_alive
+from .._tasks import spawn_service
+from ..channel import Channel
+from ..errors import (
+    GondolinError,
+    MissingToolError,
+    VMClosedError,
+    VMDiedError,
+    VMStartError,
+    VMUnresponsiveError,
+)
+from ..images import Image
+from ..options import Timeouts, VMOptions
+from ..protocol import T
+from ..qemu.argv import build_argv
+from ..qemu.process import QemuProcess, find_qemu
+from ..qemu.qmp import QmpClient
+from .boot import BootSource, ColdBoot
+from .shape import MachineShape, machine_shape, machine_spec
+from .state import Resync, Section, prepare_restored_disk
+
+log = get_logger("vm")
+GUEST_IP = "192.168.127.3"
+GATEWAY_IP = "192.168.127.1"
+# A 64 KiB link MTU: the link is virtual, and fewer, larger frames halve the host CPU per MiB
+# and double throughput under TCG (the host stack takes frames of any size).
+JUMBO_MTU = 65520
+RUN_PREFIX = "gondolin-vm-"
+TEARDOWN_TIMEOUT = 10.0  # seconds the shielded teardown may take before it gives up waiting
+_CA_CACHE: dict[str, Any] = {}
+_LIVE: weakref.WeakSet[Machine] = weakref.WeakSet()
+
+
+def _run_base() -> Path:
+    return Path(tempfile.gettempdir())
+
+
+def gc_run_dirs() -> int:
+    """Remove run directories left behind by host processes that died without cleaning up."""
+    removed = 0
+    for d in _run_base().glob(f"{RUN_PREFIX}*"):
+        try:
+            owner = int((d / "owner.pid").read_text())
+        except (OSError, ValueError):
+            owner = 0
+        if owner and pid_alive(owner):
+            continue
+        try:
+            if not owner and time.time() - d.stat().st_mtime < 60:
+                continue  # being created right now
+        except OSError:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed += 1
+    return removed
+
+
+class Network:
+    """A running VM's network: policy hooks, audit events, counters."""
+
+    def __init__(self, hooks: Any, mediator: Any, driver: Any, ca: Any) -> None:
+        self.hooks = hooks
+        self.mediator = mediator
+        self.driver = driver
+        self.ca = ca
+
+    def events(self) -> list[Any]:
+        """Recent HTTP audit events (allowed and blocked requests, with reasons)."""
+        return list(self.hooks.events.events())
+
+    @property
+    def stats(self) -> Any:
+        return self.driver.stats
+
+
+def _load_ca() -> Any:
+    """The per-install MITM CA, loaded once per process."""
+    from ..http import CertificateAuthority
+
+    if "ca" not in _CA_CACHE:
+        _CA_CACHE["ca"] = CertificateAuthority.load_or_create()
+    return _CA_CACHE["ca"]
+
+
+class Machine:
+    """One VM's lifecycle. Not public: :class:`gondolin.VM` is the facade users hold.
+
+    ``options`` must be checked (:meth:`VMOptions.checked`); ``image`` and ``accel`` resolved.
+    """
+
+    def __init__(self, options: VMOptions, image: Image, accel: str) -> None:
+        self.id = uuid.uuid4().hex[:12]
+        self.options = options
+        self.image = image
+        self.accel = accel
+        self.timeouts: Timeouts = options.timeouts
+        self.created = time.time()
+        self.restored_from: str | None = None
+        self.boot_time: float | None = None
+        self.guest_boot_ms: int | None = None
+        self.run_dir: Path | None = None
+        self.network: Network | None = None
+        self.qemu: QemuProcess | None = None
+        self._vfs: Any = None  # gondolin.vfs.port.VfsServer while the fs port is served
+        self._channel: Channel | None = None
+        self._listeners: dict[str, SocketListener] = {}
+        self._tg: TaskGroup | None = None
+        self._qmp: QmpClient | None = None
+        self._qmp_lock = anyio.Lock()
+        self.state_lock = anyio.Lock()  # one save (template, checkpoint, fork) at a time
+        self._health_paused = 0
+        self._failure: GondolinError | None = None  # a background failure: raised by close()
+        self._failure_reported = False
+        self._closing = False
+        self._stop = anyio.Event()  # close requested, or a background task failed
+        self._ready = anyio.Event()
+        self._start_error: BaseException | None = None
+        self._finished = anyio.Event()
+        self._on_close: list[Callable[[], None]] = []
+        self._spawned = False
+
+    # -- shape ------------------------------------------------------------------------------
+    @property
+    def memory_mb(self) -> int:
+        return self.options.memory_mb
+
+    def shape(self) -> MachineShape:
+        return machine_shape(self.options, self.image, self.accel)
+
+    @property
+    def disk_overlay(self) -> Path | None:
+        """This machine's own qcow2 overlay (rootfs ``"cow"``), else None."""
+        if self.options.rootfs != "cow" or self.run_dir is None:
+            return None
+        return self.run_dir / "root.qcow2"
+
+    # -- start ------------------------------------------------------------------------------
+    async def start(self, source: BootSource) -> None:
+        """Start QEMU from ``source`` and return once the agent answers (not yet configured).
+        The machine's service task runs until :meth:`close`; if starting fails, everything it
+        created is gone when this raises."""
+        if self._tg is not None or self._ready.is_set() or self._closing:
+            raise GondolinError("a machine starts once")
+        _LIVE.add(self)
+        self._spawned = True
+        spawn_service(lambda: self._serve(source), name=f"gondolin-vm-{self.id}")
+        try:
+            await self._ready.wait()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.close(raise_failure=False)
+            raise
+        if self._start_error is not None:
+            with anyio.CancelScope(shield=True):
+                await self._finished.wait()
+            raise self._start_error
+
+    async def _serve(self, source: BootSource) -> None:
+        """The service task: owns the task group; never raises."""
+        try:
+            try:
+                async with anyio.create_task_group() as tg:
+                    self._tg = tg
+                    try:
+                        await self._launch(source)
+                    except BaseException as exc:
+                        self._start_error = _start_error(exc, self)
+                        tg.cancel_scope.cancel()
+                        raise
+                    self._ready.set()
+                    await self._stop.wait()
+                    if self.qemu is not None:
+                        self.qemu.kill()  # its console reader then ends by itself
+                    tg.cancel_scope.cancel()
+            except BaseException as exc:  # noqa: BLE001 - recorded; cancellation re-raised below
+                if self._start_error is None and self._failure is None and not _is_cancel(exc):
+                    self._fail("service", exc)
+                if _is_cancel(exc) and not self._ready.is_set() and self._start_error is None:
+                    self._start_error = VMStartError("the VM's start was cancelled (the event loop is shutting down)")
+                if _is_cancel(exc):
+                    raise
+        finally:
+            self._tg = None
+            self._ready.set()
+            with anyio.CancelScope(shield=True):
+                await self._teardown()
+
+    async def _launch(self, source: BootSource) -> None:
+        t0 = time.monotonic()
+        if self._closing:
+            raise VMClosedError("the VM was closed while it was starting")
+        await anyio.to_thread.run_sync(gc_run_dirs)
+        self.run_dir = Path(tempfile.mkdtemp(prefix=RUN_PREFIX, dir=_run_base()))
+        (self.run_dir / "owner.pid").write_text(str(os.getpid()))
+        spec = machine_spec(self.options, self.image, self.accel, self.run_dir)
+        sockets = {"control": spec.ports[0].socket_path}
+        if self.options.mounts:
+            sockets["fs"] = spec.ports[1].socket_path
+        if spec.net_socket:
+            sockets["net"] = spec.net_socket
+        for name, path in sockets.items():
+            self._listeners[name] = await anyio.create_unix_listener(path)
+        restore = source.restore_source()
+        disk = restore.disk if restore is not None else (source.disk if isinstance(source, ColdBoot) else None)
+        await anyio.to_thread.run_sync(self._prepare_disk, disk)
+        if restore is not None:
+            spec = replace(spec, incoming=restore.incoming_uri())
+        self.qemu = qemu = QemuProcess(build_argv(spec, find_qemu()))
+        try:
+            qemu.start()
+        except OSError as exc:
+            raise VMStartError(f"cannot start QEMU: {exc}") from exc
+        self.spawn("QEMU console", qemu.watch, critical=False)
+        try:
+            with anyio.fail_after(self.timeouts.start):
+                streams = await self._accept_all()
+                control: ByteStream = streams["control"]
+                resync = Resync(control) if restore is not None else None
+                if resync is not None:
+                    await resync.ping()  # answered once QEMU has loaded the guest; set up the rest meanwhile
+                if "net" in streams:
+                    await self._start_network(streams["net"])
+                if "fs" in streams:
+                    self._start_vfs(streams["fs"])
+                first_id = 1
+                if resync is not None:
+                    control = await resync.wait()
+                    first_id = secrets.randbelow(1 << 30) + (1 << 30)
+                self._channel = Channel(control, qemu.console_tail, self._wait_qemu_exit, first_id=first_id)
+                self.spawn("control channel", self._channel.run, critical=False)
+                if restore is None:
+                    hello = await self._first_message(T.HELLO)
+                    self.guest_boot_ms = int(hello.p.get("boot_ms") or 0)
+                else:
+                    self.restored_from = restore.kind
+                self._channel.booted()
+        except TimeoutError:
+            raise VMStartError(
+                f"the guest agent did not answer within {self.timeouts.start:.0f}s (accelerator {self.accel}); "
+                "raise timeouts.start / GONDOLIN_START_TIMEOUT, or set GONDOLIN_ACCEL=tcg if KVM hangs here",
+                qemu.console_tail(), code="vm_start_timeout") from None
+        except VMDiedError as exc:
+            raise VMStartError(f"the VM stopped while booting (QEMU exit code {qemu.returncode})",
+                               exc.console or qemu.console_tail()) from None
+        finally:
+            await self._close_listeners()
+        self.spawn("health monitor", self._monitor)
+        self.spawn("QEMU exit watch", self._watch_exit, critical=False)
+        self.boot_time = time.monotonic() - t0
+        log.debug("vm %s up in %.3fs (%s)", self.id, self.boot_time,
+                  f"restored from a {self.restored_from}" if self.restored_from
+                  else f"guest agent at {self.guest_boot_ms}ms uptime")
+
+    def _prepare_disk(self, saved: Section | None) -> None:
+        """Create the cow overlay: empty, or a copy of a saved one (template, checkpoint, fork)."""
+        overlay = self.disk_overlay
+        if overlay is None:
+            return
+        base = str(self.image.rootfs)
+        if saved is not None:
+            prepare_restored_disk(saved, overlay, base)
+            return
+        qemu_img = shutil.which("qemu-img")
+        if not qemu_img:
+            raise MissingToolError("qemu-img", "qemu-utils", "create copy-on-write disks")
+        proc = subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-F", "raw", "-b", base, str(overlay)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise VMStartError(f"qemu-img could not create the overlay disk: {proc.stderr.strip()}")
+
+    async def _accept_all(self) -> dict[str, ByteStream]:
+        """Accept QEMU's connection on every listener (it connects to all at start), unless it exits first."""
+        qemu = self.qemu
+        assert qemu is not None
+        result: dict[str, ByteStream] = {}
+        async with anyio.create_task_group() as tg:
+            async def accept(name: str, listener: SocketListener) -> None:
+                result[name] = await listener.accept()
+                if len(result) == len(self._listeners):
+                    tg.cancel_scope.cancel()
+
+            async def exited() -> None:
+                await qemu.exited.wait()
+                tg.cancel_scope.cancel()
+
+            for name, listener in self._listeners.items():
+                tg.start_soon(accept, name, listener)
+            tg.start_soon(exited)
+        if len(result) != len(self._listeners):
+            for stream in result.values():
+                await stream.aclose()
+            raise VMStartError(f"QEMU exited at start (exit code {qemu.returncode})", qemu.console_tail())
+        return result
+
+    async def _close_listeners(self) -> None:
+        for listener in self._listeners.values():
+            with anyio.CancelScope(shield=True):
+                await listener.aclose()
+        self._listeners.clear()
+
+    async def _start_network(self, stream: ByteStream) -> None:
+        from ..http import HttpMediator, deny_all_hooks
+        from ..net import NetworkConfig, NetworkDriver
+
+        opts = self.options
+        hooks = opts.http_hooks if opts.http_hooks is not None else deny_all_hooks()
+        ca = await anyio.to_thread.run_sync(_load_ca)
+        mediator = HttpMediator(hooks, ca)
+        driver = NetworkDriver(NetworkConfig(dns=opts.dns, tcp_hosts=dict(opts.tcp_hosts),
+                                             flow_handler=mediator, mtu=JUMBO_MTU))
+        self.network = Network(hooks, mediator, driver, ca)
+        self.spawn("network driver", driver.run, stream)
+
+    def _start_vfs(self, stream: ByteStream) -> None:
+        from ..vfs.port import VfsServer
+
+        self._vfs = VfsServer(self.options.mounts)
+        self.spawn("file service", self._vfs.serve, stream)
+
+    async def _wait_qemu_exit(self) -> None:
+        if self.qemu is not None:
+            await self.qemu.exited.wait()
+
+    async def _watch_exit(self) -> None:
+        """QEMU exited by itself (crash, guest power-off, killed): the machine is dead."""
+        assert self.qemu is not None
+        await self.qemu.exited.wait()
+        if not self._closing and self._channel is not None:
+            self._channel.kill(VMDiedError(f"QEMU exited (code {self.qemu.returncode})", self.qemu.console_tail()))
+        self._stop.set()
+
+    async def _first_message(self, t: int) -> Any:
+        assert self._channel is not None
+        while True:
+            try:
+                msg = await self._channel.next_unsolicited()
+            except (anyio.EndOfStream, anyio.ClosedResourceError):
+                self._channel.refresh_console()
+                raise self._channel.dead or VMDiedError("the VM stopped while booting") from None
+            if msg.t == t:
+                return msg
+            log.debug("ignoring unsolicited %s during boot", msg.type_name)
+
+    # -- background tasks ---------------------------------------------------------------------
+    def spawn(self, name: str, fn: Callable[..., Awaitable[Any]], *args: Any, critical: bool = True) -> None:
+        """Run ``fn(*args)`` in this machine's task group. If it raises, the machine is dead
+        and the error is raised by every later call and by :meth:`close`; ``critical=False``
+        tasks (those whose end is reported another way) only log a failure."""
+        if self._tg is None:
+            raise VMClosedError("this VM is not running")
+
+        async def guarded() -> None:
+            try:
+                await fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - cancellation is re-raised
+                if _is_cancel(exc):
+                    raise
+                if critical:
+                    self._fail(name, exc)
+                else:
+                    log.debug("vm %s: %s ended with %r", self.id, name, exc)
+
+        self._tg.start_soon(guarded, name=f"{name} of VM {self.id}")
+
+    def _fail(self, what: str, exc: BaseException) -> None:
+        """A background task failed: the machine is dead; ``close`` and every call raise it."""
+        if self._closing or self._failure is not None:
+            return
+        if isinstance(exc, VMUnresponsiveError):
+            error: GondolinError = exc
+        else:
+            error = VMDiedError(f"the VM's {what} failed ({type(exc).__name__}: {exc}); the VM was stopped",
+                                self.qemu.console_tail() if self.qemu else [])
+            error.__cause__ = exc
+        log.warning("vm %s: %s", self.id, error.message.splitlines()[0])
+        self._failure = error
+        if self._channel is not None:
+            self._channel.kill(error)
+        self._stop.set()
+
+    async def _monitor(self) -> None:
+        """Ping the agent every ``ping_interval``; no answer for ``unresponsive`` s kills the VM."""
+        t = self.timeouts
+        while True:
+            await anyio.sleep(t.ping_interval)
+            if self._health_paused or self._channel is None or self._channel.dead is not None:
+                continue
+            with anyio.move_on_after(t.unresponsive) as scope:
+                await self._channel.request(T.PING)
+            if scope.cancelled_caught and not self._health_paused:
+                raise VMUnresponsiveError(
+                    f"the guest has not answered for {t.unresponsive:.0f}s (frozen, or too busy to schedule "
+                    "the agent); the VM was stopped", self.qemu.console_tail() if self.qemu else [])
+
+    @contextlib.asynccontextmanager
+    async def health_paused(self) -> AsyncIterator[None]:
+        """Suspend the health monitor (while the VM is deliberately stopped to save its state)."""
+        self._health_paused += 1
+        try:
+            yield
+        finally:
+            self._health_paused -= 1
+
+    # -- what callers use -----------------------------------------------------------------------
+    def control(self) -> Channel:
+        """The control channel, or the error that ended it."""
+        if self._closing:
+            raise VMClosedError("this VM is closed")
+        if self._channel is None:
+            raise VMClosedError("this VM is not running")
+        if self._channel.dead is not None:
+            self._channel.refresh_console()
+            if self._channel.dead is self._failure:
+                self._failure_reported = True
+            raise self._channel.dead
+        return self._channel
+
+    @property
+    def running(self) -> bool:
+        return (not self._closing and self._channel is not None and self._channel.dead is None
+                and not self._stop.is_set())
+
+    @property
+    def qemu_pid(self) -> int | None:
+        return self.qemu.pid if self.qemu else None
+
+    @property
+    def mounts(self) -> dict[str, Any]:
+        return dict(self.options.mounts)
+
+    def vfs_root(self) -> Any:
+        """The provider tree the guest's mounts see (``vm.fs`` uses it for mounted paths)."""
+        return self._vfs.root if self._vfs is not None else None
+
+    def vfs_invalidate(self, path: str) -> None:
+        """Drop what the guest kernel caches about ``path`` (changed from the host side)."""
+        if self._vfs is not None:
+            self._vfs.invalidate(path)
+
+    def console(self, lines: int = 50) -> list[str]:
+        return self.qemu.console_tail(lines) if self.qemu else []
+
+    async def qmp(self) -> QmpClient:
+        """The QMP connection to this VM's QEMU (opened on first use)."""
+        async with self._qmp_lock:
+            if self._qmp is None:
+                if self.run_dir is None:
+                    raise VMClosedError("this VM is not running")
+                self._qmp = await QmpClient.connect(str(self.run_dir / "qmp.sock"))
+            return self._qmp
+
+    def quiesced(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Hold back host sends after a PING round trip (see :meth:`Channel.quiesced`)."""
+        return self.control().quiesced(timeout=self.timeouts.call)
+
+    async def configure(self, *, base: bool = False, hostname: str | None = None,
+                        env: dict[str, str] | None = None) -> None:
+        """Send the guest its configuration: after every boot and every restore (clock, fresh
+        entropy, ...). ``base`` leaves out what is per VM (for a template). A restored agent
+        is told that the requests of the host that saved it are gone."""
+        extra: dict[str, Any] = {}
+        if self.network is not None:
+            extra["network"] = {"address": f"{GUEST_IP}/24", "gateway": GATEWAY_IP, "dns": GATEWAY_IP,
+                                "mtu": JUMBO_MTU}
+            extra["ca_pem"] = self.network.ca.ca_bundle_pem().decode()
+        if not base:
+            extra.update(hostname=hostname or self.options.hostname, env=dict(env or self.options.env))
+            if self.options.mounts:
+                extra["mounts"] = sorted(self.options.mounts)
+        if self.restored_from is not None:
+            extra["new_session"] = True
+        msg = await self.control().request(T.CONFIGURE, os.urandom(64), timeout=self.timeouts.call,
+                                           clock_ns=time.time_ns(), **extra)
+        if msg.t != T.CONFIGURED:
+            raise VMStartError(f"guest rejected its configuration: {msg.p}")
+        for err in msg.p.get("errors") or []:
+            log.warning("guest configuration: %s", err)
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` (sync, must not raise) when the machine is torn down."""
+        self._on_close.append(callback)
+
+    # -- stop ----------------------------------------------------------------------------------
+    async def close(self, *, raise_failure: bool = True) -> None:
+        """Stop the VM and remove everything it created; safe to call twice, from any task.
+        Raises the background failure that killed the VM, if one did and it was not yet raised."""
+        self._closing = True
+        self._stop.set()
+        if self._channel is not None:
+            self._channel.kill(VMClosedError("the VM was closed"))
+        with anyio.CancelScope(shield=True):
+            if self._spawned:
+                with anyio.move_on_after(TEARDOWN_TIMEOUT + 5):
+                    await self._finished.wait()
+            if not self._finished.is_set():
+                self.kill_now()
+        if raise_failure and self._failure is not None and not self._failure_reported:
+            self._failure_reported = True
+            raise self._failure
+
+    async def _teardown(self) -> None:
+        """Everything the machine created goes (shielded by the caller, bounded)."""
+        try:
+            with anyio.move_on_after(TEARDOWN_TIMEOUT):
+                for callback in self._on_close:
+                    with contextlib.suppress(Exception):
+                        callback()
+                if self._qmp is not None:
+                    await self._qmp.aclose()
+                if self._channel is not None:
+                    await self._channel.aclose()
+                await self._close_listeners()
+                if self.qemu is not None:
+                    await self.qemu.stop()
+                if self.network is not None:
+                    await self.network.mediator.aclose()
+        finally:
+            self.kill_now()
+            self._finished.set()
+            _LIVE.discard(self)
+            log.debug("vm %s closed", self.id)
+
+    def kill_now(self) -> None:
+        """Synchronous last resort (exit handlers, finalizers): kill QEMU, remove the run directory."""
+        if self.qemu is not None:
+            self.qemu.kill()
+        if self.run_dir is not None:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def kill_qemu(self) -> None:
+        """Kill the QEMU process abruptly (for tests of failure handling)."""
+        if self.qemu is not None and self.qemu.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.qemu.pid, signal.SIGKILL)
+
+
+def kill_all_machines() -> None:
+    """Kill every machine of this process that is still running (interpreter exit)."""
+    for machine in list(_LIVE):
+        machine.kill_now()
+
+
+def _is_cancel(exc: BaseException) -> bool:
+    return isinstance(exc, anyio.get_cancelled_exc_class()) or (
+        isinstance(exc, BaseExceptionGroup) and all(_is_cancel(e) for e in exc.exceptions))
+
+
+def _start_error(exc: BaseException, machine: Machine) -> BaseException:
+    """The one typed error a failed start raises (task-group groups unwrapped)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    if isinstance(exc, GondolinError):
+        return exc
+    if _is_cancel(exc):
+        return VMStartError("the VM's start was cancelled")
+    err = VMStartError(f"the VM could not start: {type(exc).__name__}: {exc}", machine.console())
+    err.__cause__ = exc
+    return err
+
+
+__all__ = ["GATEWAY_IP", "GUEST_IP", "JUMBO_MTU", "Machine", "Network", "gc_run_dirs", "kill_all_machines"]
