@@ -34,7 +34,7 @@ class VMPool:
     """Keeps ``size`` started VMs ready, made from ``options`` and keyword ``changes`` as
     :meth:`VM.create` makes them."""
 
-    def __init__(self, size: int = 2, options: VMOptions | None = None, /,
+    def __init__(self, options: VMOptions | None = None, /, *, size: int = 2,
                  **changes: Unpack[OptionChanges]) -> None:
         if size < 1:
             raise ValueError("a pool needs size >= 1")

@@ -360,7 +360,10 @@ class Machine:
         assert self.qemu is not None
         await self.qemu.exited.wait()
         if not self._closing and self._channel is not None:
-            self._channel.kill(VMDiedError(f"QEMU exited (code {self.qemu.returncode})", self.qemu.console_tail()))
+            code = self.qemu.returncode
+            how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+            self._channel.kill(VMDiedError(f"the VM stopped unexpectedly (QEMU exited, {how})",
+                                           self.qemu.console_tail()))
         self._stop.set()
 
     async def _first_message(self, t: int) -> Any:

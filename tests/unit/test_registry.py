@@ -11,13 +11,13 @@ import anyio
 import pytest
 
 from gondolin.exec import ExecResult, OutputChunk
-from gondolin.sessions import (
+from gondolin.registry import (
     RemoteVM,
     SessionError,
     SessionInfo,
     find_session,
     list_sessions,
-    register_session,
+    register,
 )
 
 pytestmark = pytest.mark.anyio
@@ -133,16 +133,17 @@ class FakeVM:
         self.image = SimpleNamespace(build_id="img")
         self.memory_mb, self.cpus, self.rootfs, self.restored_from = 512, 1, "cow", "template"
         self.running = True
-        self._run_dir = run_dir
-        self._tg = tg
+        self.run_dir = run_dir  # the machine side: run_dir, spawn, on_close
+        self.tg = tg
         self.procs = []
         self.checkpoints = []
+        self.closers = []
 
-    def _spawn(self, coro):
-        async def run():
-            await coro
+    def spawn(self, name, fn, *args, critical=True):
+        self.tg.start_soon(fn, *args)
 
-        self._tg.start_soon(run)
+    def on_close(self, callback):
+        self.closers.append(callback)
 
     def exec(self, command, **kw):
         p = FakeProc(command)
@@ -152,7 +153,7 @@ class FakeVM:
 
     async def checkpoint(self, path, disk_only=False):
         if path.endswith("bad"):
-            from gondolin.checkpoint import CheckpointError
+            from gondolin.machine.checkpoint import CheckpointError
 
             raise CheckpointError("nope, bad path")
         self.checkpoints.append((path, disk_only))
@@ -162,7 +163,7 @@ class FakeVM:
 async def test_remote_exec_streams_both_ways(tmp_path):
     async with anyio.create_task_group() as tg:
         vm = FakeVM(tmp_path, tg)
-        reg = await register_session(vm)
+        reg = await register(vm, vm)
         [info] = list_sessions()
         assert info.id == vm.id and info.restored_from == "template"
         remote = RemoteVM.find("fake")
@@ -196,7 +197,7 @@ async def test_remote_exec_streams_both_ways(tmp_path):
 async def test_a_client_that_goes_away_kills_its_command(tmp_path):
     async with anyio.create_task_group() as tg:
         vm = FakeVM(tmp_path, tg)
-        reg = await register_session(vm)
+        reg = await register(vm, vm)
         proc = RemoteVM.find(vm.id).exec("sleep 100", stdin=True)
         await proc.start()
         await proc._conn.stream.aclose()

@@ -3,6 +3,8 @@
 import os
 import resource
 import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -28,27 +30,26 @@ def max_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def own_run_dirs() -> list[Path]:
+    """Run directories of VMs of this test process."""
+    base = Path(tempfile.gettempdir())
+    out = []
+    for d in base.glob("gondolin-vm-*"):
+        try:
+            if int((d / "owner.pid").read_text()) == os.getpid():
+                out.append(d)
+        except (OSError, ValueError):
+            continue
+    return sorted(out)
+
+
 @pytest.fixture
 def no_leaks():
     """Fail if the test left QEMU processes or run directories behind."""
-    import tempfile
-
     before_pids = qemu_pids()
-    def own_dirs() -> set[str]:
-        base = tempfile.gettempdir()
-        out = set()
-        for d in os.listdir(base):
-            if d.startswith("gondolin-vm-"):
-                try:
-                    if int(open(os.path.join(base, d, "owner.pid")).read()) == os.getpid():
-                        out.add(d)
-                except (OSError, ValueError):
-                    continue
-        return out
-
-    before_dirs = own_dirs()
+    before_dirs = set(own_run_dirs())
     yield
     leaked_pids = qemu_pids() - before_pids
-    dirs = own_dirs() - before_dirs
+    dirs = set(own_run_dirs()) - before_dirs
     assert not leaked_pids, f"QEMU processes left behind: {leaked_pids}"
     assert not dirs, f"run directories left behind: {dirs}"

@@ -8,7 +8,7 @@ import anyio
 import pytest
 
 from gondolin import VM, Checkpoint, CheckpointError
-from gondolin.checkpoint import HEADER_SPACE, decode_header, encode_header
+from gondolin.machine.checkpoint import HEADER_SPACE, decode_header, encode_header
 from gondolin.images import ImageStore
 
 pytestmark = pytest.mark.anyio

@@ -6,7 +6,7 @@ import pytest
 from gondolin import VM, VMClosedError, VMDiedError, VMStartError
 from gondolin.sync import VM as SyncVM
 
-from .conftest import qemu_pids
+from .conftest import own_run_dirs, qemu_pids
 
 pytestmark = pytest.mark.anyio
 
@@ -43,9 +43,9 @@ async def test_rootfs_modes_and_cleanup(no_leaks):
     async with await VM.create(rootfs="cow", env={"VM_WIDE": "yes"}, hostname="box1") as vm:
         assert (await vm.exec("echo cow > /etc/cow && cat /etc/cow")).stdout == "cow\n"
         assert (await vm.exec("echo $VM_WIDE $(hostname)")).stdout == "yes box1\n"
-        run_dir = vm._run_dir
-        assert run_dir is not None and (run_dir / "root.qcow2").exists()
-    assert not run_dir.exists()
+        mine = own_run_dirs()
+        assert len(mine) == 1 and (mine[0] / "root.qcow2").exists()
+    assert not mine[0].exists()
 
 
 async def test_writes_in_cow_mode_never_reach_the_base_image():
@@ -69,7 +69,7 @@ async def test_invalid_options_are_refused_before_booting():
 async def test_start_timeout_is_a_clear_error(no_leaks):
     with pytest.raises(VMStartError) as err:
         await VM.create(start_timeout=0.5, warm=False)  # a warm restore may well finish in 0.5 s
-    assert err.value.code == "vm_start_timeout" and "start_timeout" in str(err.value)
+    assert err.value.code == "vm_start_timeout" and "timeouts.start" in str(err.value)
 
 
 async def test_qemu_that_cannot_start_reports_its_console(monkeypatch, no_leaks):
@@ -91,7 +91,7 @@ def test_sync_facade(no_leaks):
 def test_run_dirs_of_dead_owners_are_collected(tmp_path):
     import tempfile
 
-    from gondolin.vm import RUN_PREFIX, gc_run_dirs
+    from gondolin.machine.machine import RUN_PREFIX, gc_run_dirs
 
     stale = tempfile.mkdtemp(prefix=RUN_PREFIX)
     with open(os.path.join(stale, "owner.pid"), "w") as f:

@@ -7,7 +7,7 @@ import anyio
 import pytest
 
 from gondolin import VM, VMPool
-from gondolin.templates import MEMORY, META, TemplateStore
+from gondolin.machine.templates import MEMORY, META, TemplateStore
 
 pytestmark = pytest.mark.anyio
 
@@ -33,7 +33,7 @@ async def test_first_create_saves_a_template_and_later_ones_restore_it(template_
         assert vm.restored_from is None
         assert (await vm.exec("hostname")).stdout == "first\n"
     [tpl] = TemplateStore().templates()
-    assert tpl.shape == vm.machine_shape() and tpl.has_disk
+    assert tpl.shape == vm.shape() and tpl.has_disk
     digests = {p.name: file_digest(p) for p in tpl.path.iterdir()}
 
     async with await VM.create(**SHAPE, hostname="clone-a", env={"WHO": "a"}) as a:
@@ -101,7 +101,7 @@ async def test_a_template_is_not_used_for_another_shape(template_dir):
     [tpl] = store.templates()
     async with await VM.create(**SHAPE, warm=False) as vm:
         assert vm.restored_from is None
-        assert vm.machine_shape() == tpl.shape
+        assert vm.shape() == tpl.shape
     assert store.lookup(tpl.shape) is not None  # warm=False neither uses nor replaces it
 
 

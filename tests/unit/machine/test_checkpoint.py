@@ -5,10 +5,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gondolin.checkpoint import (
+from gondolin import Checkpoint
+from gondolin.machine.checkpoint import (
     HEADER_SPACE,
     MAGIC,
-    Checkpoint,
     CheckpointError,
     CheckpointHeader,
     SavedOptions,
@@ -17,7 +17,7 @@ from gondolin.checkpoint import (
     encode_header,
     list_checkpoints,
 )
-from gondolin.templates import MachineShape
+from gondolin.machine.shape import MachineShape
 
 SHAPE = MachineShape(image="abc123", memory_mb=512, cpus=1, rootfs="cow", accel="tcg", network=True,
                      fs_port=False, qemu="QEMU emulator version 7.2.0", devices="d" * 24)

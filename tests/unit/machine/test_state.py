@@ -8,8 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gondolin.protocol import FrameDecoder, Message, T, encode
-from gondolin.snapshot import (
+from gondolin.machine.state import (
     PongScanner,
     RestoreSource,
     Section,
@@ -18,6 +17,7 @@ from gondolin.snapshot import (
     pong_marker,
     qcow2_backing,
 )
+from gondolin.protocol import FrameDecoder, Message, T, encode
 
 MARKER = encode(Message(T.PONG, 7, {}, b"n" * 16))
 
@@ -183,7 +183,7 @@ def pipe():
 
 @pytest.mark.anyio
 async def test_resync_skips_stale_frames_and_survives_a_lost_ping(monkeypatch):
-    import gondolin.snapshot as snap
+    import gondolin.machine.state as snap
 
     monkeypatch.setattr(snap, "RESYNC_RETRY", 0.05)
     host, guest = pipe()
@@ -213,7 +213,7 @@ async def test_resync_skips_stale_frames_and_survives_a_lost_ping(monkeypatch):
 
 @pytest.mark.anyio
 async def test_resync_reports_a_closed_port():
-    import gondolin.snapshot as snap
+    import gondolin.machine.state as snap
     from gondolin.errors import VMStartError
 
     host, guest = pipe()

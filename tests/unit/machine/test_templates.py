@@ -6,15 +6,9 @@ import time
 import anyio
 import pytest
 
+from gondolin.machine.shape import MachineShape, device_fingerprint
+from gondolin.machine.templates import DISK, MEMORY, META, TemplateStore
 from gondolin.qemu.argv import MachineSpec, SerialPort
-from gondolin.templates import (
-    DISK,
-    MEMORY,
-    META,
-    MachineShape,
-    TemplateStore,
-    device_fingerprint,
-)
 
 pytestmark = pytest.mark.anyio
 
@@ -99,7 +93,8 @@ def test_commit_then_lookup(tmp_path):
     t = make_template(store, SHAPE)
     found = store.lookup(SHAPE)
     assert found == t and found.has_disk and found.memory_size == 100
-    src = found.source()
+    src = found.boot_source()
+    assert src.restore_source().kind == "template" and src.key == SHAPE.key()
     assert src.memory.path == t.path / MEMORY and src.disk.path == t.path / DISK
     assert [x.key for x in store.templates()] == [SHAPE.key()]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".staging")]

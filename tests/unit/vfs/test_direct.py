@@ -11,6 +11,7 @@ import pytest
 
 from gondolin.errors import GuestFileError
 from gondolin.fs import DirEntry, GuestFS
+from gondolin.options import Timeouts
 from gondolin.vfs import MemoryProvider, MountRouter
 from gondolin.vfs.direct import DirectFS, mounted
 
@@ -169,19 +170,24 @@ class FakeVM:
         self.router = MountRouter(mounts)
         self.invalidated: list[str] = []
 
-    def _vfs_root(self) -> MountRouter:
+    timeouts = Timeouts()
+
+    def vfs_root(self) -> MountRouter:
         return self.router
 
-    def _vfs_invalidate(self, path: str) -> None:
+    def vfs_invalidate(self, path: str) -> None:
         self.invalidated.append(path)
 
-    def _require_channel(self) -> Any:
+    def control(self) -> Any:
         raise LookupError("went to the guest")
+
+    def spawn(self, name: str, fn: Any, *args: Any, critical: bool = True) -> None:
+        raise AssertionError("no background tasks expected")
 
 
 async def test_guest_fs_routes_mounted_paths_to_the_provider(mem: MemoryProvider) -> None:
     vm = FakeVM({"/proj": mem})
-    fs = GuestFS(vm)  # type: ignore[arg-type]
+    fs = GuestFS(vm, vm)  # type: ignore[arg-type]
     await fs.write("/proj/f.txt", b"direct")
     assert await fs.read_bytes("/proj/f.txt") == b"direct"
     assert await fs.listdir("/proj") == ["f.txt"]
