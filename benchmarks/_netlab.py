@@ -65,8 +65,7 @@ class RawShell:
         return (await self.guest.check(["/bin/sh", "-c", command], timeout)).decode(errors="replace")
 
     def qemu_pid(self) -> int | None:
-        qemu = getattr(self.guest, "_qemu", None)  # RawGuest keeps its QemuProcess private
-        return getattr(qemu, "pid", None)
+        return self.guest.qemu_pid
 
 
 @asynccontextmanager

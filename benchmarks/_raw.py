@@ -8,7 +8,6 @@ runs one command at a time for baselines that need the guest to do something (a 
 
 from __future__ import annotations
 
-import inspect
 import os
 import tempfile
 import time
@@ -22,10 +21,10 @@ import anyio
 from anyio.abc import ByteStream, SocketListener
 
 from gondolin.images import Image
+from gondolin.machine.shape import CONTROL_PORT
 from gondolin.protocol import FrameDecoder, Message, T, message
 from gondolin.qemu.argv import MachineSpec, SerialPort, build_argv
 from gondolin.qemu.process import QemuProcess, find_qemu
-from gondolin.vm import CONTROL_PORT, VM
 
 READ_SIZE = 1 << 20
 MAX_OUTPUT = 1 << 20  # a baseline command's stdout/stderr kept, in bytes
@@ -33,7 +32,7 @@ MAX_OUTPUT = 1 << 20  # a baseline command's stdout/stderr kept, in bytes
 
 def cold_kwargs() -> dict[str, Any]:
     """VM.create options that force a cold boot (no restore from a warm-start template)."""
-    return {"warm": False} if "warm" in inspect.signature(VM.create).parameters else {}
+    return {"warm": False}
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -59,7 +58,8 @@ class RawResult:
 
 def raw_spec(image: Image, control_socket: str, *, accel: str, memory_mb: int = 512, cpus: int = 1,
              extra_args: Sequence[str] = ()) -> MachineSpec:
-    """The MachineSpec VM.create(rootfs="readonly") builds, plus ``extra_args``."""
+    """The MachineSpec VM.create(rootfs="readonly", network=False) builds (see
+    :func:`gondolin.machine.shape.machine_spec`) without the QMP socket, plus ``extra_args``."""
     return MachineSpec(
         kernel=str(image.kernel), initrd=str(image.initrd), disk=str(image.rootfs), disk_format="raw",
         disk_readonly=True, root_mode="ro", memory_mb=memory_mb, cpus=cpus, accel=accel,
@@ -77,6 +77,10 @@ class RawGuest:
         self._pending: list[Message] = []
         self._qemu = qemu
         self._next_id = 1
+
+    @property
+    def qemu_pid(self) -> int | None:
+        return self._qemu.pid
 
     async def _next(self) -> Message:
         while not self._pending:

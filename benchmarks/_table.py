@@ -40,7 +40,8 @@ class Measure:
 
 @dataclass(frozen=True)
 class Goal:
-    """What DESIGN.md §8 asks for. Every bound that is set must hold."""
+    """The project's target for a pair: bounds on ours / baseline and on our number. Every
+    bound that is set must hold."""
 
     max_ratio: float | None = None  # ours / baseline at most this (times)
     min_ratio: float | None = None  # ours / baseline at least this (throughput)
@@ -207,9 +208,10 @@ def render_report(results: Mapping[str, ModuleResult], order: Sequence[str], cur
         "",
         "Pairs measured side by side in one run: each of our numbers next to a baseline from the same",
         "run on the same machine. Values are medians; ratio = ours / baseline, so for times lower is",
-        "better and for throughput higher is better. Goals are those of DESIGN.md §8. The samples",
-        "behind every median are listed under Details. Regenerate with `make bench`; a module alone",
-        "with `python -m benchmarks NAME` (its rows are replaced, the others kept). A new pair is a",
+        "better and for throughput higher is better. A goal is the project's target for the pair: a",
+        "bound on the ratio, on our number, or both (— where there is none yet). The samples behind",
+        "every median are listed under Details. Regenerate with `make bench`; a module alone with",
+        "`python -m benchmarks NAME` (its rows are replaced, the others kept). A new pair is a",
         "`benchmarks/bench_NAME.py` with `async def collect(ctx) -> list[Row]`.",
         "",
         render_table(rows),

@@ -1,4 +1,4 @@
-"""Core runtime pairs (issue 2, DESIGN.md §8): boot, exec round trip, file copy, host memory.
+"""Core runtime pairs: boot, exec round trip, file copy, host memory.
 
 | ours                                         | baseline, same run                                  |
 |----------------------------------------------|-----------------------------------------------------|
@@ -32,6 +32,7 @@ import anyio
 
 from gondolin import VM
 from gondolin.images import Image, ImageStore, ensure_image
+from gondolin.machine.launch import probe_boot
 from gondolin.qemu import accel as _accel
 
 from ._raw import RawGuest, cold_kwargs, process_cpu_seconds, raw_guest
@@ -201,7 +202,7 @@ class Setup:
 
 async def _setup(ctx: Context, shared: Path) -> Setup:
     image = await anyio.to_thread.run_sync(ensure_image, "default", ImageStore())
-    choice = await _accel.decide(image, VM._probe_boot)
+    choice = await _accel.decide(image, probe_boot)
     reason = choice.reason if len(choice.reason) <= 110 else choice.reason[:110] + "..."
     ctx.machine["accelerator"] = f"{choice.accel} ({reason})"
     ctx.machine["guest image"] = (f"{image.build_id} (kernel {image.kernel_version}), pinned for the run: "

@@ -1,8 +1,8 @@
-"""HTTP mediation pairs (issue 5): downloads and request latency through the mediator vs slirp.
+"""HTTP mediation pairs: downloads and request latency through the mediator vs slirp.
 
 | ours (VM.create(http_hooks=...), curl in the guest) | baseline, same run (-netdev user)              |
 |-----------------------------------------------------|------------------------------------------------|
-| 64 MiB HTTPS download, TLS intercepted              | the same file over plain HTTP (the DESIGN goal) |
+| 64 MiB HTTPS download, TLS intercepted              | the same file over plain HTTP (the goal's pair) |
 | 64 MiB plain HTTP download, mediated                | the same file over plain HTTP                   |
 | 64 MiB HTTPS download, TLS intercepted              | HTTPS straight to the upstream                  |
 | 200 sequential small HTTPS requests, one keep-alive connection: p50 and p99 | same, straight to the upstream |
@@ -24,6 +24,7 @@ import anyio
 from gondolin import VM
 from gondolin.http import create_http_hooks
 from gondolin.images import ImageStore, ensure_image
+from gondolin.machine.launch import probe_boot
 from gondolin.qemu import accel as _accel
 
 from ._netlab import (
@@ -79,7 +80,7 @@ async def collect(ctx: Context) -> list[Row]:
     keys = [k for p in pairs(reps) for k in (p.ours, p.baseline) if k]
     try:
         image = await anyio.to_thread.run_sync(ensure_image, "default", ImageStore())
-        accel = (await _accel.decide(image, VM._probe_boot)).accel
+        accel = (await _accel.decide(image, probe_boot)).accel
         with tempfile.TemporaryDirectory(prefix="gondolin-bench-") as tmp:
             pki = make_pki(tmp, [NAME])
             with start_servers({"http": {}, "https": pki.server_spec()}) as servers:

@@ -1,4 +1,4 @@
-"""Network stack pairs (issue 4): raw TCP through a mapped ``tcp_hosts`` rule vs QEMU's slirp.
+"""Network stack pairs: raw TCP through a mapped ``tcp_hosts`` rule vs QEMU's slirp.
 
 | ours (VM.create(tcp_hosts=...))                 | baseline, same run                               |
 |-------------------------------------------------|--------------------------------------------------|
@@ -17,6 +17,7 @@ import anyio
 
 from gondolin import VM
 from gondolin.images import ImageStore, ensure_image
+from gondolin.machine.launch import probe_boot
 from gondolin.qemu import accel as _accel
 
 from ._netlab import (
@@ -82,7 +83,7 @@ async def collect(ctx: Context) -> list[Row]:
     keys = [k for p in pairs(reps) for k in (p.ours, p.baseline) if k]
     try:
         image = await anyio.to_thread.run_sync(ensure_image, "default", ImageStore())
-        accel = (await _accel.decide(image, VM._probe_boot)).accel
+        accel = (await _accel.decide(image, probe_boot)).accel
         with start_servers({"echo": True, "source": True, "sink": True}) as servers:
             ports = servers.ports
             tcp_hosts = {f"{h}:{p}": f"127.0.0.1:{ports[name]}" for name, (h, p) in MAPPED.items()}

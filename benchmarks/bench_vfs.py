@@ -1,4 +1,4 @@
-"""Programmable filesystem (issue 6, DESIGN.md §6): a FUSE mount served by a host provider
+"""Programmable filesystem: a FUSE mount served by a host provider
 against QEMU's virtio-9p (``-virtfs``) with the same kernel, same data, same run.
 
 | ours: RealFSProvider mount (FUSE, fs port)      | baseline: virtio-9p mount of a host directory     |
@@ -33,6 +33,7 @@ import anyio
 
 from gondolin import VM
 from gondolin.images import ImageStore, ensure_image
+from gondolin.machine.launch import probe_boot
 from gondolin.qemu import accel as _accel
 from gondolin.vfs import RealFSProvider
 
@@ -264,7 +265,7 @@ async def _measure(ctx: Context, sides: list[Side], s: Samples) -> None:
 
 async def _stage(ctx: Context, s: Samples, tmp: Path) -> None:
     image = await anyio.to_thread.run_sync(ensure_image, "default", ImageStore())
-    choice = await _accel.decide(image, VM._probe_boot)
+    choice = await _accel.decide(image, probe_boot)
     ctx.machine.setdefault("accelerator", choice.accel)
     ours_dir, base_dir = tmp / "ours", tmp / "9p"
     tar = _small_tar()
@@ -298,11 +299,12 @@ async def collect(ctx: Context) -> list[Row]:
         # A failure becomes error rows; cancellation is a BaseException and passes through.
         except Exception as exc:  # noqa: BLE001
             ctx.log(f"vfs: failed:\n{''.join(traceback.format_exception(exc))}")
-            while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-                exc = exc.exceptions[0]
-            first = (str(exc).strip().splitlines() or [""])[0]
+            cause: BaseException = exc
+            while isinstance(cause, BaseExceptionGroup) and len(cause.exceptions) == 1:
+                cause = cause.exceptions[0]
+            first = (str(cause).strip().splitlines() or [""])[0]
             for p in PAIRS:
-                s.errors.setdefault(p.key, f"{type(exc).__name__}: {first}"[:300])
+                s.errors.setdefault(p.key, f"{type(cause).__name__}: {first}"[:300])
     return rows(s)
 
 

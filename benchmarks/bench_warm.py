@@ -1,4 +1,4 @@
-"""Warm start and checkpoints (issue 3, DESIGN.md §3 and §8).
+"""Warm start and checkpoints: restoring saved guest memory instead of booting.
 
 | ours                                               | baseline, same run                              |
 |----------------------------------------------------|-------------------------------------------------|
@@ -9,33 +9,36 @@
 | 8 x VM.create() at once from one template          | (total time; peak RSS of this process + QEMUs)  |
 
 Warm creates and raw restores alternate, so drift in the machine's load hits both alike. The
-raw restore gets the same argv (device set, sockets) and its own copy of the template's overlay,
-copied before its clock starts; only QEMU and the first control-port round trip are timed.
+raw restore gets the same QEMU machine (:func:`gondolin.machine.shape.machine_spec`: device set,
+sockets) and its own copy of the saved disk overlay, prepared before its clock starts; only QEMU
+and the first control-port round trip are timed.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import anyio
 from anyio.abc import ByteStream
 
-from gondolin import VM, Checkpoint
+from gondolin import VM, Checkpoint, VMOptions
+from gondolin.images import Image
+from gondolin.machine.launch import resolve
+from gondolin.machine.shape import machine_spec
+from gondolin.machine.state import PongScanner, RestoreSource, pong_marker, prepare_restored_disk
+from gondolin.machine.templates import TemplateStore
 from gondolin.qemu.argv import build_argv
 from gondolin.qemu.process import QemuProcess, find_qemu
-from gondolin.snapshot import PongScanner, RestoreSource, Section, pong_marker
-from gondolin.templates import TemplateStore
 
 from ._runner import Context
 from ._table import Goal, Measure, Row, error_row
 
 AREA = "warm"
-OPTIONS: dict[str, object] = {"memory": "512M"}  # VM.create defaults otherwise (network on, rootfs cow)
+OPTIONS = VMOptions(memory="512M")  # the defaults otherwise (network on, rootfs cow, warm start)
 CONCURRENT = 8
 RSS_POLL = 0.05  # seconds between RSS samples while the concurrent VMs start
 STEP_TIMEOUT = 300.0
@@ -45,13 +48,27 @@ class BenchError(RuntimeError):
     pass
 
 
+@dataclass(frozen=True)
+class Target:
+    """What the raw restores need to build the same QEMU machine as ``VM.create(OPTIONS)``."""
+
+    options: VMOptions  # checked
+    image: Image
+    accel: str
+
+
 async def collect(ctx: Context) -> list[Row]:
     rows: list[Row] = []
     reps = ctx.reps(10, 2)
     try:
-        async with await VM.create(**OPTIONS) as vm:  # makes sure the template exists
+        target = Target(*await resolve(OPTIONS))
+    except Exception as exc:  # noqa: BLE001 - no image or no QEMU: nothing here can run
+        return [error_row(AREA, "the whole module (image and accelerator)", exc)]
+    ctx.machine.setdefault("accelerator", target.accel)
+    try:
+        async with await VM.create(OPTIONS) as vm:  # makes sure the template exists
             ctx.log(f"warm: template ready ({'restored' if vm.restored_from else 'saved'} in {vm.boot_time:.2f}s)")
-            shape = vm.machine_shape()
+            shape = vm.shape()
         template = TemplateStore().lookup(shape)
         if template is None:
             raise BenchError("no template was saved for the benchmark shape")
@@ -59,7 +76,7 @@ async def collect(ctx: Context) -> list[Row]:
         for i in range(reps):
             with anyio.fail_after(STEP_TIMEOUT):
                 ours.append(await _warm_create())
-                raw.append(await _raw_restore(template.source()))
+                raw.append(await _raw_restore(target, template.boot_source().restore_source()))
             ctx.log(f"warm: rep {i + 1}/{reps}: create+exec {ours[-1]:.3f}s, raw restore {raw[-1]:.3f}s")
         rows.append(Row(
             AREA, f"warm VM.create() -> first exec (median of {reps})", Measure.median_of(ours, "s"),
@@ -69,7 +86,7 @@ async def collect(ctx: Context) -> list[Row]:
             note=f"template {template.size / 1e6:.0f} MB ({template.memory_size / 1e6:.0f} MB memory stream)"))
     except Exception as exc:  # noqa: BLE001 - a failed pair becomes an error row, the run goes on
         rows.append(error_row(AREA, "warm VM.create() -> first exec", exc, Goal(max_ratio=1.5, max_value=0.25)))
-    rows += await _checkpoint_rows(ctx, reps)
+    rows += await _checkpoint_rows(ctx, target, reps)
     try:
         rows += await _concurrent_rows(ctx)
     except Exception as exc:  # noqa: BLE001
@@ -79,7 +96,7 @@ async def collect(ctx: Context) -> list[Row]:
 
 async def _warm_create() -> float:
     t0 = time.perf_counter()
-    vm = await VM.create(**OPTIONS)  # type: ignore[arg-type]
+    vm = await VM.create(OPTIONS)
     try:
         r = await vm.exec(["/bin/true"])
         elapsed = time.perf_counter() - t0
@@ -92,15 +109,16 @@ async def _warm_create() -> float:
     return elapsed
 
 
-async def _raw_restore(source: RestoreSource) -> float:
+async def _raw_restore(target: Target, source: RestoreSource) -> float:
     """QEMU with a restored VM's argv, started -> the agent's PONG on the control port."""
-    make = await VM._factory(**OPTIONS)  # type: ignore[arg-type]
-    shape_vm = make()  # never started: only its machine description is used
     with tempfile.TemporaryDirectory(prefix="gondolin-bench-") as tmp:
-        run = Path(tmp)
-        spec = replace(shape_vm._machine_spec(run), incoming=source.incoming_uri())
+        spec = replace(machine_spec(target.options, target.image, target.accel, Path(tmp)),
+                       incoming=source.incoming_uri())
         if source.disk is not None:
-            shutil.copyfile(source.disk.path, run / "root.qcow2")
+            if spec.disk_readonly:
+                raise BenchError("a saved disk overlay needs rootfs='cow'")
+            await anyio.to_thread.run_sync(prepare_restored_disk, source.disk, Path(spec.disk),
+                                           str(target.image.rootfs))
         listeners = {"control": await anyio.create_unix_listener(spec.ports[0].socket_path)}
         for port in spec.ports[1:]:
             listeners[port.name] = await anyio.create_unix_listener(port.socket_path)
@@ -135,13 +153,13 @@ async def _raw_restore(source: RestoreSource) -> float:
     return elapsed
 
 
-async def _checkpoint_rows(ctx: Context, reps: int) -> list[Row]:
+async def _checkpoint_rows(ctx: Context, target: Target, reps: int) -> list[Row]:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="gondolin-bench-ckpt-") as tmp:
         path = Path(tmp) / "idle.ckpt"
         try:
             saves, sizes = [], []
-            async with await VM.create(**OPTIONS) as vm:  # type: ignore[arg-type]
+            async with await VM.create(OPTIONS) as vm:
                 await vm.exec(["/bin/true"])
                 for i in range(min(reps, 5)):
                     t0 = time.perf_counter()
@@ -164,10 +182,9 @@ async def _checkpoint_rows(ctx: Context, reps: int) -> list[Row]:
         try:
             cp = Checkpoint.load(path)
             ours, raw = [], []
-            mem = cp.header.sections["memory"]
-            disk_sec = cp.header.sections.get("disk")
-            source = RestoreSource("checkpoint", Section(path, mem.offset, mem.size),
-                                   Section(path, disk_sec.offset, disk_sec.size) if disk_sec else None)
+            source = cp.boot_source().restore_source()
+            if source is None:
+                raise BenchError(f"{path.name} is not a full checkpoint")
             for _ in range(reps):
                 t0 = time.perf_counter()
                 vm = await cp.resume()
@@ -176,7 +193,7 @@ async def _checkpoint_rows(ctx: Context, reps: int) -> list[Row]:
                     ours.append(time.perf_counter() - t0)
                 finally:
                     await vm.close()
-                raw.append(await _raw_restore_checkpoint(source))
+                raw.append(await _raw_restore(target, source))
             rows.append(Row(AREA, f"Checkpoint.resume() -> first exec (median of {reps})", Measure.median_of(ours, "s"),
                             Measure.median_of(raw, "s"),
                             "plain QEMU -incoming of the same checkpoint's memory section -> PONG",
@@ -184,18 +201,6 @@ async def _checkpoint_rows(ctx: Context, reps: int) -> list[Row]:
         except Exception as exc:  # noqa: BLE001
             rows.append(error_row(AREA, "Checkpoint.resume() -> first exec", exc))
     return rows
-
-
-async def _raw_restore_checkpoint(source: RestoreSource) -> float:
-    # The raw path cannot copy a section with shutil.copyfile: extract the overlay first.
-    with tempfile.TemporaryDirectory(prefix="gondolin-bench-") as tmp:
-        disk = None
-        if source.disk is not None:
-            from gondolin.snapshot import copy_section
-
-            disk = Section(Path(tmp) / "overlay.qcow2")
-            copy_section(source.disk, disk.path)
-        return await _raw_restore(RestoreSource(source.kind, source.memory, disk))
 
 
 def _rss(pid: int | str) -> int:
@@ -222,7 +227,7 @@ async def _concurrent_rows(ctx: Context) -> list[Row]:
                 await done.wait()
 
     async def one() -> None:
-        vms.append(await VM.create(**OPTIONS))  # type: ignore[arg-type]
+        vms.append(await VM.create(OPTIONS))
 
     base = _rss("self")
     try:
