@@ -167,3 +167,29 @@ def test_runner_keeps_going_when_a_module_breaks() -> None:
     assert any("module broken failed" in line for line in logged)
     with pytest.raises(SystemExit, match="unknown benchmark module"):
         anyio.run(run_modules, ["nope"], Context(_out=logged.append), mods)
+
+
+def test_report_stands_on_its_own() -> None:
+    text = render_report({"core": _result("core", ROWS[:2])}, ["core"], ["core"])
+    assert "DESIGN" not in text and "§" not in text and not re.search(r"issue \d", text, re.I)
+
+
+def test_fork_rows_pair_each_fork_with_checkpoint_and_resume() -> None:
+    from benchmarks.bench_fork import Samples, rows
+
+    s = Samples()
+    s.fork[1] += [0.5, 0.7, 0.6]
+    s.ckpt[1] += [1.0, 1.4, 1.2]
+    s.fork_pause += [0.2, 0.3]
+    s.ckpt_pause += [0.25, 0.35]
+    s.idle_ping += [0.001]
+    s.ckpt_size += [92.0]
+    out = {r.what.split(" (median")[0]: r for r in rows(s, RuntimeError("QEMU died\nmore"))}
+    one = out["vm.fork(1) -> the copy answered exec(/bin/true)"]
+    assert one.ours == Measure(0.6, "s", (0.5, 0.7, 0.6)) and one.baseline is not None
+    assert one.ratio == pytest.approx(0.5) and "(median of 3)" in one.what
+    assert "Checkpoint.resume()" in one.baseline_what and "92 MB" in one.baseline_what
+    assert "stopped early: RuntimeError: QEMU died" in one.note
+    assert out["vm.fork(4) -> all 4 copies answered exec(/bin/true)"].error == "RuntimeError: QEMU died"
+    pause = out["source VM's pause during vm.fork(), n=1 and n=4"]
+    assert pause.ours is not None and pause.ours.value == pytest.approx(0.25) and "1.0 ms" in pause.note
