@@ -5,43 +5,43 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import cast
 
+from ..options import MOUNT_MODES, MountMode, check_mount_point
 from .cow import CopyOnWriteProvider
 from .provider import Provider
 from .readonly import ReadonlyProvider
 from .realfs import RealFSProvider
-
-MODES = ("rw", "ro", "cow")
-_RESERVED = ("/", "/proc", "/sys", "/dev", "/run")
 
 
 @dataclass(frozen=True)
 class MountSpec:
     host: str  # absolute host directory
     guest: str  # absolute guest path, normalised
-    mode: str = "rw"  # rw | ro | cow
+    mode: MountMode = "rw"
 
     @classmethod
     def parse(cls, text: str) -> MountSpec:
         """``HOST:GUEST``, ``HOST:GUEST:ro`` or ``HOST:GUEST:cow``; ValueError when malformed."""
-        mode = "rw"
+        mode: MountMode = "rw"
         head, sep, tail = text.rpartition(":")
-        if sep and tail in MODES:
-            text, mode = head, tail
+        if sep and tail in MOUNT_MODES:
+            text, mode = head, cast(MountMode, tail)
         host, sep, guest = text.rpartition(":")
         if not sep or not host or not guest:
             raise ValueError(f"--mount {text!r}: use HOST:GUEST[:ro|:cow]")
-        if not guest.startswith("/"):
-            raise ValueError(f"--mount {text!r}: the guest path must be absolute")
-        guest = os.path.normpath(guest)
-        if guest in _RESERVED:
-            raise ValueError(f"--mount {text!r}: cannot mount over {guest}")
+        try:
+            guest = check_mount_point(guest)
+        except ValueError as exc:
+            raise ValueError(f"--mount {text!r}: {exc}") from None
         host = os.path.abspath(os.path.expanduser(host))
         if not os.path.isdir(host):
             raise ValueError(f"--mount {text!r}: {host} is not a directory")
         return cls(host, guest, mode)
 
     def provider(self) -> Provider:
+        """The provider for this host directory (the one place host-directory mounts are built);
+        OSError when the directory cannot be opened."""
         if self.mode == "cow":
             return CopyOnWriteProvider(self.host)
         real = RealFSProvider(self.host, inline_metadata=True)
