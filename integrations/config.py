@@ -19,14 +19,14 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-MountMode = Literal["ro", "cow", "rw"]
-# How much a mount mode lets the guest change the host: a root approved for "cow" also allows
-# "ro", and "rw" allows everything.
-MOUNT_MODE_RANK: dict[str, int] = {"ro": 0, "cow": 1, "rw": 2}
+from gondolin.options import DnsMode, MountMode, RootfsMode
+
+# How much each of the library's mount modes lets the guest change the host: a root approved
+# for "cow" also allows "ro", and "rw" allows everything.
+MOUNT_MODE_RANK: dict[MountMode, int] = {"ro": 0, "cow": 1, "rw": 2}
 
 OFFLINE_PROFILE = "offline"
 RESTRICTED_PROFILE = "restricted"
@@ -78,7 +78,7 @@ class NetworkProfile(_Strict):
     allowed_hosts: tuple[str, ...] = ()
     allowed_internal_hosts: tuple[str, ...] = ()
     tcp_hosts: dict[str, str] = Field(default_factory=dict)
-    dns: Literal["synthetic", "trusted", "open"] = "synthetic"
+    dns: DnsMode = "synthetic"
     description: str = ""
 
     @model_validator(mode="after")
@@ -140,7 +140,7 @@ class OperatorConfig(_Strict):
     limits: Limits = Field(default_factory=Limits)
     default_image: str = "default"
     allowed_images: tuple[str, ...] = ("default",)
-    rootfs: Literal["cow", "memory", "readonly"] = "cow"
+    rootfs: RootfsMode = "cow"
     env: dict[str, str] = Field(default_factory=dict, description="environment for every sandbox")
     default_network: str = RESTRICTED_PROFILE
     network_profiles: dict[str, NetworkProfile] = Field(default_factory=dict)

@@ -15,6 +15,7 @@ from gondolin.errors import (
     ExecTimeout,
     GondolinError,
     GuestFileError,
+    GuestTimeoutError,
     ImageError,
     ProtocolError,
     VMClosedError,
@@ -122,6 +123,10 @@ def translate(exc: BaseException, *, path: str | None = None) -> ToolError:
                          "Use an image the operator allows (or omit image for the default).")
     if isinstance(exc, ExecTimeout):
         return ToolError("timeout", exc.message, "Use a longer timeout, or poll with exec_poll.", retryable=True)
+    if isinstance(exc, GuestTimeoutError):
+        return ToolError("timeout", "the sandbox did not answer in time: " + exc.message.split("\n")[0],
+                         "Retry; if the sandbox keeps not answering, destroy it and create a new one.",
+                         retryable=True)
     if isinstance(exc, ProtocolError) and exc.code == "exec_failed":
         return ToolError("invalid_argument", exc.message.replace("guest refused the command: ", ""),
                          "Check the command's user, cwd and environment.")

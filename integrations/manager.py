@@ -13,30 +13,34 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import logging
 import os
 import posixpath
 import secrets as _random
 import shutil
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
 
-from gondolin.errors import GondolinError
+from gondolin import VM, GondolinError, VMOptions
+from gondolin.options import MountMode, check_mount_point
 
 from . import runtime
 from .config import MOUNT_MODE_RANK, NetworkProfile, OperatorConfig
 from .errors import ToolError, translate
 from .models import CheckpointInfo, MountInfo, SandboxCreateInput, SandboxInfo
 from .output import Redactor
+from .runtime import LocalBackend, VMBackend
 from .sessions import ExecSession
 
-VMFactory = Callable[..., Awaitable[Any]]
+log = logging.getLogger("gondolin.integrations")
 Clock = Callable[[], float]
+Boot = Callable[[VMOptions], Awaitable[VM]]
 CLOSE_TIMEOUT_S = 30.0  # per VM, at shutdown
 
 
@@ -54,7 +58,7 @@ class Sandbox:
 
     id: str
     name: str | None
-    vm: Any
+    vm: VM
     image: str
     cpus: int
     memory_mb: int
@@ -66,7 +70,6 @@ class Sandbox:
     created_at: float
     ttl_s: int
     last_used: float
-    hooks: Any = None
     default_cwd: str | None = None
     from_checkpoint: str | None = None
     execs: dict[str, ExecSession] = field(default_factory=dict)
@@ -79,7 +82,7 @@ class Sandbox:
 
     @property
     def running(self) -> bool:
-        return bool(getattr(self.vm, "running", False))
+        return self.vm.running
 
     def expires_at(self) -> float:
         return self.last_used + self.ttl_s
@@ -125,12 +128,11 @@ class SandboxManager:
     """Owns every sandbox it creates. Use as ``async with``; all VMs close on exit."""
 
     def __init__(self, config: OperatorConfig | None = None, *, environ: Mapping[str, str] | None = None,
-                 clock: Clock = time.time, vm_factory: VMFactory | None = None,
-                 reap: bool = True) -> None:
+                 clock: Clock = time.time, backend: VMBackend | None = None, reap: bool = True) -> None:
         self.config = config or OperatorConfig()
         self._environ = dict(os.environ if environ is None else environ)
         self._clock = clock
-        self._vm_factory = vm_factory
+        self._backend = backend or LocalBackend()
         self._reap = reap
         self._sandboxes: dict[str, Sandbox] = {}
         self._pending = 0
@@ -208,7 +210,7 @@ class SandboxManager:
         return sandbox
 
     @contextlib.contextmanager
-    def use(self, sandbox_id: str) -> Any:
+    def use(self, sandbox_id: str) -> Iterator[Sandbox]:
         """Hold a sandbox for the length of a tool call: it is not reaped meanwhile."""
         sandbox = self.get(sandbox_id)
         sandbox.busy += 1
@@ -269,7 +271,7 @@ class SandboxManager:
         return {"name": request.name, "image": image, "cpus": cpus, "memory_mb": memory, "ttl_s": ttl,
                 "network": network, "secrets": secret_names, "env": env, "mounts": mounts}
 
-    def _check_mount(self, host_path: str, guest_path: str | None, mode: str | None) -> MountInfo:
+    def _check_mount(self, host_path: str, guest_path: str | None, mode: MountMode | None) -> MountInfo:
         if not host_path or not os.path.isabs(host_path):
             raise ToolError("invalid_argument", f"mount host_path must be absolute, got {host_path!r}")
         real = os.path.realpath(host_path)
@@ -283,7 +285,7 @@ class SandboxManager:
                             "Only directories the operator approved can be mounted.")
         if not os.path.isdir(real):
             raise ToolError("path_not_found", f"host directory {host_path!r} does not exist")
-        chosen = mode or ("cow" if MOUNT_MODE_RANK[root.mode] >= MOUNT_MODE_RANK["cow"] else "ro")
+        chosen: MountMode = mode or ("cow" if MOUNT_MODE_RANK[root.mode] >= MOUNT_MODE_RANK["cow"] else "ro")
         if MOUNT_MODE_RANK[chosen] > MOUNT_MODE_RANK[root.mode]:
             raise ToolError("not_allowed", f"mode {chosen!r} is not allowed under {root.host_path} "
                                            f"(at most {root.mode!r})")
@@ -293,12 +295,11 @@ class SandboxManager:
                 guest_path = root.guest_path if rel == "." else posixpath.join(root.guest_path, rel)
             else:
                 guest_path = "/mnt/" + (os.path.basename(real) or "host")
-        if not guest_path.startswith("/") or "\0" in guest_path:
-            raise ToolError("invalid_argument", f"guest_path must be absolute, got {guest_path!r}")
-        guest_path = posixpath.normpath(guest_path)
-        if guest_path in ("/", "/proc", "/sys", "/dev", "/etc", "/usr", "/bin", "/sbin", "/lib"):
-            raise ToolError("invalid_argument", f"cannot mount over {guest_path}")
-        return MountInfo(guest_path=guest_path, host_path=real, mode=chosen)  # type: ignore[arg-type]
+        try:
+            guest_path = check_mount_point(guest_path)
+        except ValueError as exc:
+            raise ToolError("invalid_argument", str(exc)) from None
+        return MountInfo(guest_path=guest_path, host_path=real, mode=chosen)
 
     def _reserve(self) -> None:
         cap = self.config.limits.max_sandboxes
@@ -307,29 +308,23 @@ class SandboxManager:
                             "Destroy a sandbox you no longer need (sandbox_list shows them), then retry.")
         self._pending += 1
 
-    def _vm_options(self, spec: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
-        profile = self.config.profiles()[spec["network"]]
-        secrets = {name: self.config.secret_value(name, self._environ) or "" for name in spec["secrets"]}
-        net_kwargs, hooks, secret_env = runtime.network_options(
-            profile, {n: (v, self.config.secrets[n].hosts) for n, v in secrets.items()})
-        env = {**spec["env"], **secret_env}
-        options: dict[str, Any] = {"image": spec["image"], "cpus": spec["cpus"], "memory": spec["memory_mb"],
-                                   "env": env, "rootfs": self.config.rootfs, "label": spec.get("name"),
-                                   **net_kwargs}
-        if spec["mounts"]:
-            options["mounts"] = runtime.mount_providers(spec["mounts"])
-        return options, hooks
+    def _vm_options(self, spec: Mapping[str, Any]) -> VMOptions:
+        secrets = {name: (self.config.secret_value(name, self._environ) or "", self.config.secrets[name].hosts)
+                   for name in spec["secrets"]}
+        return runtime.vm_options(image=spec["image"], cpus=spec["cpus"], memory_mb=spec["memory_mb"],
+                                  env=spec["env"], rootfs=self.config.rootfs, label=spec.get("name"),
+                                  profile=self.config.profiles()[spec["network"]], secrets=secrets,
+                                  mounts=spec["mounts"])
 
-    async def _start(self, spec: dict[str, Any], *, progress: Any = None,
-                     boot: Callable[[dict[str, Any]], Awaitable[Any]] | None = None,
+    async def _start(self, spec: dict[str, Any], *, progress: Any = None, boot: Boot | None = None,
                      from_checkpoint: str | None = None) -> Sandbox:
         self._reserve()
         try:
-            options, hooks = self._vm_options(spec)
+            options = self._vm_options(spec)
             if progress is not None:
                 await progress(0, None, "booting the sandbox VM")
             try:
-                vm = await (boot(options) if boot else self._boot(options))
+                vm = await (boot or self._backend.create)(options)
             except GondolinError as exc:
                 raise translate(exc) from exc
             now = self._clock()
@@ -338,16 +333,12 @@ class SandboxManager:
                 memory_mb=spec["memory_mb"], network=spec["network"],
                 profile=self.config.profiles()[spec["network"]], secret_names=list(spec["secrets"]),
                 mounts=list(spec["mounts"]), env=dict(spec["env"]), created_at=now, ttl_s=spec["ttl_s"],
-                last_used=now, hooks=hooks, from_checkpoint=from_checkpoint)
+                last_used=now, from_checkpoint=from_checkpoint)
+            self._sandboxes[sandbox.id] = sandbox  # owned from here on, even if the next await is cancelled
             sandbox.default_cwd = await runtime.default_cwd(vm)
-            self._sandboxes[sandbox.id] = sandbox
             return sandbox
         finally:
             self._pending -= 1
-
-    async def _boot(self, options: dict[str, Any]) -> Any:
-        factory = self._vm_factory or runtime.vm_create
-        return await factory(**options)
 
     async def destroy(self, sandbox_id: str) -> bool:
         if sandbox_id not in self._sandboxes:
@@ -362,8 +353,7 @@ class SandboxManager:
         with anyio.CancelScope(shield=True):
             for session in sandbox.execs.values():
                 session.cancel()
-            with anyio.move_on_after(CLOSE_TIMEOUT_S):
-                await sandbox.vm.close()
+            await _stop(sandbox.vm)
 
     # -- exec sessions ---------------------------------------------------------------------
     def start_exec(self, sandbox: Sandbox, command: str, *, env: dict[str, str] | None, cwd: str | None,
@@ -414,7 +404,10 @@ class SandboxManager:
             raise ToolError("not_allowed", f"the server keeps at most {cap} checkpoints")
         checkpoint_id = _new_id("cp")
         path = os.path.join(self._checkpoint_root(), checkpoint_id + ".ckpt")
-        await runtime.take_checkpoint(sandbox.vm, path, disk_only=disk_only)
+        try:
+            await sandbox.vm.checkpoint(path, disk_only=disk_only)
+        except GondolinError as exc:
+            raise translate(exc) from exc
         spec = {"name": sandbox.name, "image": sandbox.image, "cpus": sandbox.cpus, "memory_mb": sandbox.memory_mb,
                 "ttl_s": sandbox.ttl_s, "network": sandbox.network, "secrets": list(sandbox.secret_names),
                 "env": dict(sandbox.env), "mounts": list(sandbox.mounts)}
@@ -432,7 +425,6 @@ class SandboxManager:
     async def restore(self, checkpoint_id: str, *, sandbox_id: str | None = None,
                       overrides: SandboxCreateInput | None = None) -> Sandbox:
         record = self.get_checkpoint(checkpoint_id)
-        runtime.require_restore()
         spec = dict(record.spec)
         if overrides is not None:
             if overrides.name:
@@ -440,28 +432,35 @@ class SandboxManager:
             if overrides.ttl_s:
                 spec["ttl_s"] = min(overrides.ttl_s, self.config.limits.max_ttl_s)
 
-        profile = self.config.profiles()[spec["network"]]
-        policy_matters = bool(profile.allowed_hosts or profile.allowed_internal_hosts or profile.tcp_hosts
-                              or spec["secrets"])
-
-        async def boot(options: dict[str, Any]) -> Any:
-            return await runtime.resume_checkpoint(record.path, options, policy_matters=policy_matters)
+        async def boot(options: VMOptions) -> VM:
+            return await self._backend.resume(record.path, options)
 
         if sandbox_id is None:
             return await self._start(spec, boot=boot, from_checkpoint=checkpoint_id)
         old = self.get(sandbox_id)
-        options, hooks = self._vm_options(spec)
         try:
-            vm = await boot(options)
+            vm = await boot(self._vm_options(spec))
         except GondolinError as exc:
             raise translate(exc) from exc
         with anyio.CancelScope(shield=True):
             for session in old.execs.values():
                 session.cancel()
             old.execs.clear()
-            previous, old.vm, old.hooks = old.vm, vm, hooks
+            previous, old.vm = old.vm, vm
             old.from_checkpoint = checkpoint_id
-            with anyio.move_on_after(CLOSE_TIMEOUT_S):
-                await previous.close()
+            await _stop(previous)
         return old
+
+
+async def _stop(vm: VM) -> None:
+    """Close a sandbox's VM (the caller shields it). A background failure that had killed the VM
+    is logged, not raised: the sandbox is going away either way, and the other sandboxes still
+    have to be closed."""
+    with anyio.move_on_after(CLOSE_TIMEOUT_S) as scope:
+        try:
+            await vm.close()
+        except GondolinError as exc:
+            log.warning("sandbox VM %s had failed: %s", vm.id, exc)
+    if scope.cancelled_caught:
+        log.warning("sandbox VM %s did not close within %ss", vm.id, CLOSE_TIMEOUT_S)
 

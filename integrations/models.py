@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from gondolin.options import MountMode
+
 SandboxId = Annotated[str, Field(description="Id returned by sandbox_create (see sandbox_list).")]
 ExecId = Annotated[str, Field(description="Id returned by exec when the command was still running.")]
 GuestPath = Annotated[str, Field(description="Absolute path inside the sandbox, e.g. /workspace/main.py.")]
@@ -33,7 +35,7 @@ class MountRequest(_Input):
     host_path: str = Field(description="Absolute host directory; must be inside a root the operator approved.")
     guest_path: str | None = Field(default=None, description="Absolute mount point in the sandbox (default: the root's "
                                                      "configured mount point, else /mnt/<directory name>).")
-    mode: Literal["ro", "cow", "rw"] | None = Field(
+    mode: MountMode | None = Field(
         default=None, description="ro: read-only; cow: writable, changes stay in the sandbox; rw: writes reach the host. "
                           "Default: the most the approved root allows, but never rw unless asked.")
 
@@ -60,7 +62,7 @@ class SandboxCreateInput(_Input):
 class MountInfo(_Output):
     guest_path: str
     host_path: str
-    mode: Literal["ro", "cow", "rw"]
+    mode: MountMode
 
 
 class SandboxInfo(_Output):

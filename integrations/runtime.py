@@ -1,157 +1,87 @@
-"""The one place that talks to the Gondolin runtime's optional features.
+"""The integrations' bridge to the Gondolin library: VM options from a sandbox's checked
+choices, and the backend that starts VMs.
 
-Network policy, mounts and checkpoints are looked up when a tool needs them: a runtime without
-a feature gives the model a ``not_supported`` tool error, never fake behaviour.
+The manager decides *what* a sandbox may have (see :mod:`integrations.manager`); this module
+turns those decisions into one :class:`gondolin.VMOptions` value and starts VMs from it, fresh
+or from a checkpoint.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Protocol
 
-from gondolin.errors import GondolinError
+from gondolin import VM, Checkpoint, GondolinError, VMOptions
+from gondolin.http import HttpHooks, Secret, create_http_hooks
+from gondolin.options import RootfsMode
+from gondolin.vfs import Provider
+from gondolin.vfs.mountspec import MountSpec
 
 from .config import NetworkProfile
-from .errors import ToolError, translate
+from .errors import ToolError
 from .models import MountInfo
 
 DEFAULT_CWD = "/workspace"
 
 
-def accepts(fn: Callable[..., Any], name: str) -> bool:
-    """Does ``fn`` take a keyword argument called ``name``?"""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+class VMBackend(Protocol):
+    """How the manager starts VMs. :class:`LocalBackend` runs them in this process; tests pass a fake."""
+
+    async def create(self, options: VMOptions) -> VM: ...
+
+    async def resume(self, checkpoint_path: str, options: VMOptions) -> VM: ...
 
 
-def _not_supported(feature: str) -> ToolError:
-    return ToolError("not_supported", f"{feature} is not supported by this runtime yet",
-                     "Continue without it, or ask the operator to upgrade Gondolin.")
+class LocalBackend:
+    """VMs on this host, started by the library itself."""
+
+    async def create(self, options: VMOptions) -> VM:
+        return await VM.create(options)
+
+    async def resume(self, checkpoint_path: str, options: VMOptions) -> VM:
+        # The checkpoint keeps its machine shape, image and network mode; the live host objects
+        # (policy hooks, mount providers) and the environment come from ``options``.
+        return await Checkpoint.load(checkpoint_path).resume(options)
 
 
-async def vm_create(**options: Any) -> Any:
-    from gondolin import VM
+def vm_options(*, image: str, cpus: int, memory_mb: int, env: Mapping[str, str], rootfs: RootfsMode,
+               label: str | None, profile: NetworkProfile, secrets: Mapping[str, tuple[str, Sequence[str]]],
+               mounts: Sequence[MountInfo]) -> VMOptions:
+    """The options of one sandbox's VM. ``secrets`` maps a name to its value and allowed hosts;
+    the guest sees placeholders in its environment, the hooks substitute the values."""
+    hooks, secret_env = _network(profile, secrets)
+    return VMOptions(
+        image=image, cpus=cpus, memory=memory_mb, env={**env, **secret_env}, rootfs=rootfs, label=label,
+        network=profile.enabled, dns=profile.dns, tcp_hosts=dict(profile.tcp_hosts), http_hooks=hooks,
+        mounts=mount_providers(mounts))
 
-    for key in ("http_hooks", "mounts", "network", "tcp_hosts", "dns"):
-        if key in options and not accepts(VM.create, key):
-            raise _not_supported({"mounts": "mounting host directories"}.get(key, "network policy"))
-    return await VM.create(**options)
 
-
-def network_options(profile: NetworkProfile, secrets: Mapping[str, tuple[str, Sequence[str]]]
-                    ) -> tuple[dict[str, Any], Any, dict[str, str]]:
-    """VM options, the HTTP hooks (whose event log feeds network_events) and the guest env
-    (secret placeholders) for a profile."""
+def _network(profile: NetworkProfile, secrets: Mapping[str, tuple[str, Sequence[str]]]
+             ) -> tuple[HttpHooks | None, dict[str, str]]:
     if not profile.enabled:
-        return {"network": False}, None, {}
-    from gondolin.http import Secret, create_http_hooks
-
+        return None, {}
     hooks, env = create_http_hooks(
         allowed_hosts=profile.allowed_hosts,
         allowed_internal_hosts=profile.allowed_internal_hosts,
         secrets={name: Secret(value, hosts=tuple(hosts)) for name, (value, hosts) in secrets.items()},
     )
-    options: dict[str, Any] = {"network": True, "http_hooks": hooks, "dns": profile.dns}
-    if profile.tcp_hosts:
-        options["tcp_hosts"] = dict(profile.tcp_hosts)
-    return options, hooks, dict(env)
+    return hooks, dict(env)
 
 
-def mount_providers(mounts: Sequence[MountInfo]) -> dict[str, Any]:
-    from gondolin.vfs import CopyOnWriteProvider, ReadonlyProvider, RealFSProvider
-
-    providers: dict[str, Any] = {}
+def mount_providers(mounts: Sequence[MountInfo]) -> dict[str, Provider]:
+    providers: dict[str, Provider] = {}
     for m in mounts:
         try:
-            if m.mode == "rw":
-                providers[m.guest_path] = RealFSProvider(m.host_path)
-            elif m.mode == "cow":
-                providers[m.guest_path] = CopyOnWriteProvider(m.host_path)
-            else:
-                providers[m.guest_path] = ReadonlyProvider(RealFSProvider(m.host_path))
+            providers[m.guest_path] = MountSpec(m.host_path, m.guest_path, m.mode).provider()
         except OSError as exc:
             raise ToolError("path_not_found", f"cannot open host directory {m.host_path}: {exc.strerror}") from exc
     return providers
 
 
-async def default_cwd(vm: Any) -> str | None:
+async def default_cwd(vm: VM) -> str | None:
+    """``/workspace`` when the guest has it, else None (commands then start in the guest's default)."""
     try:
         st = await vm.fs.stat(DEFAULT_CWD)
     except GondolinError:
         return None
     return DEFAULT_CWD if st.is_dir else None
-
-
-def network_events(vm: Any, hooks: Any) -> list[Any]:
-    network = getattr(vm, "network", None)
-    if network is not None and hasattr(network, "events"):
-        return list(network.events())
-    if hooks is not None:
-        return list(hooks.events.events())
-    return []
-
-
-# -- checkpoints ---------------------------------------------------------------------------------
-def _checkpoint_class() -> Any:
-    import importlib
-
-    import gondolin
-
-    found = getattr(gondolin, "Checkpoint", None)
-    if found is not None:
-        return found
-    for module in ("gondolin.checkpoint", "gondolin.snapshot"):
-        try:
-            found = getattr(importlib.import_module(module), "Checkpoint", None)
-        except ImportError:
-            continue
-        if found is not None:
-            return found
-    return None
-
-
-async def take_checkpoint(vm: Any, path: str, *, disk_only: bool) -> None:
-    method = getattr(vm, "checkpoint", None)
-    if method is None:
-        raise _not_supported("checkpointing a sandbox")
-    kwargs = {"disk_only": True} if disk_only else {}
-    if disk_only and not accepts(method, "disk_only"):
-        raise _not_supported("disk-only checkpoints")
-    try:
-        result = method(path, **kwargs)
-        if inspect.isawaitable(result):
-            await result
-    except GondolinError as exc:
-        raise translate(exc) from exc
-
-
-def require_restore() -> None:
-    if _checkpoint_class() is None:
-        raise _not_supported("restoring checkpoints")
-
-
-async def resume_checkpoint(path: str, options: dict[str, Any], *, policy_matters: bool = True) -> Any:
-    cls = _checkpoint_class()
-    if cls is None:
-        raise _not_supported("restoring checkpoints")
-    loaded = cls.load(path)
-    if inspect.isawaitable(loaded):
-        loaded = await loaded
-    resume = loaded.resume
-    # The machine shape, image and network mode are part of the checkpoint; only live host
-    # objects (policy hooks, mount providers) and the environment are passed again.
-    fixed = ("image", "rootfs", "memory", "cpus", "network", "dns", "tcp_hosts")
-    kwargs = {k: v for k, v in options.items() if k not in fixed and accepts(resume, k)}
-    dropped = [k for k in ("http_hooks", "mounts") if options.get(k) and k not in kwargs]
-    if not policy_matters and dropped == ["http_hooks"]:
-        dropped = []  # a deny-all policy is what a resumed VM has without hooks
-    if dropped:
-        raise _not_supported(f"resuming a checkpoint with {' and '.join(dropped)}")
-    vm = resume(**kwargs)
-    if inspect.isawaitable(vm):
-        vm = await vm
-    return vm

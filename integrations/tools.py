@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
 import logging
 import posixpath
 import stat as stat_mod
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,13 +24,14 @@ import anyio
 from anyio.from_thread import BlockingPortal
 from pydantic import BaseModel, ValidationError
 
-from gondolin.errors import GondolinError, GuestFileError
+from gondolin import VM, FileStat, GondolinError
+from gondolin.fs import GuestFS
 
 from . import models as m
 from . import runtime
 from .errors import ErrorInfo, ToolError, translate
 from .files import apply_edit, glob_match, glob_regex, guest_path, parse_mode, slice_lines
-from .manager import SandboxManager, iso
+from .manager import Sandbox, SandboxManager, iso
 from .sessions import ExecSession, ProgressFn
 
 log = logging.getLogger("gondolin.integrations")
@@ -178,7 +179,7 @@ async def _wait_session(session: ExecSession, wait_s: float, ctx: ToolContext, *
         raise
 
 
-def _raise_session_error(sandbox: Any, session: ExecSession) -> None:
+def _raise_session_error(sandbox: Sandbox, session: ExecSession) -> None:
     if session.error is not None and session.result is None:
         sandbox.execs.pop(session.exec_id, None)
         raise session.error
@@ -237,14 +238,14 @@ async def exec_kill(ctx: ToolContext, inp: m.ExecKillInput) -> m.ExecOutput:
 
 
 # -- files ---------------------------------------------------------------------------------------
-async def _stat(vm: Any, path: str, *, follow: bool = True) -> Any:
+async def _stat(vm: VM, path: str, *, follow: bool = True) -> FileStat:
     try:
         return await vm.fs.stat(path, follow_symlinks=follow)
     except GondolinError as exc:
         raise translate(exc, path=path) from exc
 
 
-async def _read_range(vm: Any, path: str, offset: int, length: int) -> bytes:
+async def _read_range(vm: VM, path: str, offset: int, length: int) -> bytes:
     parts: list[bytes] = []
     try:
         async for chunk in await vm.fs.open_read(path, offset=offset, length=length):
@@ -378,6 +379,30 @@ def _file_type(mode: int) -> str:
     return "other"
 
 
+async def _walk(fs: GuestFS, root: str, inp: m.ListFilesInput, max_entries: int,
+                max_walk: int) -> tuple[list[tuple[str, str]], bool, int]:
+    """``(path, kind)`` of the entries under the directory ``root`` that match the glob,
+    breadth-first and sorted by name; whether the list was cut; how many entries were visited."""
+    found: list[tuple[str, str]] = []
+    visited = 0
+    # One entry past the cap tells a walk that was cut from one that ended exactly there.
+    walk = fs.walk(root, max_entries=max_walk + 1, include_hidden=bool(inp.include_hidden))
+    async with contextlib.aclosing(walk):  # type: ignore[type-var]  # an async generator
+        async for directory, items in walk:
+            for item in items:
+                if visited == max_walk:
+                    return found, True, visited
+                visited += 1
+                full = posixpath.join(directory, item.name)
+                if inp.glob is None or glob_match(posixpath.relpath(full, root), inp.glob):
+                    if len(found) >= max_entries:
+                        return found, True, visited
+                    found.append((full, item.kind))
+            if not inp.recursive:
+                break
+    return found, False, visited
+
+
 async def list_files(ctx: ToolContext, inp: m.ListFilesInput) -> m.ListFilesOutput:
     root = guest_path(inp.path or runtime.DEFAULT_CWD)
     max_entries = min(inp.max_entries or DEFAULT_LIST_ENTRIES, ctx.limits.max_list_entries)
@@ -387,39 +412,13 @@ async def list_files(ctx: ToolContext, inp: m.ListFilesInput) -> m.ListFilesOutp
     with ctx.manager.use(inp.sandbox_id) as sandbox:
         fs = sandbox.vm.fs
         st = await _stat(sandbox.vm, root)
-        found: list[tuple[str, str]] = []
-        truncated = False
-        visited = 0
-        if not st.is_dir:
-            found.append((root, _file_type(st.mode)))
+        if st.is_dir:
+            try:
+                found, truncated, visited = await _walk(fs, root, inp, max_entries, max_walk)
+            except GondolinError as exc:
+                raise translate(exc, path=root) from exc
         else:
-            queue: deque[str] = deque([root])
-            while queue and not truncated:
-                directory = queue.popleft()
-                try:
-                    items = await fs.scandir(directory)
-                except GuestFileError as exc:
-                    if directory == root:
-                        raise translate(exc, path=directory) from exc
-                    continue  # unreadable subdirectory: skip it
-                except GondolinError as exc:
-                    raise translate(exc, path=directory) from exc
-                for item in sorted(items, key=lambda e: e.name):
-                    visited += 1
-                    if visited > max_walk:
-                        truncated = True
-                        break
-                    if not inp.include_hidden and item.name.startswith("."):
-                        continue
-                    full = posixpath.join(directory, item.name)
-                    if inp.recursive and item.kind == "dir":
-                        queue.append(full)
-                    rel = posixpath.relpath(full, root)
-                    if inp.glob is None or glob_match(rel, inp.glob):
-                        if len(found) >= max_entries:
-                            truncated = True
-                            break
-                        found.append((full, item.kind))
+            found, truncated, visited = [(root, _file_type(st.mode))], False, 0
         entries: list[m.FileEntry | None] = [None] * len(found)
         limiter = anyio.Semaphore(STAT_CONCURRENCY)
 
@@ -467,7 +466,8 @@ async def network_events(ctx: ToolContext, inp: m.NetworkEventsInput) -> m.Netwo
     limit = inp.limit or DEFAULT_EVENTS
     wanted = inp.decision or "all"
     with ctx.manager.use(inp.sandbox_id) as sandbox:
-        events = runtime.network_events(sandbox.vm, sandbox.hooks)
+        network = sandbox.vm.network
+        events = network.events() if network is not None else []
         out: list[m.NetworkEvent] = []
         for ev in events:
             decision = getattr(ev.decision, "value", str(ev.decision))

@@ -16,6 +16,7 @@ from typing import Any
 
 import anyio
 
+from gondolin.options import MOUNT_MODES
 from integrations.config import ConfigError, OperatorConfig, load_config
 
 ENV_CONFIG = "GONDOLIN_MCP_CONFIG"
@@ -81,7 +82,7 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
         overrides["secrets"] = {name: {"hosts": hosts} for name, hosts in secrets.items()}
     mounts = []
     for item in args.mount_root:
-        path, _, mode = item.rpartition(":") if item.rsplit(":", 1)[-1] in ("ro", "cow", "rw") else (item, "", "ro")
+        path, _, mode = item.rpartition(":") if item.rsplit(":", 1)[-1] in MOUNT_MODES else (item, "", "ro")
         mounts.append({"host_path": path, "mode": mode or "ro"})
     if mounts:
         overrides["mounts"] = mounts

@@ -46,9 +46,9 @@ def registry():
         ok("write_file", {"sandbox_id": sid, "path": "/workspace/notes.txt", "content": "alpha\n"})
         cat = ok("exec", {"sandbox_id": sid, "command": "cat", "stdin_open": True, "yield_s": 0})
         done = ok("exec", {"sandbox_id": sid, "command": "echo finished"})
-        checkpoint = reg.call_sync("checkpoint_create", {"sandbox_id": sid})  # full: resumes in well under 1 s
+        checkpoint = ok("checkpoint_create", {"sandbox_id": sid})  # full: resumes in well under 1 s
         STATE.update(registry=reg, sid=sid, cat=cat["exec_id"], done=done["exec_id"],
-                     checkpoint=None if checkpoint.is_error else checkpoint.data()["checkpoint_id"])
+                     checkpoint=checkpoint["checkpoint_id"])
         yield reg
         STATE.clear()
     assert qemu_pids() <= before, "the manager left QEMU processes behind"
@@ -81,7 +81,6 @@ def _tool(name):
 
 class _Standard:
     tool_name = ""
-    needs_checkpoint = False
 
     @property
     def tool_constructor(self):
@@ -93,8 +92,6 @@ class _Standard:
 
     @pytest.fixture(autouse=True)
     def _around(self):
-        if self.needs_checkpoint and not STATE.get("checkpoint"):
-            pytest.skip("this runtime has no checkpoints")
         yield
         reg = STATE.get("registry")
         if reg is None:
@@ -109,8 +106,7 @@ for _spec in TOOLS:
     globals()[f"Test{_camel}Unit"] = type(f"Test{_camel}Unit", (_Standard, ToolsUnitTests), {"tool_name": _spec.name})
     globals()[f"Test{_camel}Integration"] = type(
         f"Test{_camel}Integration", (_Standard, ToolsIntegrationTests),
-        {"tool_name": _spec.name, "pytestmark": [pytest.mark.anyio],
-         "needs_checkpoint": _spec.name in ("checkpoint_create", "checkpoint_restore")})
+        {"tool_name": _spec.name, "pytestmark": [pytest.mark.anyio]})
 
 
 # -- LangChain beyond the standard tests -----------------------------------------------------------

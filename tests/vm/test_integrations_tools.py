@@ -288,14 +288,23 @@ async def test_list_files(legacy, sandbox_id):
     flat, _ = await call(legacy, "list_files", sandbox_id, path="/workspace/tree")
     assert [(e["path"], e["type"]) for e in flat.structured_content["entries"]] == [
         ("/workspace/tree/README.md", "file"), ("/workspace/tree/src", "dir")]
+    assert (flat.structured_content["visited"], flat.structured_content["truncated"]) == (2, False)
     deep, _ = await call(legacy, "list_files", sandbox_id, path="/workspace/tree", recursive=True, glob="*.py")
-    assert sorted(e["path"] for e in deep.structured_content["entries"]) == [
-        "/workspace/tree/src/a.py", "/workspace/tree/src/pkg/m.py"]
+    assert [e["path"] for e in deep.structured_content["entries"]] == [
+        "/workspace/tree/src/a.py", "/workspace/tree/src/pkg/m.py"]  # breadth-first, sorted by name
+    assert (deep.structured_content["visited"], deep.structured_content["truncated"]) == (5, False)
     hidden, _ = await call(legacy, "list_files", sandbox_id, path="/workspace/tree", recursive=True,
                            include_hidden=True)
-    assert "/workspace/tree/.git/config" in [e["path"] for e in hidden.structured_content["entries"]]
+    assert [e["path"] for e in hidden.structured_content["entries"]] == [
+        "/workspace/tree/.git", "/workspace/tree/README.md", "/workspace/tree/src", "/workspace/tree/.git/config",
+        "/workspace/tree/src/.hidden.py", "/workspace/tree/src/a.py", "/workspace/tree/src/pkg",
+        "/workspace/tree/src/pkg/m.py"]
     capped, _ = await call(legacy, "list_files", sandbox_id, path="/workspace/tree", recursive=True, max_entries=2)
     assert len(capped.structured_content["entries"]) == 2 and capped.structured_content["truncated"]
+    one, _ = await call(legacy, "list_files", sandbox_id, path="/workspace/tree/README.md")
+    assert [e["path"] for e in one.structured_content["entries"]] == ["/workspace/tree/README.md"]
+    missing, text = await call(legacy, "list_files", sandbox_id, path="/workspace/no-such-dir")
+    assert missing.is_error and "path_not_found" in text
     entry = flat.structured_content["entries"][0]
     assert entry["size_bytes"] == 0 and entry["mode"] == "0644" and entry["mtime"].endswith("Z")
 
@@ -349,14 +358,9 @@ async def test_secret_split_across_polls_is_never_shown(legacy, sandbox_id):
 
 
 # -- checkpoints -----------------------------------------------------------------------------------
-async def test_checkpoints_or_a_clear_not_supported(legacy, sandbox_id, manager):
-    from gondolin import VM
-
+async def test_checkpoint_restore_and_roll_back(legacy, sandbox_id, manager):
     await call(legacy, "write_file", sandbox_id, path="/workspace/state.txt", content="before\n")
     created, text = await call(legacy, "checkpoint_create", sandbox_id, name="before")
-    if not hasattr(VM, "checkpoint"):
-        assert created.is_error and "error [not_supported]" in text
-        return
     assert created.is_error is False, text
     checkpoint_id = created.structured_content["checkpoint_id"]
     listed, _ = await call(legacy, "checkpoint_list", sandbox_id=None)

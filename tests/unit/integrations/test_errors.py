@@ -6,10 +6,12 @@ from gondolin.errors import (
     ExecTimeout,
     GondolinError,
     GuestFileError,
+    GuestTimeoutError,
     ProtocolError,
     VMClosedError,
     VMDiedError,
     VMStartError,
+    VMUnresponsiveError,
 )
 from integrations.errors import ToolError, translate
 
@@ -29,9 +31,11 @@ def gfe(num, name):
         (gfe(errno.EFBIG, "EFBIG"), "file_too_large"),
         (gfe(errno.EINVAL, "EINVAL"), "invalid_argument"),
         (VMDiedError("boom\nconsole", ["x"]), "vm_died"),
+        (VMUnresponsiveError("the guest stopped answering pings"), "vm_died"),
         (VMClosedError("closed"), "sandbox_not_running"),
         (VMStartError("no boot"), "vm_start_failed"),
         (ExecTimeout("slow"), "timeout"),
+        (GuestTimeoutError("no answer to STAT"), "timeout"),
         (ProtocolError("guest refused the command: no such user", code="exec_failed"), "invalid_argument"),
         (GondolinError("odd"), "internal"),
         (ValueError("bad"), "invalid_argument"),

@@ -1,7 +1,8 @@
 import anyio
 import pytest
 
-from gondolin.errors import VMStartError
+from gondolin.errors import VMDiedError, VMStartError
+from gondolin.options import MOUNT_MODES
 from integrations import (
     MountRoot,
     NetworkProfile,
@@ -10,10 +11,10 @@ from integrations import (
     SecretSpec,
     ToolError,
 )
-from integrations.config import Limits
+from integrations.config import MOUNT_MODE_RANK, Limits
 from integrations.models import EnvVar, MountRequest, SandboxCreateInput
 
-from .fakes import FakeVM, fake_factory
+from .fakes import FakeBackend
 
 pytestmark = pytest.mark.anyio
 
@@ -27,42 +28,46 @@ class Clock:
 
 
 @pytest.fixture
-def booted():
-    return []
+def backend():
+    return FakeBackend()
 
 
 @pytest.fixture
-def factory(booted):
-    return fake_factory(booted)
+def booted(backend):
+    return backend.booted
 
 
-def manager(factory, clock=None, **config):
+def manager(backend, clock=None, **config):
     cfg = OperatorConfig(**config)
-    return SandboxManager(cfg, vm_factory=factory, clock=clock or Clock(), reap=False,
+    return SandboxManager(cfg, backend=backend, clock=clock or Clock(), reap=False,
                           environ={"API_TOKEN": "value-of-the-token"})
 
 
-async def test_create_passes_the_profile_to_the_runtime(factory, booted):
-    cfg = dict(network_profiles={"api": NetworkProfile(allowed_hosts=("api.example.com",))},
-               secrets={"API_TOKEN": SecretSpec(hosts=("api.example.com",))})
-    async with manager(factory, **cfg) as mgr:
-        sb = await mgr.create(SandboxCreateInput(network="api", secrets=["API_TOKEN"], env=[EnvVar(name="A", value="1")]))
+async def test_create_passes_the_profile_to_the_runtime(backend, booted):
+    cfg = dict(network_profiles={"api": NetworkProfile(allowed_hosts=("api.example.com",), dns="trusted",
+                                                       tcp_hosts={"db:5432": "127.0.0.1:5432"})},
+               secrets={"API_TOKEN": SecretSpec(hosts=("api.example.com",))},
+               env={"LANG": "C.UTF-8"}, rootfs="memory")
+    async with manager(backend, **cfg) as mgr:
+        sb = await mgr.create(SandboxCreateInput(network="api", secrets=["API_TOKEN"], env=[EnvVar(name="A", value="1")],
+                                                 name="job", cpus=2, memory_mb=1024))
     opts = booted[0].options
-    assert opts["network"] is True and opts["dns"] == "synthetic"
-    hooks = opts["http_hooks"]
+    assert (opts.image, opts.cpus, opts.memory, opts.rootfs, opts.label) == ("default", 2, 1024, "memory", "job")
+    assert opts.network is True and opts.dns == "trusted" and opts.tcp_hosts == {"db:5432": "127.0.0.1:5432"}
+    hooks = opts.http_hooks
     assert hooks.policy.host_allowed("api.example.com") and not hooks.policy.host_allowed("evil.com")
-    assert hooks.secrets.placeholders()["API_TOKEN"] == opts["env"]["API_TOKEN"]
-    assert opts["env"]["A"] == "1"
-    placeholder = opts["env"]["API_TOKEN"]
-    assert placeholder.startswith("GONDOLIN_SECRET_") and "value-of-the-token" not in str(opts["env"])
+    assert hooks.secrets.placeholders()["API_TOKEN"] == opts.env["API_TOKEN"]
+    assert opts.env["A"] == "1" and opts.env["LANG"] == "C.UTF-8"
+    placeholder = opts.env["API_TOKEN"]
+    assert placeholder.startswith("GONDOLIN_SECRET_") and "value-of-the-token" not in str(opts.env)
     assert sb.info().secrets == ["API_TOKEN"]
     assert booted[0].closed == 1  # closed at shutdown
 
 
-async def test_offline_profile_has_no_nic(factory, booted):
-    async with manager(factory) as mgr:
+async def test_offline_profile_has_no_nic(backend, booted):
+    async with manager(backend) as mgr:
         await mgr.create(SandboxCreateInput(network="offline"))
-    assert booted[0].options["network"] is False and "http_hooks" not in booted[0].options
+    assert booted[0].options.network is False and booted[0].options.http_hooks is None
 
 
 @pytest.mark.parametrize(
@@ -81,46 +86,56 @@ async def test_offline_profile_has_no_nic(factory, booted):
         (SandboxCreateInput(from_checkpoint="cp_missing"), "checkpoint_not_found"),
     ],
 )
-async def test_choices_outside_the_config_are_refused_before_booting(factory, booted, request_, code):
+async def test_choices_outside_the_config_are_refused_before_booting(backend, booted, request_, code):
     cfg = dict(secrets={"API_TOKEN": SecretSpec(hosts=("a.com",)), "UNSET": SecretSpec(hosts=("a.com",))})
-    async with manager(factory, **cfg) as mgr:
+    async with manager(backend, **cfg) as mgr:
         with pytest.raises(ToolError) as err:
             await mgr.create(request_)
     assert err.value.code == code
     assert not booted
 
 
-async def test_mounts_stay_inside_approved_roots(factory, booted, tmp_path):
+async def test_mounts_stay_inside_approved_roots(backend, booted, tmp_path):
     (tmp_path / "proj" / "sub").mkdir(parents=True)
     outside = tmp_path.parent
     roots = (MountRoot(host_path=str(tmp_path / "proj"), mode="cow", guest_path="/workspace/proj"),)
-    async with manager(factory, mounts=roots) as mgr:
+    async with manager(backend, mounts=roots) as mgr:
         sb = await mgr.create(SandboxCreateInput(mounts=[MountRequest(host_path=str(tmp_path / "proj" / "sub"))]))
         assert [m.model_dump() for m in sb.mounts] == [
             {"guest_path": "/workspace/proj/sub", "host_path": str(tmp_path / "proj" / "sub"), "mode": "cow"}]
-        assert set(booted[0].options["mounts"]) == {"/workspace/proj/sub"}
+        assert set(booted[0].options.mounts) == {"/workspace/proj/sub"}
         for bad in (str(tmp_path / "proj" / ".." / ".."), str(outside), str(tmp_path / "proj-evil")):
             with pytest.raises(ToolError) as err:
                 await mgr.create(SandboxCreateInput(mounts=[MountRequest(host_path=bad)]))
             assert err.value.code in ("not_allowed", "path_not_found")
         with pytest.raises(ToolError, match="at most 'cow'"):
             await mgr.create(SandboxCreateInput(mounts=[MountRequest(host_path=str(tmp_path / "proj"), mode="rw")]))
+        for system_dir in ("/", "/usr", "/lib64", "/boot", "relative"):  # the library's one list
+            with pytest.raises(ToolError) as err:
+                await mgr.create(SandboxCreateInput(mounts=[MountRequest(host_path=str(tmp_path / "proj"),
+                                                                         guest_path=system_dir)]))
+            assert err.value.code == "invalid_argument"
         (tmp_path / "proj" / "link").symlink_to(outside)
         with pytest.raises(ToolError) as err:
             await mgr.create(SandboxCreateInput(mounts=[MountRequest(host_path=str(tmp_path / "proj" / "link"))]))
         assert err.value.code == "not_allowed"
 
 
-async def test_the_cap_counts_live_and_booting_sandboxes(booted):
+def test_every_mount_mode_of_the_library_has_a_rank():
+    assert set(MOUNT_MODE_RANK) == set(MOUNT_MODES)
+
+
+async def test_the_cap_counts_live_and_booting_sandboxes():
     gate = anyio.Event()
 
-    async def slow_factory(**options):
-        await gate.wait()
-        vm = FakeVM(**options)
-        booted.append(vm)
-        return vm
+    class SlowBackend(FakeBackend):
+        async def create(self, options):
+            await gate.wait()
+            return await super().create(options)
 
-    async with manager(slow_factory, limits=Limits(max_sandboxes=2)) as mgr:
+    slow = SlowBackend()
+    booted = slow.booted
+    async with manager(slow, limits=Limits(max_sandboxes=2)) as mgr:
         async with anyio.create_task_group() as tg:
             tg.start_soon(mgr.create, SandboxCreateInput())
             tg.start_soon(mgr.create, SandboxCreateInput())
@@ -136,19 +151,20 @@ async def test_the_cap_counts_live_and_booting_sandboxes(booted):
 
 
 async def test_a_failed_boot_frees_its_slot_and_is_a_tool_error():
-    async def failing(**options):
-        raise VMStartError("qemu exploded")
+    class FailingBackend(FakeBackend):
+        async def create(self, options):
+            raise VMStartError("qemu exploded")
 
-    async with manager(failing, limits=Limits(max_sandboxes=1)) as mgr:
+    async with manager(FailingBackend(), limits=Limits(max_sandboxes=1)) as mgr:
         for _ in range(2):
             with pytest.raises(ToolError) as err:
                 await mgr.create(SandboxCreateInput())
             assert err.value.code == "vm_start_failed"
 
 
-async def test_idle_sandboxes_are_reaped_but_busy_ones_are_not(factory, booted):
+async def test_idle_sandboxes_are_reaped_but_busy_ones_are_not(backend, booted):
     clock = Clock()
-    async with manager(factory, clock=clock) as mgr:
+    async with manager(backend, clock=clock) as mgr:
         a = await mgr.create(SandboxCreateInput(ttl_s=60))
         b = await mgr.create(SandboxCreateInput(ttl_s=600))
         c = await mgr.create(SandboxCreateInput(ttl_s=60))
@@ -168,10 +184,10 @@ async def test_idle_sandboxes_are_reaped_but_busy_ones_are_not(factory, booted):
     assert [vm.closed for vm in booted] == [1, 1, 1]
 
 
-async def test_the_reaper_task_runs_on_its_own(factory, booted):
+async def test_the_reaper_task_runs_on_its_own(backend, booted):
     clock = Clock()
     cfg = OperatorConfig(limits=Limits(reap_interval_s=0.01))
-    async with SandboxManager(cfg, vm_factory=factory, clock=clock) as mgr:
+    async with SandboxManager(cfg, backend=backend, clock=clock) as mgr:
         sb = await mgr.create(SandboxCreateInput(ttl_s=10))
         clock.now += 11
         with anyio.fail_after(5):
@@ -180,9 +196,9 @@ async def test_the_reaper_task_runs_on_its_own(factory, booted):
         assert mgr.reaped == [sb.id]
 
 
-async def test_shutdown_closes_everything_even_when_cancelled(factory, booted):
+async def test_shutdown_closes_everything_even_when_cancelled(backend, booted):
     with anyio.CancelScope() as scope:
-        async with manager(factory) as mgr:
+        async with manager(backend) as mgr:
             await mgr.create(SandboxCreateInput())
             await mgr.create(SandboxCreateInput())
             scope.cancel()
@@ -190,8 +206,8 @@ async def test_shutdown_closes_everything_even_when_cancelled(factory, booted):
     assert [vm.closed for vm in booted] == [1, 1]
 
 
-async def test_a_stopped_vm_is_reported(factory, booted):
-    async with manager(factory) as mgr:
+async def test_a_stopped_vm_is_reported(backend, booted):
+    async with manager(backend) as mgr:
         sb = await mgr.create(SandboxCreateInput())
         booted[0].running = False
         with pytest.raises(ToolError) as err:
@@ -200,43 +216,36 @@ async def test_a_stopped_vm_is_reported(factory, booted):
         assert sb.info().status == "stopped"
 
 
-async def test_checkpoints_without_runtime_support_are_not_supported(factory):
-    async with manager(factory) as mgr:
-        sb = await mgr.create(SandboxCreateInput())
-        with pytest.raises(ToolError) as err:
-            await mgr.checkpoint(sb, None, False)
-        assert err.value.code == "not_supported"
-
-
-async def test_checkpoints_use_the_runtime_api_when_present(factory, booted, monkeypatch, tmp_path):
-    import integrations.runtime as runtime
-
-    saved = []
-
-    class Checkpoint:
-        @classmethod
-        def load(cls, path):
-            inst = cls()
-            inst.path = path
-            return inst
-
-        async def resume(self, **options):
-            vm = FakeVM(**options, resumed_from=self.path)
-            booted.append(vm)
-            return vm
-
-    async def checkpoint(path, disk_only=False):
-        saved.append((path, disk_only))
-
-    monkeypatch.setattr(runtime, "_checkpoint_class", lambda: Checkpoint)
-    async with manager(factory, checkpoint_dir=str(tmp_path)) as mgr:
-        sb = await mgr.create(SandboxCreateInput(name="base"))
-        booted[0].checkpoint = checkpoint
+async def test_checkpoint_restore_and_roll_back(backend, booted, tmp_path):
+    cfg = dict(network_profiles={"api": NetworkProfile(allowed_hosts=("api.example.com",))},
+               secrets={"API_TOKEN": SecretSpec(hosts=("api.example.com",))}, checkpoint_dir=str(tmp_path))
+    async with manager(backend, **cfg) as mgr:
+        sb = await mgr.create(SandboxCreateInput(name="base", network="api", secrets=["API_TOKEN"]))
         record = await mgr.checkpoint(sb, "before", False)
-        assert saved == [(record.path, False)] and record.path.startswith(str(tmp_path))
+        assert backend.saved == [(record.path, False)] and record.path.startswith(str(tmp_path))
+        disk = await mgr.checkpoint(sb, "disk", True)
+        assert backend.saved[-1] == (disk.path, True) and disk.info().disk_only
         forked = await mgr.restore(record.id)
         assert forked.id != sb.id and forked.from_checkpoint == record.id
-        assert booted[-1].options["resumed_from"] == record.path
+        resumed = booted[-1]
+        assert resumed.resumed_from == record.path and resumed.options.label == "base"
+        # Policy hooks are live host objects: the resumed VM gets its own, with the same profile and secret.
+        hooks = resumed.options.http_hooks
+        assert hooks is not booted[0].options.http_hooks and hooks.policy.host_allowed("api.example.com")
+        assert hooks.secrets.placeholders()["API_TOKEN"] == resumed.options.env["API_TOKEN"]
         rolled = await mgr.restore(record.id, sandbox_id=sb.id)
         assert rolled.id == sb.id and booted[0].closed == 1 and sb.vm is booted[-1]
-        assert [c.id for c in mgr.list_checkpoints(sb.id)] == [record.id]
+        assert [c.id for c in mgr.list_checkpoints(sb.id)] == [record.id, disk.id]
+
+
+async def test_a_vm_that_died_in_the_background_still_closes_every_sandbox(backend, booted):
+    async with manager(backend) as mgr:
+        await mgr.create(SandboxCreateInput())
+        await mgr.create(SandboxCreateInput())
+
+        async def died():
+            booted[0].closed += 1
+            raise VMDiedError("the network driver crashed")
+
+        booted[0].close = died
+    assert [vm.closed for vm in booted] == [1, 1]

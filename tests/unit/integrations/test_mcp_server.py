@@ -11,14 +11,14 @@ from integrations.tools import TOOLS
 from mcp_server import build_server
 from mcp_server.__main__ import build_parser, config_from_args
 
-from .fakes import fake_factory
+from .fakes import FakeBackend
 
 pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
 async def manager():
-    async with SandboxManager(vm_factory=fake_factory(), reap=False) as mgr:
+    async with SandboxManager(backend=FakeBackend(), reap=False) as mgr:
         yield mgr
 
 

@@ -10,7 +10,7 @@ from integrations import (
     start_in_thread,
 )
 
-from .fakes import fake_factory
+from .fakes import FakeBackend
 
 pytestmark = pytest.mark.anyio
 SECRET = "very-secret-token-value"
@@ -19,7 +19,7 @@ SECRET = "very-secret-token-value"
 @pytest.fixture
 async def registry():
     cfg = OperatorConfig(secrets={"API_TOKEN": SecretSpec(hosts=("api.example.com",))})
-    async with SandboxManager(cfg, vm_factory=fake_factory(), environ={"API_TOKEN": SECRET}, reap=False) as mgr:
+    async with SandboxManager(cfg, backend=FakeBackend(), environ={"API_TOKEN": SECRET}, reap=False) as mgr:
         yield ToolRegistry(mgr)
 
 
@@ -98,8 +98,8 @@ async def test_sync_calls_need_a_portal(registry):
 
 
 def test_threaded_registry_serves_sync_and_async_callers():
-    booted = []
-    with start_in_thread(vm_factory=fake_factory(booted), reap=False) as reg:
+    backend = FakeBackend()
+    with start_in_thread(backend=backend, reap=False) as reg:
         sandbox_id = reg.call_sync("sandbox_create", {}).data()["sandbox_id"]
 
         async def from_another_loop():
@@ -107,4 +107,4 @@ def test_threaded_registry_serves_sync_and_async_callers():
 
         listed = anyio.run(from_another_loop)
         assert [s["sandbox_id"] for s in listed.data()["sandboxes"]] == [sandbox_id]
-    assert booted[0].closed == 1
+    assert backend.booted[0].closed == 1
