@@ -39,7 +39,6 @@ CODES = frozenset({
     "no_match",
     "ambiguous_match",
     "not_allowed",
-    "not_supported",
     "checkpoint_not_found",
     "timeout",
     "vm_died",
