@@ -18,6 +18,7 @@ import enum
 import json
 import os
 import time
+import weakref
 from collections.abc import AsyncIterator, Generator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -188,11 +189,13 @@ async def register(vm: VM, machine: Machine) -> Registration:
     os.replace(tmp, entry)
     reg = Registration(entry, listener, sock)
     machine.on_close(reg.close)
-    machine.spawn("registry server", _serve, vm, listener, critical=False)
+    machine.spawn("registry server", _serve, weakref.ref(vm), listener, critical=False)
     return reg
 
 
-async def _serve(vm: VM, listener: SocketListener) -> None:
+async def _serve(vm_ref: weakref.ref[VM], listener: SocketListener) -> None:
+    """Serve the VM's socket. It holds the VM weakly: a VM its owner dropped is collected
+    (and stopped) even while it is registered."""
     limit = anyio.Semaphore(MAX_CLIENTS)
     async with listener, anyio.create_task_group() as tg:
         while True:
@@ -201,6 +204,10 @@ async def _serve(vm: VM, listener: SocketListener) -> None:
 
             async def one(s: ByteStream = stream) -> None:
                 try:
+                    vm = vm_ref()
+                    if vm is None:
+                        await s.aclose()
+                        return
                     await _handle(vm, s)
                 finally:
                     limit.release()

@@ -164,6 +164,10 @@ class VM:
     def options(self) -> VMOptions:
         return self._async.options
 
+    @property
+    def qemu_pid(self) -> int | None:
+        return self._async.qemu_pid
+
     def exec(self, command: str | list[str], **kw: Any) -> ExecResult:
         """Run a command to completion (see :meth:`gondolin.VM.exec`; ``stdin`` may be bytes/str)."""
         if kw.get("stdout") == "pipe" or kw.get("stderr") == "pipe":

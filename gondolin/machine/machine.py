@@ -274,6 +274,8 @@ class Machine:
                 "raise timeouts.start / GONDOLIN_START_TIMEOUT, or set GONDOLIN_ACCEL=tcg if KVM hangs here",
                 qemu.console_tail(), code="vm_start_timeout") from None
         except VMDiedError as exc:
+            if self._failure is not None:
+                raise VMStartError(f"the VM failed while starting: {self._failure.message}") from self._failure
             raise VMStartError(f"the VM stopped while booting (QEMU exit code {qemu.returncode})",
                                exc.console or qemu.console_tail()) from None
         finally:
@@ -403,6 +405,7 @@ class Machine:
         """A background task failed: the machine is dead; ``close`` and every call raise it."""
         if self._closing or self._failure is not None:
             return
+        exc = _root_cause(exc)
         if isinstance(exc, VMUnresponsiveError):
             error: GondolinError = exc
         else:
@@ -582,10 +585,16 @@ def _is_cancel(exc: BaseException) -> bool:
         isinstance(exc, BaseExceptionGroup) and all(_is_cancel(e) for e in exc.exceptions))
 
 
+def _root_cause(exc: BaseException) -> BaseException:
+    """The first exception inside (nested) task-group groups."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
 def _start_error(exc: BaseException, machine: Machine) -> BaseException:
     """The one typed error a failed start raises (task-group groups unwrapped)."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
+    exc = _root_cause(exc)
     if isinstance(exc, GondolinError):
         return exc
     if _is_cancel(exc):
