@@ -11,6 +11,7 @@ import importlib
 import os
 import pkgutil
 import platform
+import shlex
 import sys
 import time
 import traceback
@@ -89,11 +90,42 @@ def machine_info() -> dict[str, str]:
     return info
 
 
+LOAD_POLL = 5.0  # seconds between samples of the 1-minute load average during a run
+
+
 def _loadavg() -> str:
     try:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
     except OSError:
         return "unknown"
+
+
+class LoadWatch:
+    """The highest 1-minute load average seen while the modules run: other work on the machine
+    (other test runs, builds) slows both sides of a pair, but not always alike."""
+
+    def __init__(self) -> None:
+        self.highest: float | None = None
+
+    def sample(self) -> None:
+        try:
+            one = float(_loadavg().split()[0])
+        except (ValueError, IndexError):
+            return
+        self.highest = one if self.highest is None else max(self.highest, one)
+
+    async def run(self) -> None:
+        while True:
+            self.sample()
+            await anyio.sleep(LOAD_POLL)
+
+    def describe(self) -> str:
+        cores = os.cpu_count() or 0
+        if self.highest is None:
+            return "unknown"
+        busy = (" (more runnable work than cores, other jobs included: timings are noisy, compare each pair's "
+                "ratio rather than absolute times)" if cores and self.highest > cores else "")
+        return f"{self.highest:.2f} on {cores} cores{busy}"
 
 
 async def run_modules(names: Sequence[str], ctx: Context,
@@ -104,24 +136,30 @@ async def run_modules(names: Sequence[str], ctx: Context,
     if unknown:
         raise SystemExit(f"unknown benchmark module(s): {', '.join(unknown)}; available: {', '.join(mods)}")
     selected = list(names) or list(mods)
-    command = " ".join(["python -m benchmarks", *sys.argv[1:]]).strip()
+    command = f"python -m benchmarks {shlex.join(sys.argv[1:])}".strip()
     ctx.machine.update(machine_info())
     load_start = _loadavg()
+    watch = LoadWatch()
     results: dict[str, ModuleResult] = {}
-    for name in selected:
-        ctx.log(f"module {name}")
-        started = time.monotonic()
-        try:
-            rows = await load(mods[name]).collect(ctx)
-        # One broken module (an import error, a bug) must not cost the other modules' results.
-        # Cancellation and Ctrl-C are BaseExceptions and pass through.
-        except Exception as exc:  # noqa: BLE001
-            ctx.log(f"module {name} failed:\n{''.join(traceback.format_exception(exc))}")
-            rows = [error_row(name, "the whole module", exc)]
-        ctx.log(f"module {name} done in {time.monotonic() - started:.0f}s")
-        results[name] = ModuleResult(name, tuple(rows), "", command)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch.run)
+        for name in selected:
+            ctx.log(f"module {name}")
+            started = time.monotonic()
+            try:
+                rows = await load(mods[name]).collect(ctx)
+            # One broken module (an import error, a bug) must not cost the other modules' results.
+            # Cancellation and Ctrl-C are BaseExceptions and pass through.
+            except Exception as exc:  # noqa: BLE001
+                ctx.log(f"module {name} failed:\n{''.join(traceback.format_exception(exc))}")
+                rows = [error_row(name, "the whole module", exc)]
+            ctx.log(f"module {name} done in {time.monotonic() - started:.0f}s")
+            results[name] = ModuleResult(name, tuple(rows), "", command)
+        tg.cancel_scope.cancel()
+    watch.sample()
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     ctx.machine["load average (1/5/15 min) at start, end"] = f"{load_start}; {_loadavg()}"
+    ctx.machine["highest 1-min load average during the run"] = watch.describe()
     return {n: ModuleResult(n, r.rows, date, command, dict(ctx.machine)) for n, r in results.items()}
 
 

@@ -221,16 +221,27 @@ def render_report(results: Mapping[str, ModuleResult], order: Sequence[str], cur
         out += ["## Machine and run", ""]
         out += [f"- {k}: {v}" for k, v in latest.machine.items()]
         out += [f"- date: {latest.date}", f"- command: `{latest.command}`"]
-        older = [n for n in names if n not in current]
-        for n in older:
-            r = results[n]
-            out.append(f"- rows of `{n}` come from an earlier run: {r.date}, `{r.command}`")
+        out += _earlier_runs([results[n] for n in names if n not in current], latest.machine)
         out.append("")
     details = render_details(rows)
     if details:
         out += ["## Details", "", details, ""]
     out += [f"<!-- {DATA_MARKER} {dumps(results)} -->", ""]
     return "\n".join(out)
+
+
+def _earlier_runs(older: Sequence[ModuleResult], latest: Mapping[str, str]) -> list[str]:
+    """One line per earlier run (modules that ran together share it), with the facts of that
+    run that differ from the latest one's (accelerator, load, options) below it."""
+    runs: dict[tuple[str, str, str], list[ModuleResult]] = {}
+    for r in older:
+        runs.setdefault((r.date, r.command, json.dumps(dict(r.machine), sort_keys=True)), []).append(r)
+    out = []
+    for (date, command, _), group in runs.items():
+        names = ", ".join(f"`{r.name}`" for r in group)
+        out.append(f"- rows of {names} come from an earlier run: {date}, `{command}`")
+        out += [f"  - {k}: {v}" for k, v in group[0].machine.items() if latest.get(k) != v]
+    return out
 
 
 def dumps(results: Mapping[str, ModuleResult]) -> str:

@@ -110,6 +110,7 @@ def test_report_round_trips_and_merges_runs() -> None:
     table = text.split("## Machine")[0]
     assert "boot" not in table and "| copy |" in table and "a\\|b" in table
     assert "rows of `net` come from an earlier run" in text
+    assert "  - cores" not in text  # the earlier run's facts are listed only where they differ
     assert "- command: `python -m benchmarks core --quick`" in text
     comment = text[text.index("<!-- benchmarks-data"):]
     assert "--" not in comment[4:-5]  # an HTML comment may not contain "--"
@@ -162,6 +163,7 @@ def test_runner_keeps_going_when_a_module_breaks() -> None:
     results = anyio.run(run_modules, [], Context(_out=logged.append), mods)
     assert list(results) == ["good", "broken", "missing"]
     assert results["good"].rows == (ROWS[0],) and results["good"].machine["accelerator"] == "fake"
+    assert "cores" in results["good"].machine["highest 1-min load average during the run"]
     assert results["broken"].rows[0].error.startswith("TypeError: benchmarks._table has no collect")
     assert results["missing"].rows[0].error.startswith("ModuleNotFoundError")
     assert any("module broken failed" in line for line in logged)
@@ -193,3 +195,16 @@ def test_fork_rows_pair_each_fork_with_checkpoint_and_resume() -> None:
     assert out["vm.fork(4) -> all 4 copies answered exec(/bin/true)"].error == "RuntimeError: QEMU died"
     pause = out["source VM's pause during vm.fork(), n=1 and n=4"]
     assert pause.ours is not None and pause.ours.value == pytest.approx(0.25) and "1.0 ms" in pause.note
+
+
+def test_earlier_runs_are_grouped_with_the_facts_that_differ() -> None:
+    def with_machine(name: str, machine: dict[str, str]) -> ModuleResult:
+        return ModuleResult(name, (ROWS[0],), "2026-01-01 00:00 UTC", "python -m benchmarks", machine)
+
+    old = {"core": with_machine("core", {"cores": "2", "accelerator": "tcg (no KVM)"}),
+           "net": with_machine("net", {"cores": "2", "accelerator": "tcg (no KVM)"})}
+    now = {"warm": ModuleResult("warm", (ROWS[1],), "2026-02-01 00:00 UTC", "python -m benchmarks warm",
+                                {"cores": "2", "accelerator": "tcg"})}
+    text = render_report(merge(old, now), ["core", "net", "warm"], ["warm"])
+    assert "- rows of `core`, `net` come from an earlier run: 2026-01-01 00:00 UTC" in text
+    assert "  - accelerator: tcg (no KVM)" in text and "  - cores" not in text
