@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from anyio.abc import ByteStream, SocketListener
+from anyio.abc import ByteStream
 
 from ._log import get_logger
 from ._proc import pid_alive
+from ._sockets import UnixListener, connect_unix
 from .errors import GondolinError, ProtocolError
 from .exec import ExecResult, OutputChunk
 from .images.store import cache_root
@@ -157,7 +158,7 @@ def find_session(ident: str) -> SessionInfo:
 class Registration:
     """A VM's registry entry and socket; :meth:`close` removes both."""
 
-    def __init__(self, entry: Path, listener: SocketListener, socket: Path) -> None:
+    def __init__(self, entry: Path, listener: UnixListener, socket: Path) -> None:
         self.entry = entry
         self.listener = listener
         self.socket = socket
@@ -175,7 +176,7 @@ async def register(vm: VM, machine: Machine) -> Registration:
     if machine.run_dir is None:
         raise OSError("the VM has no run directory")
     sock = machine.run_dir / SOCKET_NAME
-    listener = await anyio.create_unix_listener(sock)
+    listener = UnixListener(sock)
     info = SessionInfo(
         id=vm.id, pid=os.getpid(), qemu_pid=vm.qemu_pid, label=vm.label, created=vm.created, socket=str(sock),
         image=vm.image.build_id, memory_mb=vm.memory_mb, cpus=vm.cpus, rootfs=vm.rootfs,
@@ -193,7 +194,7 @@ async def register(vm: VM, machine: Machine) -> Registration:
     return reg
 
 
-async def _serve(vm_ref: weakref.ref[VM], listener: SocketListener) -> None:
+async def _serve(vm_ref: weakref.ref[VM], listener: UnixListener) -> None:
     """Serve the VM's socket. It holds the VM weakly: a VM its owner dropped is collected
     (and stopped) even while it is registered."""
     limit = anyio.Semaphore(MAX_CLIENTS)
@@ -434,7 +435,7 @@ class RemoteVM:
 
 async def _connect(path: str) -> _Conn:
     try:
-        stream = await anyio.connect_unix(path)
+        stream = await connect_unix(path)
     except OSError as exc:
         raise SessionError(f"cannot reach the VM's owner process at {path}: {exc}") from exc
     return _Conn(stream)

@@ -192,6 +192,11 @@ class VM:
     def running(self) -> bool:
         return self._machine.running
 
+    async def wait_stopped(self) -> GondolinError | None:
+        """Wait until this VM stops: the error that stopped it (QEMU exited, a background
+        service failed, the guest stopped answering), or None when it was closed."""
+        return await self._machine.wait_stopped()
+
     @property
     def qemu_pid(self) -> int | None:
         return self._machine.qemu_pid

@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from anyio.abc import ByteStream, SocketListener, TaskGroup
+from anyio.abc import ByteStream, TaskGroup
 
 from .._log import get_logger
 from .._proc import pid_alive
+from .._sockets import UnixListener
 from .._tasks import spawn_service
 from ..channel import Channel
 from ..errors import (
@@ -137,7 +138,7 @@ class Machine:
         self.qemu: QemuProcess | None = None
         self._vfs: Any = None  # gondolin.vfs.port.VfsServer while the fs port is served
         self._channel: Channel | None = None
-        self._listeners: dict[str, SocketListener] = {}
+        self._listeners: dict[str, UnixListener] = {}
         self._tg: TaskGroup | None = None
         self._qmp: QmpClient | None = None
         self._qmp_lock = anyio.Lock()
@@ -203,8 +204,10 @@ class Machine:
                         raise
                     self._ready.set()
                     await self._stop.wait()
-                    if self.qemu is not None:
-                        self.qemu.kill()  # its console reader then ends by itself
+                    # Cancel first: QEMU's console reader kills QEMU when it is cancelled. Killing
+                    # QEMU first would make every socket readable (EOF) in the same loop iteration
+                    # as the cancellation, and anyio's asyncio socket waits then set a result on a
+                    # cancelled future (InvalidStateError reported by the event loop).
                     tg.cancel_scope.cancel()
             except BaseException as exc:  # noqa: BLE001 - recorded; cancellation re-raised below
                 if self._start_error is None and self._failure is None and not _is_cancel(exc):
@@ -233,7 +236,7 @@ class Machine:
         if spec.net_socket:
             sockets["net"] = spec.net_socket
         for name, path in sockets.items():
-            self._listeners[name] = await anyio.create_unix_listener(path)
+            self._listeners[name] = UnixListener(path)
         restore = source.restore_source()
         disk = restore.disk if restore is not None else (source.disk if isinstance(source, ColdBoot) else None)
         await anyio.to_thread.run_sync(self._prepare_disk, disk)
@@ -310,7 +313,7 @@ class Machine:
         assert qemu is not None
         result: dict[str, ByteStream] = {}
         async with anyio.create_task_group() as tg:
-            async def accept(name: str, listener: SocketListener) -> None:
+            async def accept(name: str, listener: UnixListener) -> None:
                 result[name] = await listener.accept()
                 if len(result) == len(self._listeners):
                     tg.cancel_scope.cancel()
@@ -454,6 +457,12 @@ class Machine:
                 self._failure_reported = True
             raise self._channel.dead
         return self._channel
+
+    async def wait_stopped(self) -> GondolinError | None:
+        """Wait until the machine stops; the error that stopped it (None when it was closed)."""
+        await self._stop.wait()
+        return self._failure if self._failure is not None else (
+            None if self._closing or self._channel is None else self._channel.dead)
 
     @property
     def running(self) -> bool:

@@ -23,6 +23,7 @@ import anyio
 from anyio.abc import ByteStream
 
 from .._log import get_logger
+from .._sockets import connect_unix
 from ..errors import GondolinError
 
 log = get_logger("qemu")
@@ -155,7 +156,7 @@ class QmpClient:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                stream = await anyio.connect_unix(path)
+                stream = await connect_unix(path)
                 break
             except (FileNotFoundError, ConnectionRefusedError) as exc:
                 if time.monotonic() > deadline:

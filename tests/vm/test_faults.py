@@ -14,10 +14,10 @@ import anyio
 import pytest
 
 from gondolin import (
+    VM,
     ExecTimeout,
     GuestTimeoutError,
     Timeouts,
-    VM,
     VMDiedError,
     VMUnresponsiveError,
     open_vm,
@@ -40,24 +40,30 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-async def test_a_crashed_network_driver_is_raised_by_the_next_call(monkeypatch, no_leaks):
-    real_run = NetworkDriver.run
-
-    async def crashing_run(self, stream):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(real_run, self, stream)
-            await crashed.wait()
-            raise RuntimeError("network driver crashed")
-
+def crash_when_set(monkeypatch, cls, name, exc):
+    """Patch ``cls.name`` (a background service) to raise ``exc`` once the returned event is set."""
     crashed = anyio.Event()
-    monkeypatch.setattr(NetworkDriver, "run", crashing_run)
+    real = getattr(cls, name)
+
+    async def crashing(self, stream):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(real, self, stream)
+            await crashed.wait()
+            raise exc
+
+    monkeypatch.setattr(cls, name, crashing)
+    return crashed
+
+
+async def test_a_crashed_network_driver_is_raised_by_the_next_call(monkeypatch, no_leaks):
+    crashed = crash_when_set(monkeypatch, NetworkDriver, "run", RuntimeError("network driver crashed"))
     vm = await VM.create(warm=False)
     try:
         assert (await vm.exec("echo up")).stdout == "up\n"
         crashed.set()
         with anyio.fail_after(10):
-            while vm.running:
-                await anyio.sleep(0.05)
+            stopped_by = await vm.wait_stopped()
+        assert isinstance(stopped_by, VMDiedError) and not vm.running
         with pytest.raises(VMDiedError) as err:
             await vm.exec("true")
         assert "network driver" in str(err.value)
@@ -67,22 +73,12 @@ async def test_a_crashed_network_driver_is_raised_by_the_next_call(monkeypatch, 
 
 
 async def test_a_crashed_file_service_is_raised_by_close(monkeypatch, no_leaks):
-    real_serve = VfsServer.serve
-
-    async def crashing_serve(self, stream):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(real_serve, self, stream)
-            await crashed.wait()
-            raise OSError("file service lost its disk")
-
-    crashed = anyio.Event()
-    monkeypatch.setattr(VfsServer, "serve", crashing_serve)
+    crashed = crash_when_set(monkeypatch, VfsServer, "serve", OSError("file service lost its disk"))
     vm = await VM.create(mounts={"/data": MemoryProvider()}, warm=False)
     await vm.exec("ls /data")
     crashed.set()
     with anyio.fail_after(10):
-        while vm.running:
-            await anyio.sleep(0.05)
+        await vm.wait_stopped()
     with pytest.raises(VMDiedError) as err:
         await vm.close()
     assert "file service" in str(err.value) and isinstance(err.value.__cause__, OSError)
@@ -138,8 +134,7 @@ async def test_close_raises_an_unresponsive_guest_nobody_noticed(no_leaks):
     vm = await VM.create(timeouts=FAST)
     os.kill(vm.qemu_pid, signal.SIGSTOP)
     with anyio.fail_after(30):
-        while vm.running:
-            await anyio.sleep(0.1)
+        assert isinstance(await vm.wait_stopped(), VMUnresponsiveError)
     with pytest.raises(VMUnresponsiveError):
         await vm.close()
 
@@ -150,7 +145,7 @@ async def test_a_vm_dropped_without_close_is_stopped_by_the_garbage_collector(no
     del vm
     gc.collect()
     with anyio.fail_after(10):
-        while pid_alive(pid) and pid in qemu_pids():
+        while pid_alive(pid) and pid in qemu_pids():  # noqa: ASYNC110 - polling another process
             await anyio.sleep(0.05)
     await anyio.sleep(0.3)  # the service task notices and removes the run directory
 

@@ -22,7 +22,7 @@ async def test_copies_keep_running_processes_and_diverge(no_leaks):
         await proc.start()
         await source.fs.write("/root/shared.txt", "before the fork\n")
         with anyio.fail_after(20):
-            while not await source.fs.exists("/tmp/count"):
+            while not await source.fs.exists("/tmp/count"):  # noqa: ASYNC110 - polling the guest
                 await anyio.sleep(0.1)
         copies = await source.fork(2)
         try:
