@@ -21,6 +21,7 @@ from anyio.streams.tls import TLSAttribute, TLSStream
 
 from ..net.flow import FlowInfo, FlowProtocol
 from .ca import CertificateAuthority, served_name
+from .errors import HttpMediationError
 from .exchange import ConnectionContext, Exchange, Limits
 from .hooks import HttpHooks, deny_all_hooks
 from .messages import HttpRequest, HttpResponse
@@ -57,6 +58,9 @@ class _Session:
 
     def reject(self, status: int, reason: str, request: HttpRequest | None = None) -> HttpResponse:
         return self._exchange.reject(self._context, status, reason, request)
+
+    def failed(self, exc: HttpMediationError, request: HttpRequest) -> HttpResponse:
+        return self._exchange.failed(self._context, exc, request)
 
 
 class HttpMediator:

@@ -32,6 +32,7 @@ from .messages import (
     HttpRequest,
     HttpResponse,
     has_no_body,
+    invalid_field,
     parse_authority,
     parse_target,
     strip_hop_by_hop,
@@ -45,6 +46,10 @@ MAX_CONCURRENT_STREAMS = 100  # advertised; h2 refuses streams beyond it
 STREAM_WINDOW = 1 << 20  # per-stream receive window: bytes one stream may buffer
 CONNECTION_WINDOW = 8 << 20  # bounds what all streams of a connection buffer together
 HARD_HEADER_LIST_SIZE = 256 << 10  # beyond this HPACK decoding is a connection error
+# Streams a guest may reset before their response began, per connection, before the
+# connection ends with ENHANCE_YOUR_CALM: cancelling requests is cheap for the guest and each
+# one may have cost an upstream connection ("rapid reset", CVE-2023-44487).
+MAX_EARLY_RESETS = 200
 _STREAM_GONE = (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
 _FORBIDDEN_RESPONSE_HEADERS = frozenset({"connection", "keep-alive", "proxy-connection",
                                          "transfer-encoding", "upgrade", "te"})
@@ -60,6 +65,7 @@ class _Stream:
     chunks: deque[tuple[bytes, int]] = field(default_factory=deque)
     ended: bool = False
     reset: bool = False
+    responding: bool = False  # response headers sent
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     wakeup: anyio.Event = field(default_factory=anyio.Event)
 
@@ -84,6 +90,7 @@ class H2Server:
         self._send_lock = anyio.Lock()
         self._window = anyio.Event()
         self._closing = False
+        self.early_resets = 0
 
     async def run(self) -> None:
         conn = self._conn
@@ -163,6 +170,11 @@ class H2Server:
                 live.reset = True
                 live.scope.cancel()
                 live.wake()
+                if not live.responding:
+                    self.early_resets += 1
+                    if self.early_resets > MAX_EARLY_RESETS:
+                        self._conn.close_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+                        return True
         elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
             self._window.set()
             self._window = anyio.Event()
@@ -184,6 +196,8 @@ class H2Server:
         method = "GET"
         try:
             with st.scope:
+                if st.reset:
+                    return  # reset in the same read as its headers: never start it upstream
                 request_or_error = self._build_request(st, raw_headers)
                 if isinstance(request_or_error, tuple):
                     status, reason, partial = request_or_error
@@ -192,10 +206,8 @@ class H2Server:
                     method = request_or_error.method
                     try:
                         response = await self._handler.handle(request_or_error)
-                    except BodyTooLarge as exc:
-                        response = self._handler.reject(413, exc.reason, request_or_error)
-                    except GuestProtocolError as exc:
-                        response = self._handler.reject(400, exc.reason, request_or_error)
+                    except (BodyTooLarge, GuestProtocolError) as exc:
+                        response = self._handler.failed(exc, request_or_error)
                 await self._send_response(st, method, response)
         except (_StreamGone, h2.exceptions.StreamClosedError):
             pass
@@ -235,6 +247,9 @@ class H2Server:
         for name_b, value_b in raw:
             name, value = name_b.decode("latin-1"), value_b.decode("latin-1")
             size += len(name) + len(value)
+            problem = invalid_field(name, value)
+            if problem is not None:
+                return 400, problem, None
             if name.startswith(":"):
                 pseudo[name] = value
             else:
@@ -296,6 +311,7 @@ class H2Server:
             for n, v in response.headers
             if n not in _FORBIDDEN_RESPONSE_HEADERS
         ]
+        st.responding = True
         self._conn.send_headers(st.stream_id, headers, end_stream=no_body)
         await self._flush()
         if no_body:
