@@ -244,12 +244,11 @@ class H2Server:
         pseudo: dict[str, str] = {}
         headers: list[tuple[str, str]] = []
         size = 0
+        problem = None
         for name_b, value_b in raw:
             name, value = name_b.decode("latin-1"), value_b.decode("latin-1")
             size += len(name) + len(value)
-            problem = invalid_field(name, value)
-            if problem is not None:
-                return 400, problem, None
+            problem = problem or invalid_field(name, value)
             if name.startswith(":"):
                 pseudo[name] = value
             else:
@@ -278,6 +277,8 @@ class H2Server:
         if length_text is not None and length is None:
             return 400, "invalid content-length", None
         partial = HttpRequest(method, scheme, host, port, target.path_and_query, clean)
+        if problem is not None:
+            return 400, problem, partial
         if length is not None and length > self._limits.max_body_bytes:
             return 413, f"request body exceeds {self._limits.max_body_bytes} bytes", partial
         body = Body() if st.ended and not st.chunks else Body(self._body(st), length=length)
