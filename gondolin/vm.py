@@ -80,6 +80,9 @@ class Network:
     def stats(self) -> Any:
         return self.driver.stats
 DEFAULT_START_TIMEOUT = float(os.environ.get("GONDOLIN_START_TIMEOUT", "120"))
+# Processes one exec may have at once in the guest (its own pids cgroup there): far above what
+# builds and test runners use, far below what takes a 512 MiB guest down.
+DEFAULT_PIDS_MAX = 1024
 RUN_PREFIX = "gondolin-vm-"
 
 
@@ -140,8 +143,10 @@ class VM:
 
     def __init__(self, *, image: Image, memory_mb: int, cpus: int, env: Mapping[str, str], rootfs: RootfsMode,
                  accel: str, hostname: str, start_timeout: float, label: str | None,
-                 network: NetworkOptions | None = None, mounts: Mapping[str, Any] | None = None) -> None:
+                 network: NetworkOptions | None = None, mounts: Mapping[str, Any] | None = None,
+                 pids_max: int | None = None) -> None:
         self.id = uuid.uuid4().hex[:12]
+        self.pids_max = pids_max
         self.image = image
         self.memory_mb = memory_mb
         self.cpus = cpus
@@ -193,6 +198,7 @@ class VM:
         http_hooks: Any = None,
         mounts: Mapping[str, Any] | None = None,
         warm: bool = True,
+        pids_max: int | None = DEFAULT_PIDS_MAX,
     ) -> VM:
         """Start a VM and return it once its agent answers.
 
@@ -210,10 +216,13 @@ class VM:
         ``warm=True`` (default) restores the VM from a saved template of this image and machine
         shape (a fraction of a second) instead of booting it; the first VM of a shape boots cold
         and saves the template. ``warm=False`` always boots cold. See docs/snapshots.md.
+
+        ``pids_max``: processes one exec (with everything it starts) may have at once in the
+        guest, so a fork bomb cannot take the VM; ``None`` for no limit.
         """
         make = await cls._factory(memory=memory, cpus=cpus, env=env, rootfs=rootfs, image=image, hostname=hostname,
                                   start_timeout=start_timeout, label=label, accel=accel, network=network, dns=dns,
-                                  tcp_hosts=tcp_hosts, http_hooks=http_hooks, mounts=mounts)
+                                  tcp_hosts=tcp_hosts, http_hooks=http_hooks, mounts=mounts, pids_max=pids_max)
         if warm:
             from .templates import create_warm
 
@@ -240,6 +249,7 @@ class VM:
         tcp_hosts: Mapping[str, str] | None = None,
         http_hooks: Any = None,
         mounts: Mapping[str, Any] | None = None,
+        pids_max: int | None = DEFAULT_PIDS_MAX,
     ) -> Callable[[], VM]:
         """Check the options and resolve the image; return a constructor of unstarted VMs."""
         if rootfs not in ("cow", "readonly", "memory"):
@@ -260,7 +270,7 @@ class VM:
         chosen = accel or await _accel.choose(img, cls._probe_boot)
         return functools.partial(cls, image=img, memory_mb=memory_mb, cpus=cpus, env=env or {}, rootfs=rootfs,
                                  accel=chosen, hostname=hostname, start_timeout=timeout, label=label, network=net,
-                                 mounts=mounts)
+                                 mounts=mounts, pids_max=pids_max)
 
     async def _launch(self, *, restore: RestoreSource | None = None, disk: Section | None = None,
                       save_template: tuple[TemplateStore, MachineShape] | None = None) -> None:
@@ -538,6 +548,7 @@ class VM:
                     extra["mounts"] = sorted(self.mounts)
             if new_session:
                 extra["new_session"] = True
+            extra["pids_max"] = self.pids_max
             await channel.send_message(T.CONFIGURE, inbox.id, os.urandom(64), clock_ns=time.time_ns(), **extra)
             msg = await inbox.get()
             if msg.t != T.CONFIGURED:
