@@ -41,11 +41,38 @@ CLOSE_TIMEOUT = 5.0  # seconds to release an upstream response after the guest i
 SCAN_BUFFER = REPLAY_LIMIT
 
 
+# Guest request bytes one mediator (one VM) holds in host memory at once, all connections
+# together: HTTP/2 stream buffers waiting for the upstream, and bodies read whole for the
+# secret scan. Past it HTTP/2 streams are refused (RST_STREAM) and bodies are scanned as they
+# stream instead of read whole: the guest gets errors or slower paths, the host no growth.
+MAX_BUFFERED_BYTES = 64 << 20
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_header_bytes: int = MAX_HEADER_BYTES
     max_body_bytes: int = DEFAULT_MAX_BODY  # request bodies, and bodies hooks materialise
     max_redirects: int = MAX_REDIRECTS
+    max_buffered_bytes: int = MAX_BUFFERED_BYTES
+
+
+class ByteBudget:
+    """A count of bytes held against a limit (sans-IO); one per mediator, so one per VM."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.refused = 0  # times a take() did not fit
+
+    def take(self, n: int) -> bool:
+        if self.used + n > self.limit:
+            self.refused += 1
+            return False
+        self.used += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.used -= n
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,10 +124,12 @@ class Exchange:
     and a streamed body cut off because it carried a secret's real value (``blocked``).
     """
 
-    def __init__(self, hooks: HttpHooks, upstream: UpstreamClient, limits: Limits | None = None) -> None:
+    def __init__(self, hooks: HttpHooks, upstream: UpstreamClient, limits: Limits | None = None,
+                 budget: ByteBudget | None = None) -> None:
         self.hooks = hooks
         self.upstream = upstream
         self.limits = limits or Limits()
+        self.budget = budget or ByteBudget(self.limits.max_buffered_bytes)
 
     # -- events ---------------------------------------------------------------------------
 
@@ -184,12 +213,19 @@ class Exchange:
                 conn, request, 413, Decision.REJECTED,
                 f"request body exceeds {self.limits.max_body_bytes} bytes",
             )
+        held: list[int] = []  # bytes taken from the budget for bodies read whole
+        try:
+            return await self._hops(request, conn, held)
+        finally:
+            self.budget.give(sum(held))
+
+    async def _hops(self, request: HttpRequest, conn: ConnectionContext, held: list[int]) -> HttpResponse:
         origin = _origin(request)
         substitute = True  # never again once a redirect left the guest's scheme, host and port
         current = request
         for hop in range(self.limits.max_redirects + 1):
             substitute = substitute and _origin(current) == origin
-            prepared = await self._prepare(current, conn, substitute)
+            prepared = await self._prepare(current, conn, substitute, held)
             if isinstance(prepared, HttpResponse):
                 return prepared
             outgoing, wire, used = prepared
@@ -217,7 +253,7 @@ class Exchange:
                             f"more than {self.limits.max_redirects} redirects")
 
     async def _prepare(
-        self, request: HttpRequest, conn: ConnectionContext, substitute: bool
+        self, request: HttpRequest, conn: ConnectionContext, substitute: bool, held: list[int]
     ) -> HttpResponse | tuple[HttpRequest, HttpRequest, tuple[str, ...]]:
         """Hooks, policy and secrets for one hop: the request as decided and as it goes on the wire."""
         hooks = self.hooks
@@ -255,7 +291,9 @@ class Exchange:
                 scheme=outgoing.scheme, port=outgoing.port, substitute=substitute,
             )
             scanner = hooks.secrets.scanner(outgoing.scheme, outgoing.host, outgoing.port)
-            body = await scan_body(outgoing.body, scanner) if scanner is not None else outgoing.body
+            body = outgoing.body
+            if scanner is not None:
+                body = await scan_body(body, scanner, self.budget, held)
         except EgressBlocked as exc:
             return self._refuse(conn, outgoing, 403, Decision.BLOCKED, exc.reason)
         headers = sub.headers
@@ -320,12 +358,13 @@ def _origin(request: HttpRequest) -> tuple[str, str, int]:
     return request.scheme, request.host, request.port
 
 
-async def scan_body(body: Body, scanner: BodyScanner) -> Body:
+async def scan_body(body: Body, scanner: BodyScanner, budget: ByteBudget, held: list[int]) -> Body:
     """``body`` checked for real values that may not go where it goes (:class:`EgressBlocked`).
 
     A body of up to ``SCAN_BUFFER`` bytes is read whole and checked before any connection
-    exists. A longer one goes out as it streams, minus a held-back window, and is cut off
-    (:class:`EgressBlocked` from the upload) at the first value found.
+    exists, while ``budget`` has room (what it takes is appended to ``held``). A longer one goes
+    out as it streams, minus a held-back window, and is cut off (:class:`EgressBlocked` from the
+    upload) at the first value found.
     """
     if body.is_empty:
         return body
@@ -333,10 +372,14 @@ async def scan_body(body: Body, scanner: BodyScanner) -> Body:
     head = bytearray()
     while len(head) <= SCAN_BUFFER:
         try:
-            head += await chunks.__anext__()
+            chunk = await chunks.__anext__()
         except StopAsyncIteration:
             scanner.check(bytes(head))
             return Body(bytes(head))
+        head += chunk
+        if not budget.take(len(chunk)):
+            break
+        held.append(len(chunk))
 
     async def stream() -> AsyncIterator[bytes]:
         yield scanner.feed(bytes(head))

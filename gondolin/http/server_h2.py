@@ -25,7 +25,7 @@ import h2.settings
 from anyio.abc import ByteStream, TaskGroup
 
 from .errors import BodyTooLarge, GuestProtocolError, HttpMediationError
-from .exchange import Limits, close_body
+from .exchange import ByteBudget, Limits, close_body
 from .messages import (
     DEFAULT_PORTS,
     Body,
@@ -77,11 +77,13 @@ class _Stream:
 class H2Server:
     """Serves one HTTP/2 connection; :meth:`run` returns when it is over."""
 
-    def __init__(self, stream: ByteStream, handler: RequestHandler, *, scheme: str, limits: Limits | None = None) -> None:
+    def __init__(self, stream: ByteStream, handler: RequestHandler, *, scheme: str, limits: Limits | None = None,
+                 budget: ByteBudget | None = None) -> None:
         self._io = stream
         self._handler = handler
         self._scheme = scheme
         self._limits = limits or Limits()
+        self._budget = budget or ByteBudget(self._limits.max_buffered_bytes)
         self._conn = h2.connection.H2Connection(
             h2.config.H2Configuration(client_side=False, header_encoding=None)
         )
@@ -153,6 +155,11 @@ class H2Server:
             live = self._streams.get(event.stream_id)
             if live is None or live.reset:
                 self._ack(flow, event.stream_id)
+            elif not self._budget.take(len(event.data)):
+                # The VM's request buffers are full: refuse this stream, keep the connection.
+                self._ack(flow, event.stream_id)
+                live.scope.cancel()
+                self._reset(live, h2.errors.ErrorCodes.REFUSED_STREAM)
             else:
                 live.chunks.append((event.data, flow))
                 live.ended |= event.stream_ended is not None
@@ -221,7 +228,8 @@ class H2Server:
                 # Response complete but the guest is still sending: RFC 9113 section 8.1.
                 self._reset(st, h2.errors.ErrorCodes.NO_ERROR)
             self._streams.pop(st.stream_id, None)
-            for _, flow in st.chunks:
+            for data, flow in st.chunks:
+                self._budget.give(len(data))
                 self._ack(flow, st.stream_id)
             st.chunks.clear()
             if not self._closing:
@@ -291,6 +299,7 @@ class H2Server:
                 raise GuestProtocolError("stream reset by the guest")
             if st.chunks:
                 data, flow = st.chunks.popleft()
+                self._budget.give(len(data))
                 total += len(data)
                 if total > self._limits.max_body_bytes:
                     raise BodyTooLarge(f"request body exceeds {self._limits.max_body_bytes} bytes")

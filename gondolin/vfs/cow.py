@@ -26,12 +26,16 @@ from dataclasses import dataclass
 
 from . import paths
 from .errors import EPERM, ESTALE, VfsError
-from .memory import DEFAULT_MAX_BYTES, MemoryProvider
+from .memory import MemoryProvider
 from .overlay import OverlayProvider, probe, walk
 from .provider import MAX_IO, Attr, OpenMode, Provider, SetAttr
 from .realfs import RealFSProvider
 
 MAX_DIFF_BYTES = 4 * 1024 * 1024  # larger files are reported as differing, not diffed
+# The guest's edits live in host memory until commit or discard: part of the VM's host memory
+# budget. Past them writes fail with ENOSPC (bytes) or ENFILE (files), never host growth.
+COW_MAX_BYTES = 256 << 20  # file contents in the upper layer
+COW_MAX_NODES = 1 << 17  # files, directories and symlinks in the upper layer (~300 bytes each)
 _READ = OpenMode()
 _CREATE = OpenMode(read=False, write=True, exclusive=True)
 
@@ -145,7 +149,8 @@ class CopyOnWriteProvider(OverlayProvider):
         self,
         source: str | os.PathLike[str] | Provider,
         *,
-        max_bytes: int = DEFAULT_MAX_BYTES,
+        max_bytes: int = COW_MAX_BYTES,
+        max_nodes: int = COW_MAX_NODES,
         use_openat2: bool | None = None,
     ) -> None:
         lower = (
@@ -154,7 +159,11 @@ class CopyOnWriteProvider(OverlayProvider):
             else RealFSProvider(source, use_openat2=use_openat2)
         )
         self._max_bytes = max_bytes
-        super().__init__(lower, MemoryProvider(max_bytes=max_bytes))
+        self._max_nodes = max_nodes
+        super().__init__(lower, self._new_upper())
+
+    def _new_upper(self) -> MemoryProvider:
+        return MemoryProvider(max_bytes=self._max_bytes, max_nodes=self._max_nodes)
 
     # --- inspection ----------------------------------------------------------------------------
 
@@ -302,7 +311,7 @@ class CopyOnWriteProvider(OverlayProvider):
             linked: dict[int, str] = {}
             for path in sorted((*ch.added, *ch.modified), key=lambda p: (_depth(p), p)):
                 await self._commit_one(path, linked)
-            self._reset(MemoryProvider(max_bytes=self._max_bytes))
+            self._reset(self._new_upper())
         return ch
 
     async def _commit_one(self, path: str, linked: dict[int, str]) -> None:
@@ -340,7 +349,7 @@ class CopyOnWriteProvider(OverlayProvider):
 
     def discard(self) -> None:
         """Forget every change; the view is the host directory again."""
-        self._reset(MemoryProvider(max_bytes=self._max_bytes))
+        self._reset(self._new_upper())
 
 
 def _mode_lines(old: Attr, new: Attr) -> list[str]:

@@ -301,3 +301,28 @@ async def test_h2_rapid_reset_starts_no_upstream_requests_and_ends_the_connectio
                 await anyio.sleep(0.01)
     assert client.terminated.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
     assert server.connections <= 1 and len(server.requests) <= 1
+
+
+# -- item 7: the VM's buffered request bytes --------------------------------------------------------
+
+
+async def test_h2_request_buffers_share_one_budget_per_vm(
+    mitm_ca: CertificateAuthority, upstream_ca: CertificateAuthority
+) -> None:
+    from gondolin.http import Limits
+
+    async def slow(request: Any) -> bool:
+        await anyio.sleep(0.5)  # the upstream side does not take the body yet: it waits in buffers
+        return True
+
+    limits = Limits(max_buffered_bytes=200_000)
+    async with tls_setup(mitm_ca, upstream_ca, limits=limits, is_request_allowed=slow) as (mediator, server), \
+            h2_guest(mediator, mitm_ca) as client:
+        auth = f"{UPSTREAM_NAME}:{server.port}"
+        sids = [await client.request("POST", auth, f"/count?i={i}", body=b"u" * 150_000) for i in range(3)]
+        results = [await client.response(sid, limit=20) for sid in sids]
+        assert any(r.reset == h2.errors.ErrorCodes.REFUSED_STREAM for r in results)
+        assert any(r.status == 200 for r in results), [(r.status, r.reset, bytes(r.body[:80])) for r in results]
+        assert mediator.budget.used == 0 and mediator.budget.refused > 0
+        later = await client.request("GET", auth, "/echo/after")
+        assert (await client.response(later)).status == 200 and client.terminated is None
