@@ -31,6 +31,9 @@ RESERVED_MOUNT_POINTS: frozenset[str] = frozenset(
     {"/", "/proc", "/sys", "/dev", "/run", "/etc", "/usr", "/bin", "/sbin", "/lib", "/lib64", "/boot"})
 MAX_CPUS = 64
 MIN_MEMORY_MB = 128
+# Processes one exec may have at once in the guest (its own pids cgroup there): far above what
+# builds and test runners use, far below what takes a 512 MiB guest down.
+DEFAULT_PIDS_MAX = 1024
 
 
 def check_mount_point(guest_path: str) -> str:
@@ -119,7 +122,9 @@ class VMOptions:
     paths to :mod:`gondolin.vfs` providers.
 
     ``warm=True`` restores from a saved template of the image and machine shape instead of
-    booting (see docs/snapshots.md).
+    booting (see docs/snapshots.md). ``timeouts``: the host-side deadlines (:class:`Timeouts`).
+    ``pids_max``: processes one exec (with everything it starts) may have at once in the
+    guest, so a fork bomb cannot take the VM down; ``None`` for no limit.
     """
 
     image: str = "default"
@@ -137,6 +142,7 @@ class VMOptions:
     mounts: Mapping[str, Provider] = field(default_factory=dict)
     warm: bool = True
     timeouts: Timeouts = field(default_factory=Timeouts)
+    pids_max: int | None = DEFAULT_PIDS_MAX
 
     @property
     def memory_mb(self) -> int:
@@ -159,6 +165,9 @@ class VMOptions:
             raise ValueError(f"hostname must be 1-63 characters, not {self.hostname!r}")
         if not isinstance(self.timeouts, Timeouts):
             raise ValueError("timeouts must be a gondolin.Timeouts")
+        if self.pids_max is not None and (isinstance(self.pids_max, bool) or not isinstance(self.pids_max, int)
+                                          or self.pids_max < 8):
+            raise ValueError(f"pids_max must be an integer of at least 8, or None for no limit; not {self.pids_max!r}")
         env = {}
         for key, value in dict(self.env).items():
             if not isinstance(key, str) or not key or "=" in key or "\0" in key:
@@ -215,6 +224,7 @@ class OptionChanges(TypedDict, total=False):
     mounts: Mapping[str, Provider]
     warm: bool
     timeouts: Timeouts
+    pids_max: int | None
     start_timeout: float | None
 
 __all__ = [

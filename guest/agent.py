@@ -9,6 +9,7 @@ The wire format lives in ``gondolin.protocol`` (copied next to this file at imag
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -55,6 +56,14 @@ RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07), linux/random.h: reseed the CRNG from t
 MAX_PATH = 4096
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 BOOT_T0 = time.monotonic()
+CGROUP_ROOT = "/sys/fs/cgroup"
+AGENT_CGROUP = CGROUP_ROOT + "/agent"  # the agent and the helpers it starts: never limited
+EXEC_CGROUP = CGROUP_ROOT + "/exec"  # one child cgroup per exec, each with its own pids.max
+# cpu.weight (1-10000, default 100): when user commands and the agent both want the CPU, the
+# agent runs first, so a guest busy with a fork bomb still answers the host.
+AGENT_CPU_WEIGHT = 10000
+EXEC_CPU_WEIGHT = 100
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8  # linux/mount.h
 
 
 def log(msg: str) -> None:
@@ -156,6 +165,7 @@ class Exec:
         self.deadline = time.monotonic() + float(timeout) if timeout else None
         self.done = False
         self.orphaned = False  # its host went away (a restore): keep it running, drop its output
+        self.cgroup: str | None = None  # its pids cgroup, when process limits are on
 
     # -- start -------------------------------------------------------------
     def start(self, p: dict) -> None:
@@ -179,6 +189,15 @@ class Exec:
         extra: dict = {}
         if uid is not None:
             extra.update(user=uid, group=gid, extra_groups=[])
+        try:
+            with agent.limits.spawning() as self.cgroup:
+                self._spawn(p, argv, env, cwd, extra)
+        except BaseException:
+            agent.limits.release(self.cgroup)
+            raise
+
+    def _spawn(self, p: dict, argv: list[str], env: dict[str, str], cwd: str, extra: dict) -> None:
+        agent = self.agent
         if self.pty:
             master, slave = os.openpty()
             self._winsize(master, int(p.get("rows") or 24), int(p.get("cols") or 80))
@@ -393,6 +412,7 @@ class Exec:
         if self.done or self.status is None or self.fds:
             return
         self.done = True
+        self.agent.limits.release(self.cgroup)
         if self.stdin_fd is not None:
             self.agent.unwatch_write(self.stdin_fd)
             try:
@@ -504,6 +524,84 @@ class FileWrite:
             self.agent.send(message(T.FILE_DONE, self.id, size=self.size))
 
 
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+class ProcessLimits:
+    """Each exec's processes in a cgroup of their own whose ``pids.max`` is the host's
+    ``pids_max``: a fork bomb runs out of process slots in its own cgroup, while the agent (in a
+    cgroup of its own, weighted to win the CPU) keeps forking for later execs.
+
+    A child is born in its parent's cgroup, so the agent steps into the exec's cgroup for the
+    fork and straight back out (it is single-threaded: nothing else forks meanwhile).
+    """
+
+    def __init__(self) -> None:
+        self.pids_max: int | None = None
+        self.ready = False
+        self._count = 0
+        self._leftover: list[str] = []  # exec cgroups still holding background processes
+
+    def configure(self, pids_max: int | None) -> None:
+        if pids_max is not None and pids_max < 1:
+            raise ValueError("pids_max must be positive")
+        self.pids_max = pids_max
+        if pids_max is not None and not self.ready:
+            self._setup()
+
+    def _setup(self) -> None:
+        os.makedirs(CGROUP_ROOT, exist_ok=True)
+        if not os.path.exists(CGROUP_ROOT + "/cgroup.controllers"):
+            libc = ctypes.CDLL(None, use_errno=True)
+            flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
+            if libc.mount(b"cgroup2", CGROUP_ROOT.encode(), b"cgroup2", flags, None) != 0:
+                raise OSError(ctypes.get_errno(), "cannot mount cgroup2")
+        with open(CGROUP_ROOT + "/cgroup.controllers") as f:
+            available = f.read().split()
+        if "pids" not in available:
+            raise OSError(errno.ENOTSUP, "the guest kernel has no pids cgroup controller")
+        wanted = " ".join("+" + c for c in ("pids", "cpu") if c in available)
+        for path in (AGENT_CGROUP, EXEC_CGROUP):
+            os.makedirs(path, exist_ok=True)
+        _write(AGENT_CGROUP + "/cgroup.procs", str(os.getpid()))
+        _write(CGROUP_ROOT + "/cgroup.subtree_control", wanted)
+        _write(EXEC_CGROUP + "/cgroup.subtree_control", wanted)
+        if "cpu" in available:
+            _write(AGENT_CGROUP + "/cpu.weight", str(AGENT_CPU_WEIGHT))
+            _write(EXEC_CGROUP + "/cpu.weight", str(EXEC_CPU_WEIGHT))
+        self.ready = True
+
+    @contextlib.contextmanager
+    def spawning(self):  # type: ignore[no-untyped-def]
+        """Around one exec's fork: yields its cgroup's path (None when limits are off)."""
+        if not self.ready or self.pids_max is None:
+            yield None
+            return
+        self._count += 1
+        path = f"{EXEC_CGROUP}/{self._count}"
+        os.makedirs(path, exist_ok=True)
+        _write(path + "/pids.max", str(self.pids_max))
+        _write(path + "/cgroup.procs", str(os.getpid()))
+        try:
+            yield path
+        finally:
+            _write(AGENT_CGROUP + "/cgroup.procs", str(os.getpid()))
+
+    def release(self, path: str | None) -> None:
+        """Remove an exec's cgroup once its processes are gone (else retry at later releases)."""
+        pending = self._leftover + ([path] if path else [])
+        self._leftover = []
+        for p in pending:
+            try:
+                os.rmdir(p)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                self._leftover.append(p)
+
+
 class Agent:
     def __init__(self, port: str) -> None:
         self.fd = os.open(port, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -528,6 +626,7 @@ class Agent:
         self.system_bundle: str | None = None
         self.fuse_proc: subprocess.Popen | None = None
         self.fuse_mounts: list[str] = []
+        self.limits = ProcessLimits()
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wake_r = rfd
         signal.set_wakeup_fd(wfd)
@@ -895,6 +994,11 @@ class Agent:
                 self.start_mounts([str(m) for m in p["mounts"]])
             except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
                 errors.append(f"mounts: {exc}")
+        if "pids_max" in p:
+            try:
+                self.limits.configure(None if p["pids_max"] is None else int(p["pids_max"]))
+            except (OSError, ValueError) as exc:
+                errors.append(f"pids_max: {exc}")
         if "env" in p:
             self.vm_env = {str(k): str(v) for k, v in (p.get("env") or {}).items()}
         for path, content in (p.get("files") or {}).items():

@@ -106,6 +106,7 @@ class HttpHooks:
     policy: EgressPolicy
     secrets: SecretStore = field(default_factory=SecretStore)
     replace_secrets_in_query: bool = False
+    redact_responses: bool = False  # real values in responses become their placeholders
     on_request: OnRequest | None = None
     on_response: OnResponse | None = None
     is_request_allowed: IsRequestAllowed | None = None
@@ -126,6 +127,7 @@ def create_http_hooks(
     allowed_internal_hosts: Iterable[str] = (),
     secrets: Mapping[str, Secret] | None = None,
     replace_secrets_in_query: bool = False,
+    redact_responses: bool = False,
     block_internal_ranges: bool = True,
     on_request: OnRequest | None = None,
     on_response: OnResponse | None = None,
@@ -139,7 +141,9 @@ def create_http_hooks(
 
     ``allowed_hosts`` defaults to nothing (deny all); ``["*"]`` allows any public host name.
     ``allowed_internal_hosts`` may resolve to internal addresses and are implicitly allowed.
-    A secret's ``hosts`` scope where it may be sent; it does not add to ``allowed_hosts``.
+    A secret's ``hosts``, ``schemes`` and ``ports`` scope where it may be sent; it does not add
+    to ``allowed_hosts``. ``redact_responses=True`` replaces any real value in response headers
+    and (uncompressed) bodies with its placeholder before the guest sees it.
     ``env`` maps each secret name to the placeholder the guest should see.
     ``resolver`` (``async (host, port) -> [ip, ...]``) replaces the host's resolver for upstream
     names (split-horizon setups, tests); every address it returns is still checked by policy.
@@ -151,6 +155,7 @@ def create_http_hooks(
         ),
         secrets=SecretStore(secrets),
         replace_secrets_in_query=replace_secrets_in_query,
+        redact_responses=redact_responses,
         on_request=on_request,
         on_response=on_response,
         is_request_allowed=is_request_allowed,

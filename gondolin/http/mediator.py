@@ -21,7 +21,8 @@ from anyio.streams.tls import TLSAttribute, TLSStream
 
 from ..net.flow import FlowInfo, FlowProtocol
 from .ca import CertificateAuthority, served_name
-from .exchange import ConnectionContext, Exchange, Limits
+from .errors import HttpMediationError
+from .exchange import ByteBudget, ConnectionContext, Exchange, Limits
 from .hooks import HttpHooks, deny_all_hooks
 from .messages import HttpRequest, HttpResponse
 from .policy import normalize_host
@@ -58,6 +59,9 @@ class _Session:
     def reject(self, status: int, reason: str, request: HttpRequest | None = None) -> HttpResponse:
         return self._exchange.reject(self._context, status, reason, request)
 
+    def failed(self, exc: HttpMediationError, request: HttpRequest) -> HttpResponse:
+        return self._exchange.failed(self._context, exc, request)
+
 
 class HttpMediator:
     """HTTP/1.1 + HTTP/2 mediation with TLS interception for guest flows."""
@@ -85,7 +89,8 @@ class HttpMediator:
             http2=upstream_http2,
             timeouts=timeouts,
         )
-        self.exchange = Exchange(self.hooks, self.upstream, self.limits)
+        self.budget = ByteBudget(self.limits.max_buffered_bytes)  # this VM's buffered request bytes
+        self.exchange = Exchange(self.hooks, self.upstream, self.limits, self.budget)
         self.stats = MediatorStats()
 
     async def __aenter__(self) -> HttpMediator:
@@ -146,7 +151,8 @@ class HttpMediator:
         alpn = tls.extra(TLSAttribute.alpn_protocol, None)
         if alpn == "h2":
             context = ConnectionContext("https", "HTTP/2", server_name)
-            await H2Server(tls, _Session(self.exchange, context), scheme="https", limits=self.limits).run()
+            await H2Server(tls, _Session(self.exchange, context), scheme="https", limits=self.limits,
+                           budget=self.budget).run()
         else:
             context = ConnectionContext("https", "HTTP/1.1", server_name)
             await serve_http1(tls, _Session(self.exchange, context), scheme="https", limits=self.limits)

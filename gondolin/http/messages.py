@@ -9,6 +9,7 @@ a message enters (see :func:`strip_hop_by_hop`).
 from __future__ import annotations
 
 import http
+import re
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -39,6 +40,23 @@ HOP_BY_HOP = frozenset(
         "http2-settings",
     }
 )
+
+
+_TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9a-z]+$")  # RFC 9110 section 5.6.2, lower case
+_BAD_VALUE_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # controls other than HTAB, and DEL
+
+
+def invalid_field(name: str, value: str) -> str | None:
+    """Why a header field is malformed (RFC 9110 section 5.5, RFC 9113 section 8.2.1), else None.
+
+    HTTP/1.1 parsing (h11) already refuses these; HTTP/2 frames carry any octets, so the HTTP/2
+    server checks every field with this before a request can be replayed upstream.
+    """
+    if not _TOKEN_RE.match(name.removeprefix(":")):
+        return "invalid header name"
+    if _BAD_VALUE_RE.search(value) or value != value.strip(" \t"):
+        return f"invalid characters in the value of header {name[:64]}"
+    return None
 
 
 def strip_hop_by_hop(headers: Iterable[tuple[str, str]]) -> Headers:

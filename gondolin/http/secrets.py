@@ -3,9 +3,12 @@
 The guest only ever sees a placeholder (``GONDOLIN_SECRET_<48 hex>``). On the way out the host
 swaps placeholders for the real value in header values (``Authorization: Basic`` is decoded,
 substituted and re-encoded) and, only when opted in, in the query string; never in the path or
-the body, and only when the request goes to one of the secret's hosts. A placeholder, a real
+the body, and only when the request is in the secret's scope: one of its hosts, one of its
+schemes (``https`` unless the secret says otherwise) and one of its ports (the scheme's default
+port unless the secret, or a ``host:port`` pattern, says otherwise). A placeholder, a real
 value, or a value that has been rotated out or revoked, headed anywhere it may not go is refused
-before any upstream connection exists.
+before any upstream connection exists; :class:`BodyScanner` looks for real values in request
+bodies and WebSocket payloads, :class:`Redactor` takes them out of responses.
 
 Real values stay inside this module: :class:`Secret` hides its value from ``repr``, and
 :meth:`SecretStore.redact` scrubs any text (exception messages, log lines) before it leaves.
@@ -35,25 +38,87 @@ _BASIC_PREFIX = "basic "
 _BASIC_HEADERS = frozenset({"authorization", "proxy-authorization"})
 
 Headers = tuple[tuple[str, str], ...]
+SCHEME_DEFAULT_PORTS = {"http": 80, "https": 443}  # the schemes a secret may be scoped to
+
+
+def _split_port(text: str) -> tuple[str, int | None]:
+    """``"host:8443"`` -> ``("host", 8443)``; a bare host or an unbracketed IPv6 literal has no port."""
+    text = text.strip()
+    if text.startswith("["):
+        end = text.find("]")
+        host, rest = text[1:end] if end > 0 else text, text[end + 1 :] if end > 0 else ""
+    elif text.count(":") == 1:
+        host, rest = text.split(":")
+        rest = ":" + rest
+    else:
+        return text, None
+    if not rest:
+        return host, None
+    if not rest.startswith(":") or not rest[1:].isdigit() or not 0 < int(rest[1:]) < 65536:
+        raise ValueError(f"invalid port in host pattern {text!r}")
+    return host, int(rest[1:])
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """Where a secret may go: a host pattern, the schemes, and the ports (None: the default port)."""
+
+    pattern: HostPattern
+    port: int | None  # from a "host:port" pattern; wins over the secret's ports
+    schemes: frozenset[str]
+    ports: frozenset[int] | None  # None: the default port of the request's scheme
+
+    def allows(self, scheme: str, host: str, port: int) -> bool:
+        if scheme not in self.schemes or not self.pattern.matches(host):
+            return False
+        if self.port is not None:
+            return port == self.port
+        if self.ports is not None:
+            return port in self.ports
+        return port == SCHEME_DEFAULT_PORTS[scheme]
 
 
 @dataclass(frozen=True, slots=True)
 class Secret:
-    """A credential and the hosts (patterns, as in ``allowed_hosts``) it may be sent to."""
+    """A credential and where it may be sent.
+
+    ``hosts`` are patterns as in ``allowed_hosts``, optionally with a port (``"api.example.com:8443"``,
+    ``"[2001:db8::1]:8443"``). ``schemes`` defaults to ``("https",)``: a secret never travels in
+    cleartext unless its definition says so. ``ports`` defaults to the default port of each
+    scheme (443 for https); a pattern's own port wins over it.
+    """
 
     value: str = field(repr=False)
     hosts: Sequence[str] = ()
+    schemes: Sequence[str] = ("https",)
+    ports: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.value, str) or not self.value:
             raise ValueError("a secret value must be a non-empty string")
         if _FORBIDDEN_VALUE_CHARS & set(self.value):
             raise ValueError("a secret value may not contain CR, LF or NUL")
-        if isinstance(self.hosts, str):
-            raise TypeError("Secret hosts must be a list of host patterns, not a single string")
+        for name in ("hosts", "schemes"):
+            if isinstance(getattr(self, name), str):
+                raise TypeError(f"Secret {name} must be a list, not a single string")
         object.__setattr__(self, "hosts", tuple(self.hosts))
-        for pattern in self.hosts:
-            HostPattern.parse(pattern)  # fail early on a bad pattern
+        object.__setattr__(self, "schemes", tuple(s.lower() for s in self.schemes))
+        if not self.schemes or not set(self.schemes) <= SCHEME_DEFAULT_PORTS.keys():
+            raise ValueError("Secret schemes must be a non-empty subset of ('http', 'https')")
+        if self.ports is not None:
+            object.__setattr__(self, "ports", tuple(self.ports))
+            if not self.ports or not all(isinstance(p, int) and 0 < p < 65536 for p in self.ports):
+                raise ValueError("Secret ports must be a non-empty list of TCP ports")
+        self.scopes()  # fail early on a bad pattern
+
+    def scopes(self) -> tuple[Scope, ...]:
+        schemes = frozenset(self.schemes)
+        ports = frozenset(self.ports) if self.ports is not None else None
+        out = []
+        for text in self.hosts:
+            host, port = _split_port(text)
+            out.append(Scope(HostPattern.parse(host), port, schemes, ports))
+        return tuple(out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +129,8 @@ class SecretInfo:
     placeholder: str
     hosts: tuple[str, ...]
     revoked: bool
+    schemes: tuple[str, ...] = ("https",)
+    ports: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,10 +147,14 @@ class _Entry:
     name: str
     placeholder: str
     value: str | None  # None once revoked
-    patterns: tuple[HostPattern, ...]
+    secret: Secret  # the definition: hosts, schemes, ports (its value may be stale after rotate)
+    scopes: tuple[Scope, ...]
 
-    def allows(self, host: str) -> bool:
-        return any(p.matches(host) for p in self.patterns)
+    def allows(self, scheme: str, host: str, port: int) -> bool:
+        return any(s.allows(scheme, host, port) for s in self.scopes)
+
+    def allows_host(self, host: str) -> bool:
+        return any(s.pattern.matches(host) for s in self.scopes)
 
 
 def new_placeholder() -> str:
@@ -113,7 +184,7 @@ class SecretStore:
             raise ValueError(f"secret {name!r} already exists; use rotate() to change it")
         if not isinstance(secret, Secret):
             raise TypeError("secrets must be gondolin Secret(value, hosts=[...]) objects")
-        entry = _Entry(name, new_placeholder(), secret.value, _patterns(secret.hosts))
+        entry = _Entry(name, new_placeholder(), secret.value, secret, secret.scopes())
         self._entries[name] = entry
         self._by_placeholder[entry.placeholder] = entry
         self._revoked.pop(secret.value, None)
@@ -122,13 +193,15 @@ class SecretStore:
     def rotate(self, name: str, value: str, *, hosts: Sequence[str] | None = None) -> None:
         """Give ``name`` a new value (and optionally new hosts); the old value stays blocked."""
         entry = self._live(name)
-        new = Secret(value, hosts if hosts is not None else [p.text for p in entry.patterns])
+        old = entry.secret
+        new = Secret(value, hosts if hosts is not None else old.hosts, old.schemes, old.ports)
         assert entry.value is not None
         if entry.value != new.value:
             self._remember_revoked(entry.value, name)
         self._revoked.pop(new.value, None)
         entry.value = new.value
-        entry.patterns = _patterns(new.hosts)
+        entry.secret = new
+        entry.scopes = new.scopes()
 
     def revoke(self, name: str) -> None:
         """Stop substituting ``name``; its placeholder and its old value are refused from now on."""
@@ -143,12 +216,13 @@ class SecretStore:
 
     def describe(self) -> list[SecretInfo]:
         return [
-            SecretInfo(e.name, e.placeholder, tuple(p.text for p in e.patterns), e.value is None)
+            SecretInfo(e.name, e.placeholder, tuple(e.secret.hosts), e.value is None,
+                       tuple(e.secret.schemes), None if e.secret.ports is None else tuple(e.secret.ports))
             for e in self._entries.values()
         ]
 
     def hosts(self, name: str) -> tuple[str, ...]:
-        return tuple(p.text for p in self._live(name).patterns)
+        return tuple(self._live(name).secret.hosts)
 
     def redact(self, text: str) -> str:
         """Replace every real value (current or revoked) in ``text`` with ``[secret:NAME]``."""
@@ -162,12 +236,28 @@ class SecretStore:
 
     # -- request rewriting ----------------------------------------------------------------
 
-    def apply(self, host: str, headers: Headers, target: str, *, in_query: bool) -> Substitution:
-        """Substitute for a request to ``host``, or raise :class:`EgressBlocked` (reason has no values)."""
-        normalized = normalize_host(host) or host.lower()
+    def apply(
+        self,
+        host: str,
+        headers: Headers,
+        target: str,
+        *,
+        in_query: bool,
+        scheme: str = "https",
+        port: int | None = None,
+        substitute: bool = True,
+    ) -> Substitution:
+        """Substitute for a request to ``scheme://host:port``, or raise :class:`EgressBlocked`.
+
+        ``port`` defaults to the scheme's default port. With ``substitute=False`` (a redirect
+        hop that left the guest's origin) any placeholder is refused instead of replaced. The
+        reason of the exception never holds a value.
+        """
+        dest = _Destination(scheme, normalize_host(host) or host.lower(),
+                            SCHEME_DEFAULT_PORTS.get(scheme, 0) if port is None else port)
         used: dict[str, None] = {}
         out_headers = tuple(
-            (name, self._apply_header(name, value, normalized, used)) for name, value in headers
+            (name, self._apply_header(name, value, dest, used, substitute)) for name, value in headers
         )
         path, sep, query = target.partition("?")
         if PLACEHOLDER_RE.search(unquote(path)):
@@ -178,30 +268,39 @@ class SecretStore:
                     "secret placeholder in the query string "
                     "(pass replace_secrets_in_query=True to create_http_hooks to allow)"
                 )
-            query = self._substitute(query, normalized, used, encode=True)
-        self._check_real_values(normalized, [v for _, v in headers], target)
+            query = self._substitute(query, dest, used, encode=True, substitute=substitute)
+        self._check_real_values(dest, [v for _, v in headers], target)
         return Substitution(out_headers, path + sep + query, tuple(used))
 
-    def _apply_header(self, name: str, value: str, host: str, used: dict[str, None]) -> str:
+    def _apply_header(
+        self, name: str, value: str, dest: _Destination, used: dict[str, None], substitute: bool
+    ) -> str:
         if name.lower() in _BASIC_HEADERS and value[: len(_BASIC_PREFIX)].lower() == _BASIC_PREFIX:
             decoded = _decode_basic(value[len(_BASIC_PREFIX) :])
             if decoded is not None and PLACEHOLDER_RE.search(decoded):
-                replaced = self._substitute(decoded, host, used, encode=False)
+                replaced = self._substitute(decoded, dest, used, encode=False, substitute=substitute)
                 encoded = base64.b64encode(replaced.encode("utf-8")).decode("ascii")
                 value = value[: len(_BASIC_PREFIX)] + encoded
         if PLACEHOLDER_RE.search(value):
-            value = self._substitute(value, host, used, encode=False)
+            value = self._substitute(value, dest, used, encode=False, substitute=substitute)
         return value
 
-    def _substitute(self, text: str, host: str, used: dict[str, None], *, encode: bool) -> str:
+    def _substitute(
+        self, text: str, dest: _Destination, used: dict[str, None], *, encode: bool, substitute: bool
+    ) -> str:
         def replace(match: re.Match[str]) -> str:
             entry = self._by_placeholder.get(match.group(0))
             if entry is None:
                 raise EgressBlocked("unknown secret placeholder")
             if entry.value is None:
                 raise EgressBlocked(f"secret {entry.name} has been revoked")
-            if not entry.allows(host):
-                raise EgressBlocked(f"secret {entry.name} may not be sent to {host}")
+            if not substitute:
+                raise EgressBlocked(
+                    f"secret {entry.name} is not substituted after a redirect to another "
+                    "scheme, host or port"
+                )
+            if not entry.allows(dest.scheme, dest.host, dest.port):
+                raise EgressBlocked(self._out_of_scope(entry, dest))
             used[entry.name] = None
             return quote(entry.value, safe="") if encode else entry.value
 
@@ -210,23 +309,58 @@ class SecretStore:
             text = re.sub(r"%5[Ff]", "_", text)
         return PLACEHOLDER_RE.sub(replace, text)
 
-    def _check_real_values(self, host: str, header_values: Iterable[str], target: str) -> None:
+    @staticmethod
+    def _out_of_scope(entry: _Entry, dest: _Destination) -> str:
+        if not entry.allows_host(dest.host):
+            return f"secret {entry.name} may not be sent to {dest.host}"
+        return (
+            f"secret {entry.name} may not be sent to {dest.host} over {dest.scheme} on port "
+            f"{dest.port} (its scope: {', '.join(entry.secret.schemes)}"
+            + (f"; ports {', '.join(map(str, entry.secret.ports))})" if entry.secret.ports else ")")
+        )
+
+    def _check_real_values(self, dest: _Destination, header_values: Iterable[str], target: str) -> None:
         """Defence in depth: a real value the guest somehow learnt may not leave for other hosts."""
         haystacks = [target, unquote(target)]
         for value in header_values:
             haystacks.append(value)
             if value[: len(_BASIC_PREFIX)].lower() == _BASIC_PREFIX:
                 haystacks.append(_decode_basic(value[len(_BASIC_PREFIX) :]) or "")
-        text = "\n".join(haystacks)
+        found = _first_needle("\n".join(haystacks).encode("utf-8", "surrogateescape"),
+                              self._forbidden(dest))
+        if found is not None:
+            raise EgressBlocked(found)
+
+    def _forbidden(self, dest: _Destination) -> tuple[tuple[bytes, str], ...]:
+        """Byte forms of every real value that may not go to ``dest``, each with its refusal reason."""
+        out: list[tuple[bytes, str]] = []
         for entry in self._entries.values():
             current = entry.value
             if current is None or len(current) < MIN_SCANNED_VALUE_LENGTH:
                 continue
-            if current in text and not entry.allows(host):
-                raise EgressBlocked(f"value of secret {entry.name} may not be sent to {host}")
+            if not entry.allows(dest.scheme, dest.host, dest.port):
+                reason = "value of " + self._out_of_scope(entry, dest)
+                out += [(form, reason) for form in _forms(current)]
         for value, name in self._revoked.items():
-            if len(value) >= MIN_SCANNED_VALUE_LENGTH and value in text:
-                raise EgressBlocked(f"a revoked value of secret {name} was sent")
+            if len(value) >= MIN_SCANNED_VALUE_LENGTH:
+                out += [(form, f"a revoked value of secret {name} was sent") for form in _forms(value)]
+        return tuple(out)
+
+    def scanner(self, scheme: str, host: str, port: int) -> BodyScanner | None:
+        """A scanner for data headed to ``scheme://host:port`` (None when nothing is forbidden there)."""
+        needles = self._forbidden(_Destination(scheme, normalize_host(host) or host.lower(), port))
+        return BodyScanner(needles) if needles else None
+
+    def redactor(self) -> Redactor | None:
+        """Replaces every real value (current or revoked) with its placeholder; None without secrets."""
+        pairs: list[tuple[bytes, bytes]] = []
+        for entry in self._entries.values():
+            if entry.value is not None and len(entry.value) >= MIN_SCANNED_VALUE_LENGTH:
+                pairs += [(form, entry.placeholder.encode()) for form in _forms(entry.value)]
+        for value, name in self._revoked.items():
+            if len(value) >= MIN_SCANNED_VALUE_LENGTH:
+                pairs += [(form, self._entries[name].placeholder.encode()) for form in _forms(value)]
+        return Redactor(pairs) if pairs else None
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -245,8 +379,88 @@ class SecretStore:
             del self._revoked[next(iter(self._revoked))]
 
 
-def _patterns(hosts: Iterable[str]) -> tuple[HostPattern, ...]:
-    return tuple(HostPattern.parse(h) for h in hosts)
+@dataclass(frozen=True, slots=True)
+class _Destination:
+    scheme: str
+    host: str  # normalised
+    port: int
+
+
+def _forms(value: str) -> set[bytes]:
+    """The spellings of a value that are looked for: as it is, and percent-encoded (forms, URLs)."""
+    return {value.encode("utf-8"), quote(value, safe="").encode("ascii")}
+
+
+def _first_needle(data: bytes, needles: Sequence[tuple[bytes, str]]) -> str | None:
+    return next((reason for needle, reason in needles if needle in data), None)
+
+
+class _Window:
+    """A byte stream that arrives in pieces, processed whole across piece boundaries (sans-IO).
+
+    :meth:`feed` processes what it holds plus the new piece and returns all but the last
+    ``longest value - 1`` bytes: those wait for the next piece (or :meth:`finish`), so a value
+    split across pieces is seen whole before any byte of it is passed on.
+    """
+
+    def __init__(self, longest: int) -> None:
+        self._keep = longest - 1
+        self._tail = b""
+
+    def _process(self, data: bytes) -> bytes:
+        raise NotImplementedError
+
+    def feed(self, data: bytes) -> bytes:
+        buf = self._process(self._tail + data)
+        cut = max(0, len(buf) - self._keep)
+        self._tail = buf[cut:]
+        return buf[:cut]
+
+    def finish(self) -> bytes:
+        out, self._tail = self._tail, b""
+        return out
+
+
+class BodyScanner(_Window):
+    """Raises :class:`EgressBlocked` once a forbidden value is complete in what it has seen.
+
+    :meth:`check` scans without holding anything back (WebSocket frames must go out whole),
+    still across piece boundaries.
+    """
+
+    def __init__(self, needles: Sequence[tuple[bytes, str]]) -> None:
+        self._needles = tuple(needles)
+        super().__init__(max(len(n) for n, _ in self._needles))
+
+    def _process(self, data: bytes) -> bytes:
+        reason = _first_needle(data, self._needles)
+        if reason is not None:
+            raise EgressBlocked(reason)
+        return data
+
+    def check(self, data: bytes) -> None:
+        buf = self._process(self._tail + data)
+        self._tail = buf[len(buf) - self._keep :] if self._keep and len(buf) > self._keep else buf
+
+
+class Redactor(_Window):
+    """Replaces real values with their placeholders."""
+
+    def __init__(self, pairs: Sequence[tuple[bytes, bytes]]) -> None:
+        self._pairs = sorted(pairs, key=lambda p: len(p[0]), reverse=True)
+        super().__init__(len(self._pairs[0][0]))
+        self.replaced = 0
+
+    def _process(self, data: bytes) -> bytes:
+        for value, placeholder in self._pairs:
+            if value in data:
+                self.replaced += data.count(value)
+                data = data.replace(value, placeholder)
+        return data
+
+    def text(self, value: str) -> str:
+        """A header value (latin-1 text, as every header here) with values replaced."""
+        return self._process(value.encode("latin-1", "replace")).decode("latin-1")
 
 
 def _decode_basic(token: str) -> str | None:

@@ -49,6 +49,8 @@ class RequestHandler(Protocol):
 
     def reject(self, status: int, reason: str, request: HttpRequest | None = None) -> HttpResponse: ...
 
+    def failed(self, exc: HttpMediationError, request: HttpRequest) -> HttpResponse: ...
+
 
 class _Connection:
     def __init__(self, stream: ByteStream, limits: Limits) -> None:
@@ -109,7 +111,7 @@ async def _serve_one(conn: _Connection, handler: RequestHandler, scheme: str) ->
         response = await handler.handle(request)
     except (BodyTooLarge, GuestProtocolError) as exc:
         # The request body is in an unknown state: answer and close.
-        await _send_error(conn, handler.reject(exc.status, exc.reason, request))
+        await _send_error(conn, handler.failed(exc, request))
         return False
     if response.upgraded is not None and response.status == 101:
         await _tunnel(conn, response)
@@ -161,6 +163,9 @@ def _build_request(
     headers = tuple((n, v) for n, v in headers if n != "expect")
     length_text = next((v for n, v in raw if n == "content-length"), None)
     chunked = any(n == "transfer-encoding" for n, _ in raw)
+    if chunked and length_text is not None:
+        # RFC 9112 section 6.3: a request smuggling vector; a server may refuse it outright.
+        return 400, "both Content-Length and Transfer-Encoding", partial
     length = int(length_text) if length_text is not None else None
     if length is not None and length > conn.limits.max_body_bytes:
         return 413, f"request body exceeds {conn.limits.max_body_bytes} bytes", partial

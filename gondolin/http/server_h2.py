@@ -25,13 +25,14 @@ import h2.settings
 from anyio.abc import ByteStream, TaskGroup
 
 from .errors import BodyTooLarge, GuestProtocolError, HttpMediationError
-from .exchange import Limits, close_body
+from .exchange import ByteBudget, Limits, close_body
 from .messages import (
     DEFAULT_PORTS,
     Body,
     HttpRequest,
     HttpResponse,
     has_no_body,
+    invalid_field,
     parse_authority,
     parse_target,
     strip_hop_by_hop,
@@ -45,6 +46,10 @@ MAX_CONCURRENT_STREAMS = 100  # advertised; h2 refuses streams beyond it
 STREAM_WINDOW = 1 << 20  # per-stream receive window: bytes one stream may buffer
 CONNECTION_WINDOW = 8 << 20  # bounds what all streams of a connection buffer together
 HARD_HEADER_LIST_SIZE = 256 << 10  # beyond this HPACK decoding is a connection error
+# Streams a guest may reset before their response began, per connection, before the
+# connection ends with ENHANCE_YOUR_CALM: cancelling requests is cheap for the guest and each
+# one may have cost an upstream connection ("rapid reset", CVE-2023-44487).
+MAX_EARLY_RESETS = 200
 _STREAM_GONE = (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
 _FORBIDDEN_RESPONSE_HEADERS = frozenset({"connection", "keep-alive", "proxy-connection",
                                          "transfer-encoding", "upgrade", "te"})
@@ -60,6 +65,7 @@ class _Stream:
     chunks: deque[tuple[bytes, int]] = field(default_factory=deque)
     ended: bool = False
     reset: bool = False
+    responding: bool = False  # response headers sent
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     wakeup: anyio.Event = field(default_factory=anyio.Event)
 
@@ -71,11 +77,13 @@ class _Stream:
 class H2Server:
     """Serves one HTTP/2 connection; :meth:`run` returns when it is over."""
 
-    def __init__(self, stream: ByteStream, handler: RequestHandler, *, scheme: str, limits: Limits | None = None) -> None:
+    def __init__(self, stream: ByteStream, handler: RequestHandler, *, scheme: str, limits: Limits | None = None,
+                 budget: ByteBudget | None = None) -> None:
         self._io = stream
         self._handler = handler
         self._scheme = scheme
         self._limits = limits or Limits()
+        self._budget = budget or ByteBudget(self._limits.max_buffered_bytes)
         self._conn = h2.connection.H2Connection(
             h2.config.H2Configuration(client_side=False, header_encoding=None)
         )
@@ -84,6 +92,7 @@ class H2Server:
         self._send_lock = anyio.Lock()
         self._window = anyio.Event()
         self._closing = False
+        self.early_resets = 0
 
     async def run(self) -> None:
         conn = self._conn
@@ -146,6 +155,11 @@ class H2Server:
             live = self._streams.get(event.stream_id)
             if live is None or live.reset:
                 self._ack(flow, event.stream_id)
+            elif not self._budget.take(len(event.data)):
+                # The VM's request buffers are full: refuse this stream, keep the connection.
+                self._ack(flow, event.stream_id)
+                live.scope.cancel()
+                self._reset(live, h2.errors.ErrorCodes.REFUSED_STREAM)
             else:
                 live.chunks.append((event.data, flow))
                 live.ended |= event.stream_ended is not None
@@ -163,6 +177,11 @@ class H2Server:
                 live.reset = True
                 live.scope.cancel()
                 live.wake()
+                if not live.responding:
+                    self.early_resets += 1
+                    if self.early_resets > MAX_EARLY_RESETS:
+                        self._conn.close_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+                        return True
         elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
             self._window.set()
             self._window = anyio.Event()
@@ -184,6 +203,8 @@ class H2Server:
         method = "GET"
         try:
             with st.scope:
+                if st.reset:
+                    return  # reset in the same read as its headers: never start it upstream
                 request_or_error = self._build_request(st, raw_headers)
                 if isinstance(request_or_error, tuple):
                     status, reason, partial = request_or_error
@@ -192,10 +213,8 @@ class H2Server:
                     method = request_or_error.method
                     try:
                         response = await self._handler.handle(request_or_error)
-                    except BodyTooLarge as exc:
-                        response = self._handler.reject(413, exc.reason, request_or_error)
-                    except GuestProtocolError as exc:
-                        response = self._handler.reject(400, exc.reason, request_or_error)
+                    except (BodyTooLarge, GuestProtocolError) as exc:
+                        response = self._handler.failed(exc, request_or_error)
                 await self._send_response(st, method, response)
         except (_StreamGone, h2.exceptions.StreamClosedError):
             pass
@@ -209,7 +228,8 @@ class H2Server:
                 # Response complete but the guest is still sending: RFC 9113 section 8.1.
                 self._reset(st, h2.errors.ErrorCodes.NO_ERROR)
             self._streams.pop(st.stream_id, None)
-            for _, flow in st.chunks:
+            for data, flow in st.chunks:
+                self._budget.give(len(data))
                 self._ack(flow, st.stream_id)
             st.chunks.clear()
             if not self._closing:
@@ -232,9 +252,11 @@ class H2Server:
         pseudo: dict[str, str] = {}
         headers: list[tuple[str, str]] = []
         size = 0
+        problem = None
         for name_b, value_b in raw:
             name, value = name_b.decode("latin-1"), value_b.decode("latin-1")
             size += len(name) + len(value)
+            problem = problem or invalid_field(name, value)
             if name.startswith(":"):
                 pseudo[name] = value
             else:
@@ -263,6 +285,8 @@ class H2Server:
         if length_text is not None and length is None:
             return 400, "invalid content-length", None
         partial = HttpRequest(method, scheme, host, port, target.path_and_query, clean)
+        if problem is not None:
+            return 400, problem, partial
         if length is not None and length > self._limits.max_body_bytes:
             return 413, f"request body exceeds {self._limits.max_body_bytes} bytes", partial
         body = Body() if st.ended and not st.chunks else Body(self._body(st), length=length)
@@ -275,6 +299,7 @@ class H2Server:
                 raise GuestProtocolError("stream reset by the guest")
             if st.chunks:
                 data, flow = st.chunks.popleft()
+                self._budget.give(len(data))
                 total += len(data)
                 if total > self._limits.max_body_bytes:
                     raise BodyTooLarge(f"request body exceeds {self._limits.max_body_bytes} bytes")
@@ -296,6 +321,7 @@ class H2Server:
             for n, v in response.headers
             if n not in _FORBIDDEN_RESPONSE_HEADERS
         ]
+        st.responding = True
         self._conn.send_headers(st.stream_id, headers, end_stream=no_body)
         await self._flush()
         if no_body:

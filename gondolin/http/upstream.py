@@ -22,9 +22,11 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import anyio
+import h2.exceptions
+import h11
 import httpcore2
 
-from .errors import BodyTooLarge, EgressBlocked, HttpMediationError, UpstreamError
+from .errors import EgressBlocked, HttpMediationError, UpstreamError
 from .messages import (
     DEFAULT_PORTS,
     Body,
@@ -120,7 +122,7 @@ class GuardedBackend(httpcore2.AsyncNetworkBackend):
             with anyio.fail_after(timeout):
                 addresses = await self._resolver(host, port)
         except (OSError, TimeoutError) as exc:
-            raise UpstreamError(f"cannot resolve {host}: {exc}") from exc
+            raise UpstreamError(f"cannot resolve {host}: {exc}", request_sent=False) from exc
         allowed = []
         refusal = None
         for address in addresses:
@@ -202,17 +204,42 @@ class UpstreamClient:
         pool = self._websocket_pool() if request.upgrade else self._pool
         try:
             response = await pool.handle_async_request(core)
-        except HttpMediationError:
-            raise
-        except httpcore2.TimeoutException as exc:
-            raise UpstreamError(f"upstream {request.authority} timed out") from exc
-        except (httpcore2.NetworkError, httpcore2.ProtocolError, httpcore2.UnsupportedProtocol) as exc:
-            if isinstance(exc.__context__, BodyTooLarge):
-                raise exc.__context__ from exc
-            raise UpstreamError(f"upstream {request.authority} failed: {exc}") from exc
-        except ssl.SSLError as exc:
-            raise UpstreamError(f"TLS to {request.authority} failed: {exc}") from exc
+        except THIRD_PARTY_ERRORS as exc:
+            raise translate_error(exc, request.authority) from exc
         return _to_response(response, request)
+
+
+# Everything the client libraries raise; :func:`translate_error` is the one place they become ours.
+THIRD_PARTY_ERRORS = (
+    httpcore2.TimeoutException,
+    httpcore2.NetworkError,
+    httpcore2.ProtocolError,
+    httpcore2.UnsupportedProtocol,
+    h11.ProtocolError,  # httpcore2 lets some through raw (a body shorter than its Content-Length)
+    h2.exceptions.ProtocolError,
+    ssl.SSLError,
+)
+# Failures that happen before any byte of a request is written: the upstream has nothing.
+_NOT_SENT = (httpcore2.ConnectError, httpcore2.ConnectTimeout, httpcore2.PoolTimeout,
+             httpcore2.UnsupportedProtocol)
+
+
+def translate_error(exc: BaseException, authority: str = "", *, during: str = "") -> HttpMediationError:
+    """The :mod:`gondolin.http.errors` exception for a third-party one.
+
+    Our own errors raised inside the client (a guest body that broke off or grew too large while
+    being sent) come back as themselves, whatever the library wrapped them in.
+    """
+    for inner in (exc, exc.__cause__, exc.__context__):
+        if isinstance(inner, HttpMediationError):
+            return inner
+    upstream = f"upstream {authority}".rstrip() + (f" {during}" if during else "")
+    if isinstance(exc, ssl.SSLError):
+        return UpstreamError(f"TLS to {authority or 'the upstream'} failed: {exc}", request_sent=False)
+    sent = not isinstance(exc, _NOT_SENT)
+    if isinstance(exc, httpcore2.TimeoutException):
+        return UpstreamError(f"{upstream} timed out", request_sent=sent)
+    return UpstreamError(f"{upstream} failed: {exc or type(exc).__name__}", request_sent=sent)
 
 
 def _wire_headers(request: HttpRequest) -> tuple[list[tuple[bytes, bytes]], AsyncIterator[bytes] | bytes | None]:
@@ -255,10 +282,8 @@ async def _stream(source: Any) -> AsyncIterator[bytes]:
     try:
         async for chunk in source:
             yield chunk
-    except httpcore2.TimeoutException as exc:
-        raise UpstreamError("upstream timed out while sending the body") from exc
-    except (httpcore2.NetworkError, httpcore2.ProtocolError) as exc:
-        raise UpstreamError(f"upstream failed while sending the body: {exc}") from exc
+    except THIRD_PARTY_ERRORS as exc:
+        raise translate_error(exc, during="while sending the response body") from exc
 
 
 def redirect_request(request: HttpRequest, response: HttpResponse) -> HttpRequest | None:

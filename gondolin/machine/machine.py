@@ -518,6 +518,7 @@ class Machine:
                 extra["mounts"] = sorted(self.options.mounts)
         if self.restored_from is not None:
             extra["new_session"] = True
+        extra["pids_max"] = self.options.pids_max  # None: no limit
         msg = await self.control().request(T.CONFIGURE, os.urandom(64), timeout=self.timeouts.call,
                                            clock_ns=time.time_ns(), **extra)
         if msg.t != T.CONFIGURED:

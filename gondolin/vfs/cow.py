@@ -8,6 +8,11 @@ symlink-proof :class:`RealFSProvider` that serves the reads) or
 
 A path counts as modified when its type, permission bits, content or link target differ
 from the host; owners and timestamps alone do not count, and a commit does not apply them.
+
+Everything here is written by the guest, so it is treated as hostile on the way out: names in
+:meth:`~CopyOnWriteProvider.diff` and ``str(changes)`` are quoted like git quotes them (a name
+holding a newline cannot forge a diff header), and :meth:`~CopyOnWriteProvider.commit` refuses
+symlinks that would point outside the mounted directory on the host unless told otherwise.
 """
 
 from __future__ import annotations
@@ -20,13 +25,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from . import paths
-from .errors import ESTALE, VfsError
-from .memory import DEFAULT_MAX_BYTES, MemoryProvider
+from .errors import EPERM, ESTALE, VfsError
+from .memory import MemoryProvider
 from .overlay import OverlayProvider, probe, walk
 from .provider import MAX_IO, Attr, OpenMode, Provider, SetAttr
 from .realfs import RealFSProvider
 
 MAX_DIFF_BYTES = 4 * 1024 * 1024  # larger files are reported as differing, not diffed
+# The guest's edits live in host memory until commit or discard: part of the VM's host memory
+# budget. Past them writes fail with ENOSPC (bytes) or ENFILE (files), never host growth.
+COW_MAX_BYTES = 256 << 20  # file contents in the upper layer
+COW_MAX_NODES = 1 << 17  # files, directories and symlinks in the upper layer (~300 bytes each)
 _READ = OpenMode()
 _CREATE = OpenMode(read=False, write=True, exclusive=True)
 
@@ -40,6 +49,12 @@ class Changes:
     def __bool__(self) -> bool:
         return bool(self.added or self.modified or self.deleted)
 
+    def __str__(self) -> str:
+        """One ``A``/``M``/``D`` line per path, names quoted as git quotes them."""
+        rows = [("A", p) for p in self.added] + [("M", p) for p in self.modified]
+        rows += [("D", p) for p in self.deleted]
+        return "".join(f"{kind}\t{quote_path(path.lstrip('/'))}\n" for kind, path in sorted(rows, key=lambda r: r[1]))
+
 
 class CommitConflict(VfsError):
     """The host changed paths the guest also changed; ``paths`` lists them."""
@@ -47,6 +62,57 @@ class CommitConflict(VfsError):
     def __init__(self, conflicts: Iterable[str]) -> None:
         self.paths = tuple(sorted(conflicts))
         super().__init__(ESTALE, "changed on the host since copied: " + ", ".join(self.paths))
+
+
+class ExternalSymlinks(VfsError):
+    """``commit()`` found symlinks that would point outside the mounted directory; ``paths`` lists them."""
+
+    def __init__(self, links: Iterable[str]) -> None:
+        self.paths = tuple(sorted(links))
+        super().__init__(
+            EPERM,
+            "symlinks pointing outside the mounted directory (commit(allow_external_symlinks=True) "
+            "writes them anyway): " + ", ".join(quote_path(p) for p in self.paths),
+        )
+
+
+# C escapes git uses in quoted names (quote.c, sq_lookup); every other control byte is octal.
+_GIT_ESCAPES = {7: "\\a", 8: "\\b", 9: "\\t", 10: "\\n", 11: "\\v", 12: "\\f", 13: "\\r",
+                34: '\\"', 92: "\\\\"}
+
+
+def quote_path(name: str) -> str:
+    """``name`` as git prints it: unchanged when plain, else in double quotes with C escapes and
+    octal bytes (``core.quotePath``), so no name can add lines to a diff or a listing."""
+    raw = paths.encode(name)
+    if all(0x20 <= b < 0x7F and b not in (34, 92) for b in raw):
+        return name
+    out = "".join(_GIT_ESCAPES.get(b) or (chr(b) if 0x20 <= b < 0x7F else f"\\{b:03o}") for b in raw)
+    return f'"{out}"'
+
+
+def _prefixed(prefix: str, name: str) -> str:
+    """``a/name`` or ``"a/na\\nme"``: git quotes the prefix along with the name."""
+    quoted = quote_path(name)
+    return f'"{prefix}{quoted[1:]}' if quoted.startswith('"') else prefix + name
+
+
+def link_stays_inside(path: str, target: str) -> bool:
+    """Would a symlink at ``path`` (mount-relative, absolute form) to ``target`` stay inside the mount?
+
+    Only relative targets whose ``..`` steps all come first and do not climb above the mount
+    root: the steps up then go through real directories of the mount (a ``..`` after a name
+    could go back up through another symlink, somewhere else).
+    """
+    if not target or target.startswith("/"):
+        return False
+    parts = [p for p in target.split("/") if p not in ("", ".")]
+    ups = 0
+    while ups < len(parts) and parts[ups] == "..":
+        ups += 1
+    if ".." in parts[ups:]:
+        return False
+    return ups <= paths.parent_of(path).count("/") - (paths.parent_of(path) == "/")
 
 
 def _depth(path: str) -> int:
@@ -83,7 +149,8 @@ class CopyOnWriteProvider(OverlayProvider):
         self,
         source: str | os.PathLike[str] | Provider,
         *,
-        max_bytes: int = DEFAULT_MAX_BYTES,
+        max_bytes: int = COW_MAX_BYTES,
+        max_nodes: int = COW_MAX_NODES,
         use_openat2: bool | None = None,
     ) -> None:
         lower = (
@@ -92,7 +159,11 @@ class CopyOnWriteProvider(OverlayProvider):
             else RealFSProvider(source, use_openat2=use_openat2)
         )
         self._max_bytes = max_bytes
-        super().__init__(lower, MemoryProvider(max_bytes=max_bytes))
+        self._max_nodes = max_nodes
+        super().__init__(lower, self._new_upper())
+
+    def _new_upper(self) -> MemoryProvider:
+        return MemoryProvider(max_bytes=self._max_bytes, max_nodes=self._max_nodes)
 
     # --- inspection ----------------------------------------------------------------------------
 
@@ -153,10 +224,11 @@ class CopyOnWriteProvider(OverlayProvider):
         assert kind is not None
         if stat.S_ISDIR(kind.mode):
             if old is not None and new is not None:
-                return [f"diff --git a{path} b{path}\n"] + _mode_lines(old, new)
+                rel = path.lstrip("/")
+                return [f"diff --git {_prefixed('a/', rel)} {_prefixed('b/', rel)}\n"] + _mode_lines(old, new)
             return []  # like git: directories appear through their files
         rel = path.lstrip("/")
-        head = [f"diff --git a/{rel} b/{rel}\n"]
+        head = [f"diff --git {_prefixed('a/', rel)} {_prefixed('b/', rel)}\n"]
         if old is None:
             assert new is not None
             head.append(f"new file mode {new.mode:o}\n")
@@ -168,8 +240,8 @@ class CopyOnWriteProvider(OverlayProvider):
         b = await self._content(self.upper, path, new)
         if a == b:
             return head
-        a_name = f"a/{rel}" if old is not None else "/dev/null"
-        b_name = f"b/{rel}" if new is not None else "/dev/null"
+        a_name = _prefixed("a/", rel) if old is not None else "/dev/null"
+        b_name = _prefixed("b/", rel) if new is not None else "/dev/null"
         text_a, text_b = _text(a), _text(b)
         if text_a is None or text_b is None:
             return head + [f"Binary files {a_name} and {b_name} differ\n"]
@@ -197,13 +269,16 @@ class CopyOnWriteProvider(OverlayProvider):
                 out.append(path)
         return tuple(sorted(out))
 
-    async def commit(self, *, force: bool = False) -> Changes:
+    async def commit(self, *, force: bool = False, allow_external_symlinks: bool = False) -> Changes:
         """Write the changes to the host and start over from the host's new state.
 
         Raises :class:`CommitConflict` (and writes nothing) when the host changed a path the
-        guest changed too, unless ``force``. Files are written to a temporary name and
-        renamed into place. Handles the guest still has open on changed files keep writing
-        to memory that is no longer part of the view.
+        guest changed too, unless ``force``, and :class:`ExternalSymlinks` (writes nothing)
+        when a symlink the guest made would point outside the mounted directory on the host
+        (an absolute target, or ``..`` climbing above the root), unless
+        ``allow_external_symlinks``. Files are written to a temporary name and renamed into
+        place. Handles the guest still has open on changed files keep writing to memory that
+        is no longer part of the view.
         """
         async with self._lock:
             ch = await self.changes()
@@ -211,6 +286,14 @@ class CopyOnWriteProvider(OverlayProvider):
                 bad = await self.conflicts(ch)
                 if bad:
                     raise CommitConflict(bad)
+            if not allow_external_symlinks:
+                outside = [
+                    path for path in (*ch.added, *ch.modified)
+                    if stat.S_ISLNK((await self.upper.getattr(path)).mode)
+                    and not link_stays_inside(path, await self.upper.readlink(path))
+                ]
+                if outside:
+                    raise ExternalSymlinks(outside)
             lower = self.lower
             retyped = []
             for path in ch.modified:
@@ -228,7 +311,7 @@ class CopyOnWriteProvider(OverlayProvider):
             linked: dict[int, str] = {}
             for path in sorted((*ch.added, *ch.modified), key=lambda p: (_depth(p), p)):
                 await self._commit_one(path, linked)
-            self._reset(MemoryProvider(max_bytes=self._max_bytes))
+            self._reset(self._new_upper())
         return ch
 
     async def _commit_one(self, path: str, linked: dict[int, str]) -> None:
@@ -266,7 +349,7 @@ class CopyOnWriteProvider(OverlayProvider):
 
     def discard(self) -> None:
         """Forget every change; the view is the host directory again."""
-        self._reset(MemoryProvider(max_bytes=self._max_bytes))
+        self._reset(self._new_upper())
 
 
 def _mode_lines(old: Attr, new: Attr) -> list[str]:

@@ -107,7 +107,8 @@ async def http_vm(site):
     hooks, env = create_http_hooks(
         allowed_hosts=["public.test"],  # allowed, but it resolves to loopback: internal, blocked
         allowed_internal_hosts=INTERNAL_NAMES,
-        secrets={"API_TOKEN": Secret(REAL_TOKEN, hosts=["api.test"])},
+        # https (the default scheme) on the test server's port, not the default 443.
+        secrets={"API_TOKEN": Secret(REAL_TOKEN, hosts=[f"api.test:{site['S']}"])},
         resolver=loopback_resolver(),
         upstream_ca_pem=site["ca_pem"],
     )

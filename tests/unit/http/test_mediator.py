@@ -142,6 +142,8 @@ async def test_stdlib_http_client_over_a_real_socket(mitm_ca: CertificateAuthori
 async def secret_setup(mitm_ca: CertificateAuthority, upstream_ca: CertificateAuthority, **kwargs: Any) -> AsyncIterator[tuple[HttpMediator, UpstreamServer, str]]:
     secrets = {"API_TOKEN": Secret(TOKEN, hosts=[UPSTREAM_NAME])}
     async with tls_setup(mitm_ca, upstream_ca, secrets=secrets, **kwargs) as (mediator, server):
+        # Scoped to https on the default port; the test upstream listens on an ephemeral one.
+        mediator.hooks.secrets.rotate("API_TOKEN", TOKEN, hosts=[f"{UPSTREAM_NAME}:{server.port}"])
         yield mediator, server, mediator.hooks.env()["API_TOKEN"]
 
 

@@ -276,3 +276,68 @@ async def test_cow_over_any_provider() -> None:
     assert await read_file(base, "/f") == b"base"
     await cow.commit()
     assert await read_file(base, "/f") == b"changed"
+
+
+# -- issue 11: hostile names and links on the way out ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "quoted"),
+    [
+        ("plain/name.txt", "plain/name.txt"),
+        ("x\n+++ evil\n@@ -1 +1 @@", '"x\\n+++ evil\\n@@ -1 +1 @@"'),
+        ('q"b\\s\tt', '"q\\"b\\\\s\\tt"'),
+        ("caf\u00e9", '"caf\\303\\251"'),
+        ("bell\x07del\x7f", '"bell\\adel\\177"'),
+    ],
+)
+def test_quote_path_matches_git(name: str, quoted: str) -> None:
+    from gondolin.vfs.cow import quote_path
+
+    assert quote_path(name) == quoted
+
+
+async def test_diff_and_changes_quote_names_that_could_forge_headers(cow: CopyOnWriteProvider) -> None:
+    evil = "x\n+++ evil\n@@ -1 +1 @@"
+    await write_file(cow, "/" + evil, b"content\n")
+    diff = await cow.diff()
+    assert all(not line.startswith(("+++ evil", "@@ -1 +1 @@")) for line in diff.splitlines())
+    assert 'diff --git "a/x\\n+++ evil\\n@@ -1 +1 @@" "b/x\\n+++ evil\\n@@ -1 +1 @@"\n' in diff
+    assert '+++ "b/x\\n+++ evil\\n@@ -1 +1 @@"\n' in diff
+    listing = str(await cow.changes())
+    assert listing == 'A\t"x\\n+++ evil\\n@@ -1 +1 @@"\n'
+
+
+@pytest.mark.parametrize(
+    ("link", "target", "inside"),
+    [
+        ("/pkg/link", "../README.md", True),
+        ("/link2", "src/main.py", True),
+        ("/a/b/c", "../../x", True),
+        ("/abs", "/etc/passwd", False),
+        ("/up", "../outside", False),
+        ("/pkg/up2", "../../outside", False),
+        ("/mid", "src/../../outside", False),
+        ("/mid2", "src/../README.md", False),  # '..' after a name: refused, whatever it resolves to
+        ("/empty", "", False),
+    ],
+)
+def test_link_stays_inside(link: str, target: str, inside: bool) -> None:
+    from gondolin.vfs.cow import link_stays_inside
+
+    assert link_stays_inside(link, target) is inside
+
+
+async def test_commit_refuses_symlinks_pointing_outside(cow: CopyOnWriteProvider, host: Path) -> None:
+    from gondolin.vfs.cow import ExternalSymlinks
+
+    before = snapshot(host)
+    await cow.symlink("/escape", "/etc/passwd")
+    await cow.symlink("/fine", "README.md")
+    await write_file(cow, "/new.txt", b"n")
+    with pytest.raises(ExternalSymlinks) as info:
+        await cow.commit()
+    assert info.value.paths == ("/escape",) and info.value.errno == E.EPERM
+    assert snapshot(host) == before  # nothing written
+    await cow.commit(allow_external_symlinks=True)
+    assert os.readlink(host / "escape") == "/etc/passwd"

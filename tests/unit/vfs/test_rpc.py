@@ -467,16 +467,49 @@ def test_fuzz_service_never_raises(data: bytes) -> None:
     anyio.run(go)
 
 
-async def test_open_directory_snapshots_are_bounded(fs: MemoryProvider) -> None:
-    service = FsRpcService(fs, max_dir_entries=10)
-    client = Client(service)
+async def test_open_directory_snapshots_are_bounded_by_bytes(fs: MemoryProvider) -> None:
+    from gondolin.vfs.rpc import DIR_ENTRY_OVERHEAD
+
     for i in range(4):
         await fs.mkdir(f"/d{i}", 0o755)
-    first = await client.ok(w.Opendir(ROOT_NODE))  # ".", "..", 4 entries
-    assert isinstance(first, w.OpenReply)
+    one = 6 * DIR_ENTRY_OVERHEAD + len(b".") + len(b"..") + 4 * len(b"d0")  # ".", "..", 4 entries
+    service = FsRpcService(fs, max_dir_bytes=one + one // 2)
+    client = Client(service)
+    first = await client.ok(w.Opendir(ROOT_NODE))
+    assert isinstance(first, w.OpenReply) and service.dir_bytes == one
     assert await client.err(w.Opendir(ROOT_NODE)) == E.ENOMEM
     await client.ok(w.Releasedir(first.fh))
+    assert service.dir_bytes == 0
     await client.ok(w.Opendir(ROOT_NODE))
+    # Long names cost what they hold: fewer of them fit.
+    await fs.mkdir("/" + "n" * 200, 0o755)
+    assert await client.err(w.Opendir(ROOT_NODE)) == E.ENOMEM
+
+
+async def test_opendir_flood_holds_bounded_host_memory(fs: MemoryProvider) -> None:
+    """Issue 11 item 6: a 2,000-entry directory opened over and over, never read or released."""
+    import tracemalloc
+
+    from gondolin.vfs.rpc import DEFAULT_MAX_DIR_BYTES
+
+    await fs.mkdir("/big", 0o755)
+    for i in range(2000):
+        await fs.mkdir(f"/big/entry-{i:05d}", 0o755)
+    service = FsRpcService(fs)
+    client = Client(service)
+    node = (await client.ok(w.Lookup(ROOT_NODE, b"big"))).node
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        refused = 0
+        for _ in range(100):
+            refused += (await client.call(w.Opendir(node))).errno == E.ENOMEM
+        held = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert refused > 30  # ~60 snapshots of ~1 MiB fit in 64 MiB; the rest are refused
+    assert service.dir_bytes <= DEFAULT_MAX_DIR_BYTES
+    assert held < 2 * DEFAULT_MAX_DIR_BYTES
 
 
 class Weird(MemoryProvider):
