@@ -104,8 +104,7 @@ async def _attach(args: argparse.Namespace) -> int:
     if not command or sys.stdin.isatty():
         return await interactive_shell(remote, command or ["/bin/bash", "-l"], user=args.user)
     # Not a terminal: plain pipes, so output and exit status can be scripted.
-    proc = remote.exec(command if len(command) > 1 else command[0], user=args.user, stdin=True)
-    await proc.start()
+    proc = await remote.start(command if len(command) > 1 else command[0], user=args.user, stdin=True)
     async with anyio.create_task_group() as tg:
         async def pump_in() -> None:
             fd = sys.stdin.fileno()

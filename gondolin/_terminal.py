@@ -42,9 +42,8 @@ async def interactive_shell(vm: Any, command: list[str], user: str | None = None
     """Attach this terminal to a PTY command in the VM: raw mode, live resize, exit code back."""
     size = terminal_size()
     env = {"TERM": os.environ.get("TERM", "xterm-256color")}
-    proc = vm.exec(command, pty=True, rows=size.lines, cols=size.columns, stdin=True, stdout="pipe", env=env,
-                   user=user)
-    await proc.start()
+    proc = await vm.start(command, pty=True, rows=size.lines, cols=size.columns, stdin=True, stdout="pipe", env=env,
+                          user=user)
     in_fd = sys.stdin.fileno()
     out = sys.stdout.buffer
     resized = anyio.Event()

@@ -161,8 +161,8 @@ async def _exec(args: argparse.Namespace) -> int:
             stdin: Any = None
             if not sys.stdin.isatty() and not args.no_stdin:
                 stdin = _stdin_chunks()
-            proc = vm.exec(command, env=_env_pairs(args.env), cwd=args.cwd, user=args.user, timeout=args.timeout,
-                           stdin=stdin, stdout="pipe", stderr="pipe")
+            proc = await vm.start(command, env=_env_pairs(args.env), cwd=args.cwd, user=args.user,
+                                  timeout=args.timeout, stdin=stdin, stdout="pipe", stderr="pipe")
             async for chunk in proc:
                 out = sys.stdout.buffer if chunk.stream == "stdout" else sys.stderr.buffer
                 out.write(chunk.data)

@@ -112,9 +112,17 @@ class ExecProcess:
 
     # -- start ---------------------------------------------------------------
     async def start(self) -> ExecProcess:
+        """Send the command to the guest (once) and start feeding its stdin source, if any."""
+        await self._send_request()
+        if not self._feeder_started and self._request_stdin() and not isinstance(self._stdin_source, bool):
+            self._feeder_started = True
+            self._link.spawn("stdin feeder", self._feed_stdin, critical=False)
+        return self
+
+    async def _send_request(self) -> None:
         async with self._start_lock:
             if self._inbox is not None:
-                return self
+                return
             channel = self._link.control()
             inbox = channel.open()
             self._inbox = inbox
@@ -125,14 +133,13 @@ class ExecProcess:
                        stdin=self._stdin_source is not None and self._stdin_source is not False)
             log.debug("exec %s: %s", inbox.id, req.get("shell") or req.get("argv"))
             await channel.send_message(T.EXEC, inbox.id, **req)
-        return self
 
     # -- stdin ---------------------------------------------------------------
     async def write(self, data: bytes | str) -> None:
         """Send bytes to the process's stdin (waits for guest credit: flow control)."""
         if isinstance(data, str):
             data = data.encode()
-        await self.start()
+        await self._send_request()
         inbox = self._inbox
         assert inbox is not None
         if self._stdin_closed:
@@ -153,7 +160,7 @@ class ExecProcess:
 
     async def close_stdin(self) -> None:
         """Signal end of input (on a PTY this sends ^D, like a terminal)."""
-        await self.start()
+        await self._send_request()
         if not self._stdin_closed and self._result is None:
             self._stdin_closed = True
             assert self._inbox is not None
@@ -264,7 +271,7 @@ class ExecProcess:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[OutputChunk]:
-        await self._ensure_running()
+        await self.start()
         while True:
             chunk = await self._next()
             if chunk is None:
@@ -272,19 +279,13 @@ class ExecProcess:
             yield chunk
             await self._return_credit(T.STDOUT if chunk.stream == "stdout" else T.STDERR, len(chunk.data))
 
-    async def _ensure_running(self) -> None:
-        await self.start()
-        if not self._feeder_started and self._request_stdin() and not isinstance(self._stdin_source, bool):
-            self._feeder_started = True
-            self._link.spawn("stdin feeder", self._feed_stdin, critical=False)
-
     async def wait(self, timeout: float | None = None) -> ExecResult:
         """Wait for the process to exit. Unread piped output is discarded (credit is returned).
 
         ``timeout`` bounds this wait only (raises :class:`ExecTimeout`, the process keeps running);
         the ``timeout`` given to ``exec()`` kills the process in the guest instead.
         """
-        await self._ensure_running()
+        await self.start()
         try:
             with anyio.fail_after(timeout) if timeout is not None else _nullcontext():
                 while self._result is None:

@@ -282,10 +282,9 @@ async def _serve_exec(vm: VM, conn: _Conn, p: dict[str, Any]) -> None:
     if not (isinstance(command, str) or (isinstance(command, list) and all(isinstance(a, str) for a in command))):
         raise ValueError("command must be a string or a list of strings")
     want_stdin = bool(p.get("stdin"))
-    proc = vm.exec(command, env=p.get("env") or None, cwd=p.get("cwd"), user=p.get("user"),
-                   pty=bool(p.get("pty")), rows=int(p.get("rows") or 24), cols=int(p.get("cols") or 80),
-                   timeout=p.get("timeout"), stdin=True if want_stdin else None, stdout="pipe", stderr="pipe")
-    await proc.start()
+    proc = await vm.start(command, env=p.get("env") or None, cwd=p.get("cwd"), user=p.get("user"),
+                          pty=bool(p.get("pty")), rows=int(p.get("rows") or 24), cols=int(p.get("cols") or 80),
+                          timeout=p.get("timeout"), stdin=True if want_stdin else None, stdout="pipe", stderr="pipe")
     finished = False
     try:
         await _pump_exec(proc, conn, want_stdin)
@@ -412,14 +411,15 @@ class RemoteVM:
     def find(cls, ident: str) -> RemoteVM:
         return cls(find_session(ident))
 
-    def exec(self, command: str | list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
+    async def start(self, command: str | list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
              user: str | int | None = None, stdin: bool | None = None, pty: bool = False, rows: int = 24,
              cols: int = 80, timeout: float | None = None, stdout: str = "pipe", stderr: str = "pipe") -> RemoteProcess:
+        """Start a command in the remote VM (the interface of :meth:`gondolin.VM.start`)."""
         request: dict[str, Any] = {"command": command, "pty": pty, "rows": rows, "cols": cols, "stdin": bool(stdin)}
         for key, value in (("env", env), ("cwd", cwd), ("user", user), ("timeout", timeout)):
             if value is not None:
                 request[key] = value
-        return RemoteProcess(self.info.socket, request)
+        return await RemoteProcess(self.info.socket, request).start()
 
     async def checkpoint(self, path: str | os.PathLike[str], *, disk_only: bool = False) -> dict[str, Any]:
         """Ask the owner to save a checkpoint of the VM to ``path`` (absolute, on this host)."""

@@ -172,16 +172,12 @@ class VM:
         """Run a command to completion (see :meth:`gondolin.VM.exec`; ``stdin`` may be bytes/str)."""
         if kw.get("stdout") == "pipe" or kw.get("stderr") == "pipe":
             raise ValueError("the sync facade buffers output; use exec_lines() to stream")
-
-        async def run() -> ExecResult:
-            return await self._async.exec(command, **kw)
-
-        return self._loop.call(run)
+        return self._loop.call(lambda: self._async.exec(command, **kw))
 
     def exec_lines(self, command: str | list[str], **kw: Any) -> Iterator[str]:
         """Run a command and yield its stdout line by line as it arrives."""
         kw["stdout"] = "pipe"
-        proc = self._async.exec(command, **kw)
+        proc = self._loop.call(lambda: self._async.start(command, **kw))
         agen = proc.lines()
         try:
             while True:

@@ -16,15 +16,15 @@ import functools
 import os
 import secrets
 import weakref
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar, Unpack
+from typing import Any, Literal, ParamSpec, TypeVar, Unpack
 
 import anyio
 
 from ._log import get_logger
 from .errors import GondolinError, VMClosedError
-from .exec import ExecProcess, StdinSource, StreamMode, normalize_command
+from .exec import ExecProcess, ExecResult, StdinSource, StreamMode, normalize_command
 from .fs import GuestFS
 from .images import Image, ImageStore
 from .machine import Machine, Network
@@ -210,7 +210,42 @@ class VM:
         return self._machine.shape()
 
     # -- commands -----------------------------------------------------------------------------
-    def exec(
+    async def exec(
+        self,
+        command: str | list[str] | tuple[str, ...],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | int | None = None,
+        stdin: bytes | str | Iterable[bytes] | AsyncIterable[bytes] | None = None,
+        pty: bool = False,
+        rows: int = 24,
+        cols: int = 80,
+        timeout: float | None = None,
+        stdout: Literal["buffer", "ignore"] = "buffer",
+        stderr: Literal["buffer", "ignore"] = "buffer",
+    ) -> ExecResult:
+        """Run a command to completion and return its :class:`ExecResult` (a non-zero exit is a
+        result, not an error). A string runs through ``/bin/sh -c``; a list is executed directly
+        (PATH is searched). A coroutine, so ``tg.start_soon(vm.exec, ...)``, ``asyncio.gather``
+        and ``create_task`` work. To stream output or write stdin yourself, use :meth:`start`.
+
+        ``stdin``: bytes, str or a (async) iterable of bytes, sent and then closed. ``timeout``
+        (seconds) kills the command in the guest when it expires (``result.timed_out``); if the
+        guest does not report that within ``timeouts.grace`` more, :class:`ExecTimeout` is
+        raised. ``user``: name or uid. ``env`` adds to the VM's environment.
+        """
+        if stdin is True or stdin is False:
+            raise ValueError("stdin=True means writing stdin yourself: use `proc = await vm.start(..., stdin=True)`")
+        for name, mode in (("stdout", stdout), ("stderr", stderr)):
+            if mode not in ("buffer", "ignore"):
+                raise ValueError(f"exec() collects output: {name} must be 'buffer' or 'ignore' "
+                                 f"(use vm.start() to stream it)")
+        proc = self._process(command, env=env, cwd=cwd, user=user, stdin=stdin, pty=pty, rows=rows, cols=cols,
+                             timeout=timeout, stdout=stdout, stderr=stderr, window=DEFAULT_WINDOW)
+        return await proc.wait()
+
+    async def start(
         self,
         command: str | list[str] | tuple[str, ...],
         *,
@@ -222,19 +257,22 @@ class VM:
         rows: int = 24,
         cols: int = 80,
         timeout: float | None = None,
-        stdout: StreamMode = "buffer",
-        stderr: StreamMode = "buffer",
+        stdout: StreamMode = "pipe",
+        stderr: StreamMode = "pipe",
         window: int = DEFAULT_WINDOW,
     ) -> ExecProcess:
-        """Run a command. A string runs through ``/bin/sh -c``; a list is executed directly (PATH
-        is searched). ``await`` the result for an :class:`ExecResult`, or pipe and iterate.
+        """Start a command and return its running :class:`ExecProcess`: iterate over it for
+        output chunks (``stdout``/``stderr`` ``"pipe"``, the default), ``proc.write()`` /
+        ``proc.close_stdin()`` with ``stdin=True``, ``proc.signal()``, ``proc.resize()``, and
+        ``await proc.wait()`` for the result. Output is flow-controlled: the guest produces more
+        only as it is read. Other arguments as for :meth:`exec`."""
+        proc = self._process(command, env=env, cwd=cwd, user=user, stdin=stdin, pty=pty, rows=rows, cols=cols,
+                             timeout=timeout, stdout=stdout, stderr=stderr, window=window)
+        return await proc.start()
 
-        ``stdin``: bytes/str/iterable/async iterable to send then close, or ``True`` to write it
-        yourself with ``proc.write()`` / ``proc.close_stdin()``. ``timeout`` (seconds) kills the
-        process in the guest when it expires (``result.timed_out``); if the guest does not
-        report that within ``timeouts.grace`` more, the host raises :class:`ExecTimeout`.
-        ``user``: name or uid.
-        """
+    def _process(self, command: str | list[str] | tuple[str, ...], *, env: Mapping[str, str] | None,
+                 cwd: str | None, user: str | int | None, stdin: StdinSource, pty: bool, rows: int, cols: int,
+                 timeout: float | None, stdout: StreamMode, stderr: StreamMode, window: int) -> ExecProcess:
         request: dict[str, Any] = normalize_command(command)
         if env:
             request["env"] = {str(k): str(v) for k, v in env.items()}
@@ -250,7 +288,7 @@ class VM:
             if timeout <= 0:
                 raise ValueError("timeout must be positive")
             request["timeout"] = timeout
-        self._machine.control()  # a closed or dead VM fails here, not at the first await
+        self._machine.control()  # a closed or dead VM fails here
         return ExecProcess(self._machine, request, stdin=stdin, stdout=stdout, stderr=stderr, window=window,
                            timeout=timeout)
 

@@ -356,7 +356,7 @@ class SandboxManager:
             await _stop(sandbox.vm)
 
     # -- exec sessions ---------------------------------------------------------------------
-    def start_exec(self, sandbox: Sandbox, command: str, *, env: dict[str, str] | None, cwd: str | None,
+    async def start_exec(self, sandbox: Sandbox, command: str, *, env: dict[str, str] | None, cwd: str | None,
                    user: str | None, stdin: str | None, stdin_open: bool, timeout: float) -> ExecSession:
         limit = self.config.limits.max_execs_per_sandbox
         if sum(1 for s in sandbox.execs.values() if s.running) >= limit:
@@ -367,8 +367,8 @@ class SandboxManager:
             del sandbox.execs[oldest]
         stdin_source: Any = True if stdin_open else stdin
         try:
-            proc = sandbox.vm.exec(command, env=env or None, cwd=cwd, user=user, stdin=stdin_source,
-                                   timeout=timeout, stdout="pipe", stderr="pipe")
+            proc = await sandbox.vm.start(command, env=env or None, cwd=cwd, user=user, stdin=stdin_source,
+                                          timeout=timeout, stdout="pipe", stderr="pipe")
         except (GondolinError, ValueError) as exc:
             raise translate(exc) from exc
         session = ExecSession(sandbox.next_exec_id(), proc, command, buffer_bytes=self.config.limits.exec_buffer_bytes,

@@ -198,7 +198,7 @@ async def exec_command(ctx: ToolContext, inp: m.ExecInput) -> m.ExecOutput:
     with ctx.manager.use(inp.sandbox_id) as sandbox:
         cwd = guest_path(inp.cwd, what="cwd") if inp.cwd else sandbox.default_cwd
         env = {v.name: v.value for v in inp.env or []}
-        session = ctx.manager.start_exec(sandbox, inp.command, env=env, cwd=cwd, user=inp.user,
+        session = await ctx.manager.start_exec(sandbox, inp.command, env=env, cwd=cwd, user=inp.user,
                                          stdin=inp.stdin if not inp.stdin_open else None,
                                          stdin_open=bool(inp.stdin_open), timeout=timeout)
         if inp.stdin_open and inp.stdin:

@@ -145,7 +145,7 @@ class FakeVM:
     def on_close(self, callback):
         self.closers.append(callback)
 
-    def exec(self, command, **kw):
+    async def start(self, command, **kw):
         p = FakeProc(command)
         p.kw = kw
         self.procs.append(p)
@@ -167,8 +167,7 @@ async def test_remote_exec_streams_both_ways(tmp_path):
         [info] = list_sessions()
         assert info.id == vm.id and info.restored_from == "template"
         remote = RemoteVM.find("fake")
-        proc = remote.exec(["cat"], stdin=True, pty=True, rows=30, cols=100, env={"A": "b"})
-        await proc.start()
+        proc = await remote.start(["cat"], stdin=True, pty=True, rows=30, cols=100, env={"A": "b"})
         assert proc.pid == 42
         await proc.write(b"hello ")
         await proc.resize(40, 120)
@@ -198,8 +197,7 @@ async def test_a_client_that_goes_away_kills_its_command(tmp_path):
     async with anyio.create_task_group() as tg:
         vm = FakeVM(tmp_path, tg)
         reg = await register(vm, vm)
-        proc = RemoteVM.find(vm.id).exec("sleep 100", stdin=True)
-        await proc.start()
+        proc = await RemoteVM.find(vm.id).start("sleep 100", stdin=True)
         await proc._conn.stream.aclose()
         with anyio.fail_after(5):
             await vm.procs[0].killed.wait()

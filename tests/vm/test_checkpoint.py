@@ -8,8 +8,8 @@ import anyio
 import pytest
 
 from gondolin import VM, Checkpoint, CheckpointError
-from gondolin.machine.checkpoint import HEADER_SPACE, decode_header, encode_header
 from gondolin.images import ImageStore
+from gondolin.machine.checkpoint import HEADER_SPACE, decode_header, encode_header
 
 pytestmark = pytest.mark.anyio
 

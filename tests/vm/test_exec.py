@@ -68,7 +68,7 @@ async def test_bad_cwd_and_unknown_user_are_clear(vm):
     with pytest.raises(ProtocolError, match="no such user"):
         await vm.exec("true", user="nobody-here")
     with pytest.raises(ValueError):
-        vm.exec("true", cwd="relative/path")
+        await vm.exec("true", cwd="relative/path")
 
 
 async def test_stdin_bytes_and_stream(vm):
@@ -85,8 +85,7 @@ async def test_stdin_bytes_and_stream(vm):
 
 
 async def test_interactive_stdin_with_write_and_close(vm):
-    proc = vm.exec("while read -r l; do echo got:$l; done; echo bye", stdin=True, stdout="pipe")
-    await proc.start()
+    proc = await vm.start("while read -r l; do echo got:$l; done; echo bye", stdin=True)
     await proc.write("one\n")
     lines = proc.lines()
     assert await lines.__anext__() == "got:one"
@@ -100,7 +99,7 @@ async def test_interactive_stdin_with_write_and_close(vm):
 
 async def test_large_output_streams_with_bounded_memory(vm):
     before = max_rss_mb()
-    proc = vm.exec("head -c 100000000 /dev/zero; echo done >&2", stdout="pipe")
+    proc = await vm.start("head -c 100000000 /dev/zero; echo done >&2", stderr="buffer")
     total = 0
     async for chunk in proc:
         assert chunk.stream == "stdout"
@@ -122,8 +121,7 @@ async def test_pty_is_a_terminal_and_resize_is_seen(vm):
     out = r.stdout.replace("\r", "").split("\n")
     assert out[0].startswith("/dev/pts/")
     assert out[1] == "33 101"
-    proc = vm.exec(["sh", "-c", "read x; stty size"], pty=True, stdin=True, stdout="pipe", rows=10, cols=20)
-    await proc.start()
+    proc = await vm.start(["sh", "-c", "read x; stty size"], pty=True, stdin=True, rows=10, cols=20)
     await proc.resize(50, 132)
     await anyio.sleep(0.2)
     await proc.write("go\r")
@@ -142,7 +140,7 @@ async def test_timeout_kills_the_process_group(vm):
 
 
 async def test_host_side_wait_timeout_leaves_process_running(vm):
-    proc = vm.exec("sleep 2; echo finished")
+    proc = await vm.start("sleep 2; echo finished", stdout="buffer")
     with pytest.raises(ExecTimeout):
         await proc.wait(timeout=0.3)
     result = await proc.wait(timeout=30)
@@ -150,14 +148,13 @@ async def test_host_side_wait_timeout_leaves_process_running(vm):
 
 
 async def test_kill_and_signal(vm):
-    proc = vm.exec("trap 'echo got-usr1; exit 5' USR1; echo ready; while :; do sleep 0.05; done", stdout="pipe")
+    proc = await vm.start("trap 'echo got-usr1; exit 5' USR1; echo ready; while :; do sleep 0.05; done")
     lines = proc.lines()
     assert await lines.__anext__() == "ready"
     await proc.signal(signal.SIGUSR1)
     assert await lines.__anext__() == "got-usr1"
     assert (await proc.wait()).exit_code == 5
-    proc = vm.exec("sleep 60")
-    await proc.start()
+    proc = await vm.start("sleep 60")
     await anyio.sleep(0.2)
     await proc.kill()
     r = await proc.wait(timeout=20)
@@ -186,17 +183,21 @@ async def test_twenty_concurrent_execs_keep_their_output_apart(vm):
 
 async def test_invalid_arguments_are_refused_on_the_host(vm):
     with pytest.raises(ValueError):
-        vm.exec("")
+        await vm.exec("")
     with pytest.raises(ValueError):
-        vm.exec([])
+        await vm.exec([])
     with pytest.raises(ValueError):
-        vm.exec("true", stdout="file")
+        await vm.start("true", stdout="file")
+    with pytest.raises(ValueError, match="vm.start"):
+        await vm.exec("true", stdout="pipe")
+    with pytest.raises(ValueError, match="vm.start"):
+        await vm.exec("cat", stdin=True)
     with pytest.raises(ValueError):
-        vm.exec("true", timeout=0)
+        await vm.exec("true", timeout=0)
 
 
 async def test_write_to_process_without_stdin_is_an_error(vm):
-    proc = vm.exec("sleep 0.2")
+    proc = await vm.start("sleep 0.2")
     with pytest.raises(GondolinError, match="without stdin"):
         await proc.write(b"x")
     await proc.wait()

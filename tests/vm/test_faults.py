@@ -113,8 +113,7 @@ async def test_a_frozen_guest_fails_calls_at_their_deadlines(no_leaks):
 async def test_a_guest_that_stops_answering_pings_is_declared_unresponsive(no_leaks):
     vm = await VM.create(timeouts=FAST)
     pid = vm.qemu_pid
-    proc = vm.exec("sleep 600")
-    await proc.start()
+    proc = await vm.start("sleep 600")
     os.kill(pid, signal.SIGSTOP)
     try:
         t0 = time.monotonic()

@@ -17,9 +17,8 @@ async def counter(vm: VM) -> int:
 
 async def test_copies_keep_running_processes_and_diverge(no_leaks):
     async with open_vm() as source:
-        proc = source.exec("i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; "
+        await source.start("i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; "
                            "mv /tmp/count.new /tmp/count; sleep 0.1; done")
-        await proc.start()
         await source.fs.write("/root/shared.txt", "before the fork\n")
         with anyio.fail_after(20):
             while not await source.fs.exists("/tmp/count"):  # noqa: ASYNC110 - polling the guest

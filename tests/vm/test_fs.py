@@ -126,15 +126,14 @@ async def test_one_gib_streams_both_ways_with_bounded_memory(vm):
             yield i.to_bytes(8, "big") + zeros
 
     before = max_rss_mb()
-    checker = vm.exec(["python3", "/tmp/check.py", "/tmp/in.fifo", str(BLOCK)])
-    await checker.start()
+    checker = await vm.start(["python3", "/tmp/check.py", "/tmp/in.fifo", str(BLOCK)], stdout="buffer",
+                             stderr="buffer")
     assert await vm.fs.write("/tmp/in.fifo", produce()) == GiB
     result = await checker.wait(timeout=300)
     assert result.exit_code == 0, result.stderr
     assert int(result.stdout) == GiB
 
-    producer = vm.exec(["python3", "/tmp/produce.py", "/tmp/out.fifo", str(blocks), str(BLOCK)])
-    await producer.start()
+    producer = await vm.start(["python3", "/tmp/produce.py", "/tmp/out.fifo", str(blocks), str(BLOCK)])
     expect, total, pending = 0, 0, b""
     async for chunk in await vm.fs.open_read("/tmp/out.fifo"):
         pending += chunk
@@ -149,8 +148,7 @@ async def test_one_gib_streams_both_ways_with_bounded_memory(vm):
 
 
 async def test_file_ops_run_while_a_long_exec_runs(vm):
-    proc = vm.exec("sleep 5; echo slept")
-    await proc.start()
+    proc = await vm.start("sleep 5; echo slept", stdout="buffer")
     with anyio.fail_after(3):  # would take 5 s if file ops waited for the exec
         await vm.fs.write("/tmp/concurrent.txt", "during exec")
         assert await vm.fs.read_text("/tmp/concurrent.txt") == "during exec"

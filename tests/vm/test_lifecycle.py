@@ -15,8 +15,7 @@ async def test_killing_qemu_mid_exec_fails_pending_calls_clearly(no_leaks):
     vm = await VM.create()
     pid = vm.qemu_pid
     assert pid in qemu_pids()
-    proc = vm.exec("echo about to sleep; sleep 60")
-    await proc.start()
+    proc = await vm.start("echo about to sleep; sleep 60")
     await anyio.sleep(0.3)
     vm.kill_qemu()
     with anyio.fail_after(10), pytest.raises(VMDiedError) as err:
@@ -29,7 +28,7 @@ async def test_killing_qemu_mid_exec_fails_pending_calls_clearly(no_leaks):
     await vm.close()
     assert pid not in qemu_pids()
     with pytest.raises(VMClosedError):
-        vm.exec("true")
+        await vm.exec("true")
 
 
 async def test_rootfs_modes_and_cleanup(no_leaks):
