@@ -76,9 +76,9 @@ def _size(n: int) -> str:
 def _list(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from .registry import list_sessions
+    from .registry import list_vms
 
-    sessions = list_sessions()
+    sessions = list_vms()
     if args.json:
         for s in sessions:
             print(json.dumps(asdict(s)))
@@ -94,7 +94,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 async def _attach(args: argparse.Namespace) -> int:
-    from ._terminal import interactive_shell
+    from ._terminal import interactive_shell, piped_command
     from .registry import RemoteVM
 
     remote = RemoteVM.find(args.id)
@@ -104,21 +104,8 @@ async def _attach(args: argparse.Namespace) -> int:
     if not command or sys.stdin.isatty():
         return await interactive_shell(remote, command or ["/bin/bash", "-l"], user=args.user)
     # Not a terminal: plain pipes, so output and exit status can be scripted.
-    proc = await remote.start(command if len(command) > 1 else command[0], user=args.user, stdin=True)
-    async with anyio.create_task_group() as tg:
-        async def pump_in() -> None:
-            fd = sys.stdin.fileno()
-            while data := await anyio.to_thread.run_sync(os.read, fd, 65536, abandon_on_cancel=True):
-                await proc.write(data)
-            await proc.close_stdin()
-
-        tg.start_soon(pump_in)
-        async for chunk in proc:
-            out = sys.stdout.buffer if chunk.stream == "stdout" else sys.stderr.buffer
-            out.write(chunk.data)
-            out.flush()
-        tg.cancel_scope.cancel()
-    return (await proc.wait()).exit_code
+    result = await piped_command(remote, command if len(command) > 1 else command[0], user=args.user)
+    return int(result.exit_code)
 
 
 def default_snapshot_path(ident: str) -> Path:

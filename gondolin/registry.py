@@ -1,8 +1,8 @@
 """The registry of running VMs, and the socket through which other processes reach them.
 
-Every running VM writes ``$XDG_CACHE_HOME/gondolin/sessions/<id>.json`` (id, owner pid, QEMU
+Every running VM writes ``$XDG_CACHE_HOME/gondolin/vms/<id>.json`` (id, owner pid, QEMU
 pid, label, created, socket) and removes it on close. An entry whose owner process is gone is
-garbage: :func:`list_sessions` deletes it.
+garbage: :func:`list_vms` deletes it.
 
 The owner serves the VM on a unix socket in its private run directory (mode 0700, so only the
 same user can connect). One connection carries one request, framed like the control port
@@ -42,19 +42,19 @@ if TYPE_CHECKING:
 log = get_logger("vm")
 READ_SIZE = 256 * 1024
 MAX_CLIENTS = 16  # connections served at once per VM; more wait in the listen backlog
-SOCKET_NAME = "session.sock"
+SOCKET_NAME = "registry.sock"
 
 
-class SessionError(GondolinError):
-    """No such session, or its owner could not be reached."""
+class RegistryError(GondolinError):
+    """No such running VM, or its owner process could not be reached."""
 
-    code = "session_error"
+    code = "registry_error"
 
 
 class S(enum.IntEnum):
-    """Message types of the session socket (host to host; distinct from the guest's :class:`T`)."""
+    """Message types of the VM's registry socket (host to host; distinct from the guest's :class:`T`)."""
 
-    INFO = 100  # -> {} ; <- {session fields}
+    INFO = 100  # -> {} ; <- {entry fields}
     EXEC = 101  # -> {command, env, cwd, user, pty, rows, cols, stdin, timeout}
     STARTED = 102  # <- {pid}
     STDOUT = 103  # <- data
@@ -70,7 +70,7 @@ class S(enum.IntEnum):
 
 
 @dataclass(frozen=True)
-class SessionInfo:
+class VMEntry:
     id: str
     pid: int  # the host process that owns the VM
     qemu_pid: int | None
@@ -84,9 +84,9 @@ class SessionInfo:
     restored_from: str | None = None
 
     @classmethod
-    def from_dict(cls, data: Any) -> SessionInfo:
+    def from_dict(cls, data: Any) -> VMEntry:
         if not isinstance(data, dict):
-            raise ValueError("session entry is not an object")
+            raise ValueError("registry entry is not an object")
         return cls(
             id=str(data["id"]), pid=int(data["pid"]),
             qemu_pid=int(data["qemu_pid"]) if data.get("qemu_pid") else None,
@@ -102,18 +102,18 @@ class SessionInfo:
         return pid_alive(self.pid) and Path(self.socket).exists()
 
 
-def sessions_dir() -> Path:
-    return Path(os.environ.get("GONDOLIN_SESSION_DIR") or cache_root() / "sessions")
+def registry_dir() -> Path:
+    return Path(os.environ.get("GONDOLIN_REGISTRY_DIR") or cache_root() / "vms")
 
 
-def _read(path: Path) -> SessionInfo:
-    return SessionInfo.from_dict(json.loads(path.read_text()))
+def _read(path: Path) -> VMEntry:
+    return VMEntry.from_dict(json.loads(path.read_text()))
 
 
-def list_sessions(*, gc: bool = True) -> list[SessionInfo]:
-    """Running sessions, oldest first. With ``gc``, entries of dead owners are deleted."""
+def list_vms(*, gc: bool = True) -> list[VMEntry]:
+    """Running VMs, oldest first. With ``gc``, entries of dead owners are deleted."""
     out = []
-    root = sessions_dir()
+    root = registry_dir()
     if not root.is_dir():
         return []
     for path in sorted(root.glob("*.json")):
@@ -139,19 +139,19 @@ def _mtime(path: Path) -> float:
         return 0.0
 
 
-def find_session(ident: str) -> SessionInfo:
-    """A running session by id, unique id prefix, or label."""
-    sessions = list_sessions()
-    exact = [s for s in sessions if s.id == ident]
+def find_vm(ident: str) -> VMEntry:
+    """A running VM by id, unique id prefix, or label."""
+    running = list_vms()
+    exact = [s for s in running if s.id == ident]
     if exact:
         return exact[0]
-    hits = [s for s in sessions if s.id.startswith(ident)] or [s for s in sessions if s.label == ident]
+    hits = [s for s in running if s.id.startswith(ident)] or [s for s in running if s.label == ident]
     if len(hits) == 1:
         return hits[0]
     if not hits:
-        known = ", ".join(s.id for s in sessions) or "none"
-        raise SessionError(f"no running VM {ident!r} (running: {known}); see `gondolin list`")
-    raise SessionError(f"{ident!r} matches several VMs: {', '.join(s.id for s in hits)}")
+        known = ", ".join(s.id for s in running) or "none"
+        raise RegistryError(f"no running VM {ident!r} (running: {known}); see `gondolin list`")
+    raise RegistryError(f"{ident!r} matches several VMs: {', '.join(s.id for s in hits)}")
 
 
 # -- owner side ------------------------------------------------------------------------
@@ -177,12 +177,12 @@ async def register(vm: VM, machine: Machine) -> Registration:
         raise OSError("the VM has no run directory")
     sock = machine.run_dir / SOCKET_NAME
     listener = UnixListener(sock)
-    info = SessionInfo(
+    info = VMEntry(
         id=vm.id, pid=os.getpid(), qemu_pid=vm.qemu_pid, label=vm.label, created=vm.created, socket=str(sock),
         image=vm.image.build_id, memory_mb=vm.memory_mb, cpus=vm.cpus, rootfs=vm.rootfs,
         restored_from=vm.restored_from,
     )
-    root = sessions_dir()
+    root = registry_dir()
     root.mkdir(parents=True, exist_ok=True)
     entry = root / f"{vm.id}.json"
     tmp = root / f".{vm.id}.tmp"
@@ -217,7 +217,7 @@ async def _serve(vm_ref: weakref.ref[VM], listener: UnixListener) -> None:
 
 
 class _PeerGone(Exception):
-    """The other end of a session connection closed it."""
+    """The other end of a registry connection closed it."""
 
 
 class _Conn:
@@ -247,7 +247,7 @@ class _Conn:
                 self.decoder.feed(data)
                 self.pending.extend(self.decoder.messages())
             except FrameError as exc:
-                raise ProtocolError(f"malformed session frame: {exc}", code=exc.code) from None
+                raise ProtocolError(f"malformed registry frame: {exc}", code=exc.code) from None
         return self.pending.pop(0)
 
 
@@ -343,7 +343,7 @@ class RemoteProcess:
             msg = await self._conn.receive()
             _raise_if_error(msg)
             if msg is None or msg.t != S.STARTED:
-                raise SessionError("the VM's owner closed the connection before the command started")
+                raise RegistryError("the VM's owner closed the connection before the command started")
             self.pid = int(msg.p.get("pid") or 0) or None
         return self
 
@@ -374,7 +374,7 @@ class RemoteProcess:
             msg = await conn.receive()
             _raise_if_error(msg)
             if msg is None:
-                raise SessionError("the VM's owner closed the connection (did its process exit?)")
+                raise RegistryError("the VM's owner closed the connection (did its process exit?)")
             if msg.t in (S.STDOUT, S.STDERR):
                 yield OutputChunk("stdout" if msg.t == S.STDOUT else "stderr", msg.data)
             elif msg.t == S.EXIT:
@@ -390,7 +390,7 @@ class RemoteProcess:
         async for chunk in self:
             self._out[chunk.stream].append(chunk.data)
         if self._result is None:
-            raise SessionError("the command's result never arrived")
+            raise RegistryError("the command's result never arrived")
         if not self._result.stdout_bytes and self._out["stdout"]:
             self._result = ExecResult(self._result.exit_code, self._result.signal, b"".join(self._out["stdout"]),
                                       b"".join(self._out["stderr"]), self._result.duration, self._result.timed_out)
@@ -401,15 +401,15 @@ class RemoteProcess:
 
 
 class RemoteVM:
-    """A running VM owned by another process, reached through its session socket."""
+    """A running VM owned by another process, reached through its registry socket."""
 
-    def __init__(self, info: SessionInfo) -> None:
+    def __init__(self, info: VMEntry) -> None:
         self.info = info
         self.id = info.id
 
     @classmethod
     def find(cls, ident: str) -> RemoteVM:
-        return cls(find_session(ident))
+        return cls(find_vm(ident))
 
     async def start(self, command: str | list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
              user: str | int | None = None, stdin: bool | None = None, pty: bool = False, rows: int = 24,
@@ -429,7 +429,7 @@ class RemoteVM:
             msg = await conn.receive()
             _raise_if_error(msg)
             if msg is None or msg.t != S.DONE:
-                raise SessionError("the VM's owner closed the connection before the checkpoint was saved")
+                raise RegistryError("the VM's owner closed the connection before the checkpoint was saved")
             return dict(msg.p)
 
 
@@ -437,7 +437,7 @@ async def _connect(path: str) -> _Conn:
     try:
         stream = await connect_unix(path)
     except OSError as exc:
-        raise SessionError(f"cannot reach the VM's owner process at {path}: {exc}") from exc
+        raise RegistryError(f"cannot reach the VM's owner process at {path}: {exc}") from exc
     return _Conn(stream)
 
 
@@ -446,4 +446,4 @@ def _raise_if_error(msg: Message | None) -> None:
     if msg is not None and msg.t == S.ERROR:
         text = str(msg.p.get("message") or "the VM's owner refused the request")
         code = msg.p.get("code")
-        raise GondolinError(text, code=str(code)) if code else SessionError(text)
+        raise GondolinError(text, code=str(code)) if code else RegistryError(text)

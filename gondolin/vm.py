@@ -34,7 +34,7 @@ from .machine.fork import fork_machine
 from .machine.launch import resolve, start_machine
 from .machine.machine import kill_all_machines
 from .machine.shape import MachineShape, machine_shape
-from .machine.state import SnapshotError
+from .machine.state import StateError
 from .options import OptionChanges, RootfsMode, VMOptions
 from .protocol import DEFAULT_WINDOW, T
 from .registry import Registration, register
@@ -437,7 +437,7 @@ class Checkpoint(CheckpointFile):
             first = group.exceptions[0]
             if isinstance(first, CheckpointError):
                 raise first from None
-            code = "checkpoint_failed" if isinstance(first, SnapshotError) else "checkpoint_corrupt"
+            code = "checkpoint_failed" if isinstance(first, StateError) else "checkpoint_corrupt"
             raise CheckpointError(f"{self.path.name} could not be resumed: {first}", code=code) from first
         if failure:
             with anyio.CancelScope(shield=True):

@@ -40,10 +40,10 @@ RESYNC_RETRY = 1.0  # seconds before a PING that got no PONG is sent again
 COPY_CHUNK = 8 << 20
 
 
-class SnapshotError(GondolinError):
+class StateError(GondolinError):
     """Saving or restoring a VM's state failed."""
 
-    code = "snapshot_failed"
+    code = "state_error"
 
 
 # -- finding the frame boundary after a restore (sans-IO) ----------------------------------
@@ -85,7 +85,7 @@ class PongScanner:
         self.skipped += len(buf) - keep
         self._tail = buf[len(buf) - keep:] if keep else b""
         if self.skipped > self.limit:
-            raise SnapshotError(f"the restored guest sent {self.skipped} bytes without answering the resync PING")
+            raise StateError(f"the restored guest sent {self.skipped} bytes without answering the resync PING")
         return None
 
 
@@ -224,7 +224,7 @@ def _copy_fd(fin: int, fout: int, size: int, src_off: int, dst_off: int) -> int:
         if n <= 0:  # not supported here (or a short source): plain reads and writes
             data = os.pread(fin, want, src_off + done)
             if not data:
-                raise SnapshotError(f"unexpected end of file after {done} of {size} bytes")
+                raise StateError(f"unexpected end of file after {done} of {size} bytes")
             n = os.pwrite(fout, data, dst_off + done)
         done += n
     return done
@@ -235,13 +235,13 @@ def qcow2_backing(path: Path, offset: int = 0) -> str | None:
     with open(path, "rb") as f:
         head = os.pread(f.fileno(), 32, offset)
         if len(head) < 20 or head[:4] != b"QFI\xfb":
-            raise SnapshotError(f"{path} is not a qcow2 image")
+            raise StateError(f"{path} is not a qcow2 image")
         name_off = int.from_bytes(head[8:16], "big")
         name_len = int.from_bytes(head[16:20], "big")
         if not name_off or not name_len:
             return None
         if name_len > 4096:
-            raise SnapshotError(f"{path}: backing file name of {name_len} bytes")
+            raise StateError(f"{path}: backing file name of {name_len} bytes")
         return os.pread(f.fileno(), name_len, offset + name_off).decode(errors="replace")
 
 
@@ -253,7 +253,7 @@ def rebase_overlay(overlay: Path, backing: str) -> None:
     proc = subprocess.run([qemu_img, "rebase", "-u", "-F", "raw", "-b", backing, str(overlay)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SnapshotError(f"qemu-img could not rebase {overlay}: {proc.stderr.strip()}")
+        raise StateError(f"qemu-img could not rebase {overlay}: {proc.stderr.strip()}")
 
 
 def prepare_restored_disk(saved: Section, dest: Path, backing: str) -> None:
@@ -289,7 +289,7 @@ async def save_running_vm(
         try:
             info = await qmp.migrate_to(f"exec:{memory_command}", timeout=timeout)
         except TimeoutError:
-            raise SnapshotError(f"saving the VM's memory took longer than {timeout:.0f}s") from None
+            raise StateError(f"saving the VM's memory took longer than {timeout:.0f}s") from None
         try:
             if after_stop is not None:
                 await after_stop()
@@ -299,7 +299,7 @@ async def save_running_vm(
     try:
         size = memory_file.stat().st_size
     except OSError as exc:
-        raise SnapshotError(f"QEMU did not write the memory image {memory_file}: {exc}") from exc
+        raise StateError(f"QEMU did not write the memory image {memory_file}: {exc}") from exc
     downtime = info.get("downtime") if isinstance(info, dict) else None
     log.debug("saved memory in %.3fs (%d bytes, downtime %s ms)", elapsed, size, downtime)
     return SaveStats(elapsed, float(downtime) if downtime is not None else None, size)

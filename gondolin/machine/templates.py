@@ -40,7 +40,7 @@ from ..images.store import cache_root
 from .boot import BootSource, ColdBoot, TemplateRestore
 from .machine import Machine
 from .shape import TEMPLATE_FORMAT, MachineShape
-from .state import Section, SnapshotError, save_running_vm
+from .state import Section, StateError, save_running_vm
 
 log = get_logger("vm")
 MAX_TEMPLATES = 8  # kept on disk; the least recently used go first
@@ -244,7 +244,7 @@ async def _boot_and_save(machine: Machine, store: TemplateStore | None) -> None:
         await machine.configure(base=True)
         try:
             await save_template(store, machine)
-        except (SnapshotError, OSError) as exc:
+        except (StateError, OSError) as exc:
             log.warning("could not save a warm template (%s); later VMs boot cold", exc)
 
 
@@ -265,7 +265,7 @@ async def start_warm(make: Callable[[], Machine]) -> Machine:
     try:
         await machine.start(template.boot_source())
         return machine
-    except (VMStartError, SnapshotError) as exc:
+    except (VMStartError, StateError) as exc:
         if exc.code == "vm_start_timeout":
             raise  # a slow host, not a bad template
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

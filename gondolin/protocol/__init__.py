@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 PROTOCOL_VERSION = 1
-MAX_FRAME = 4 * 1024 * 1024  # DESIGN.md §4: 4 MiB per frame
+MAX_FRAME = 4 * 1024 * 1024  # bytes per frame: bounds what one guest message can make the host buffer
 MAX_HEADER = 256 * 1024  # JSON part of one message
 DATA_CHUNK = 256 * 1024  # preferred size of one data message (well under MAX_FRAME)
 DEFAULT_WINDOW = 1024 * 1024  # initial credit for a byte stream, in bytes

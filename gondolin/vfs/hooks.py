@@ -20,7 +20,7 @@ from .provider import (
     ROOT,
     Attr,
     Caller,
-    DirEntry,
+    Dirent,
     FileHandle,
     HandleWrapper,
     OpenMode,
@@ -127,7 +127,7 @@ class HookedProvider(ProviderWrapper):
     async def getattr(self, path: str) -> Attr:
         return await self.run(self._event("getattr", path), lambda: self.inner.getattr(path))
 
-    async def readdir(self, path: str) -> Sequence[DirEntry]:
+    async def readdir(self, path: str) -> Sequence[Dirent]:
         return await self.run(self._event("readdir", path), lambda: self.inner.readdir(path))
 
     async def readlink(self, path: str) -> str:

@@ -28,7 +28,7 @@ from .provider import (
     ROOT,
     Attr,
     Caller,
-    DirEntry,
+    Dirent,
     FileHandle,
     OpenMode,
     Provider,
@@ -189,11 +189,11 @@ class MemoryProvider(Provider):
     async def getattr(self, path: str) -> Attr:
         return self._node(path).attr()
 
-    async def readdir(self, path: str) -> list[DirEntry]:
+    async def readdir(self, path: str) -> list[Dirent]:
         node = self._node(path)
         if not node.is_dir:
             raise VfsError(ENOTDIR)
-        return [DirEntry(name, child.attr()) for name, child in node.children.items()]
+        return [Dirent(name, child.attr()) for name, child in node.children.items()]
 
     async def readlink(self, path: str) -> str:
         node = self._node(path)

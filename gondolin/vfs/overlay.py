@@ -43,7 +43,7 @@ from .provider import (
     ROOT,
     Attr,
     Caller,
-    DirEntry,
+    Dirent,
     FileHandle,
     HandleWrapper,
     OpenMode,
@@ -159,7 +159,7 @@ class OverlayProvider(Provider):
     async def getattr(self, path: str) -> Attr:
         return await self._existing(path)
 
-    async def readdir(self, path: str) -> list[DirEntry]:
+    async def readdir(self, path: str) -> list[Dirent]:
         up, lo = await self._layers(path)
         merged = self._merge(path, up, lo)
         if merged is None:
@@ -177,8 +177,8 @@ class OverlayProvider(Provider):
                 child = paths.child(path, ent.name)
                 attr = self._merge(child, ent.attr, lower.pop(ent.name, None))
                 assert attr is not None
-                out.append(DirEntry(ent.name, attr))
-        out.extend(DirEntry(name, attr) for name, attr in lower.items())
+                out.append(Dirent(ent.name, attr))
+        out.extend(Dirent(name, attr) for name, attr in lower.items())
         return out
 
     async def readlink(self, path: str) -> str:

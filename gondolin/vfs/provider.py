@@ -29,7 +29,7 @@ from .wire import (
 __all__ = [
     "Attr",
     "Caller",
-    "DirEntry",
+    "Dirent",
     "FileHandle",
     "OpenMode",
     "Provider",
@@ -129,7 +129,10 @@ class SetAttr:
 
 
 @dataclass(frozen=True, slots=True)
-class DirEntry:
+class Dirent:
+    """One name of a provider's directory listing, with its attributes (what FUSE readdirplus
+    returns). ``vm.fs.scandir`` gives users :class:`gondolin.DirEntry` values instead."""
+
     name: str
     attr: Attr
 
@@ -271,7 +274,7 @@ class Provider(ABC):
         """Attributes of the entry itself (``lstat``)."""
 
     @abstractmethod
-    async def readdir(self, path: str) -> Sequence[DirEntry]:
+    async def readdir(self, path: str) -> Sequence[Dirent]:
         """Entries of a directory, without ``.`` and ``..``."""
 
     @abstractmethod
@@ -352,7 +355,7 @@ class ProviderWrapper(Provider):
     async def getattr(self, path: str) -> Attr:
         return await self.inner.getattr(path)
 
-    async def readdir(self, path: str) -> Sequence[DirEntry]:
+    async def readdir(self, path: str) -> Sequence[Dirent]:
         return await self.inner.readdir(path)
 
     async def open(self, path: str, mode: OpenMode) -> FileHandle:

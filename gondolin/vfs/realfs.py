@@ -35,7 +35,7 @@ from .provider import (
     ROOT,
     Attr,
     Caller,
-    DirEntry,
+    Dirent,
     FileHandle,
     OpenMode,
     Provider,
@@ -212,8 +212,8 @@ class _Tree:
 
     # --- operations ------------------------------------------------------------------------
 
-    def readdir(self, parts: Sequence[str]) -> list[DirEntry]:
-        def listing(d: int, n: str) -> list[DirEntry]:
+    def readdir(self, parts: Sequence[str]) -> list[Dirent]:
+        def listing(d: int, n: str) -> list[Dirent]:
             fd = os.open(n, os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC, dir_fd=d)
             try:
                 out = []
@@ -223,7 +223,7 @@ class _Tree:
                             st = entry.stat(follow_symlinks=False)
                         except FileNotFoundError:
                             continue  # removed while we listed
-                        out.append(DirEntry(entry.name, self.attr(st)))
+                        out.append(Dirent(entry.name, self.attr(st)))
                 return out
             finally:
                 os.close(fd)
@@ -487,7 +487,7 @@ class RealFSProvider(Provider):
     async def getattr(self, path: str) -> Attr:
         return await self._meta(self._tree.lstat, paths.split(path))
 
-    async def readdir(self, path: str) -> list[DirEntry]:
+    async def readdir(self, path: str) -> list[Dirent]:
         return await self._run(self._tree.readdir, paths.split(path))
 
     async def readlink(self, path: str) -> str:

@@ -20,7 +20,7 @@ from .provider import (
     SYNTHETIC_STATFS,
     Attr,
     Caller,
-    DirEntry,
+    Dirent,
     FileHandle,
     HandleWrapper,
     OpenMode,
@@ -126,22 +126,22 @@ class MountRouter(Provider):
             return self._virtual_attr(norm)
         raise VfsError(ENOENT)
 
-    async def readdir(self, path: str) -> list[DirEntry]:
+    async def readdir(self, path: str) -> list[Dirent]:
         norm = paths.normalize(path)
         hit = self.route(norm)
-        entries: dict[str, DirEntry] = {}
+        entries: dict[str, Dirent] = {}
         if hit is not None:
             provider, index, sub = hit
             try:
                 for ent in await provider.readdir(sub):
-                    entries[ent.name] = DirEntry(ent.name, self._tag(ent.attr, index))
+                    entries[ent.name] = Dirent(ent.name, self._tag(ent.attr, index))
             except VfsError as exc:
                 if exc.errno not in (ENOENT, ENOTDIR) or norm not in self._virtual:
                     raise
         elif norm not in self._virtual:
             raise VfsError(ENOENT)
         for name in sorted(self._virtual.get(norm, ())):
-            entries[name] = DirEntry(name, await self.getattr(paths.child(norm, name)))
+            entries[name] = Dirent(name, await self.getattr(paths.child(norm, name)))
         return list(entries.values())
 
     async def readlink(self, path: str) -> str:

@@ -29,7 +29,7 @@ from .provider import (
     ROOT,
     Attr,
     Caller,
-    DirEntry,
+    Dirent,
     FileHandle,
     OpenMode,
     Provider,
@@ -70,7 +70,7 @@ class _Hide(ProviderWrapper):
         self._absent(path)
         return await self.inner.getattr(path)
 
-    async def readdir(self, path: str) -> Sequence[DirEntry]:
+    async def readdir(self, path: str) -> Sequence[Dirent]:
         self._absent(path)
         return [
             e for e in await self.inner.readdir(path) if not self.hidden(paths.child(path, e.name))

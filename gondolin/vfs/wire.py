@@ -29,7 +29,7 @@ from dataclasses import dataclass, fields
 from typing import ClassVar
 
 VERSION = 1
-MAX_MESSAGE = 4 * 1024 * 1024  # DESIGN.md §4: 4 MiB per frame
+MAX_MESSAGE = 4 * 1024 * 1024  # bytes per frame, as on the control port (gondolin.protocol.MAX_FRAME)
 MAX_IO = 1024 * 1024  # largest read/write payload (FUSE max_pages 256 x 4 KiB)
 MAX_NAME = 255  # bytes in one path component (NAME_MAX)
 MAX_TARGET = 4095  # bytes in a symlink target (PATH_MAX - 1)

@@ -1,4 +1,4 @@
-"""HTTP(S) mediation with real clients in the guest (issue 5): curl (HTTP/1.1 and HTTP/2), Python
+"""HTTP(S) mediation with real clients in the guest: curl (HTTP/1.1 and HTTP/2), Python
 urllib, git over smart HTTP, pip against a PEP 503 index, a TLS upstream signed by a test CA,
 secrets that only the host ever sees, and exfiltration attempts that must be blocked and audited.
 

@@ -1,4 +1,4 @@
-"""The guest's network through the host stack (issue 4): addressing, DHCP, DNS, ICMP, refusals,
+"""The guest's network through the host stack: addressing, DHCP, DNS, ICMP, refusals,
 mapped TCP rules. One VM for the module; loopback servers run in a child process."""
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from gondolin.machine.state import (
     PongScanner,
     RestoreSource,
     Section,
-    SnapshotError,
+    StateError,
     copy_section,
     pong_marker,
     qcow2_backing,
@@ -58,7 +58,7 @@ def test_scanner_accepts_any_of_several_pongs_and_the_earliest_wins():
 def test_scanner_gives_up_after_its_limit():
     s = PongScanner(MARKER, limit=100)
     s.feed(b"z" * 90)
-    with pytest.raises(SnapshotError):
+    with pytest.raises(StateError):
         s.feed(b"z" * 200)
 
 
@@ -136,7 +136,7 @@ def test_copy_section(tmp_path):
 def test_copy_section_of_a_short_file_is_an_error(tmp_path):
     src = tmp_path / "src"
     src.write_bytes(b"abc")
-    with pytest.raises(SnapshotError):
+    with pytest.raises(StateError):
         copy_section(Section(src, 0, 100), tmp_path / "dest")
 
 
@@ -150,7 +150,7 @@ def test_qcow2_backing_reads_the_header(tmp_path):
     plain = tmp_path / "p.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(plain), "1M"], check=True)
     assert qcow2_backing(plain) is None
-    with pytest.raises(SnapshotError):
+    with pytest.raises(StateError):
         qcow2_backing(base)
 
 

@@ -278,7 +278,7 @@ async def test_cow_over_any_provider() -> None:
     assert await read_file(base, "/f") == b"changed"
 
 
-# -- issue 11: hostile names and links on the way out ------------------------------------------
+# -- hostile names and links on the way out ------------------------------------------
 
 
 @pytest.mark.parametrize(

@@ -29,8 +29,8 @@ OWNER = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    d = tmp_path_factory.mktemp("sessions-cli")
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "GONDOLIN_SESSION_DIR": str(d / "sessions"),
+    d = tmp_path_factory.mktemp("registry-cli")
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "GONDOLIN_REGISTRY_DIR": str(d / "vms"),
             "GONDOLIN_CHECKPOINT_DIR": str(d / "checkpoints")}
 
 
@@ -116,7 +116,7 @@ def test_entries_of_a_dead_owner_are_collected(env, tmp_path):
     proc = subprocess.Popen([sys.executable, str(script), "doomed"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     ident = json.loads(proc.stdout.readline())["id"]
-    entry = Path(env["GONDOLIN_SESSION_DIR"]) / f"{ident}.json"
+    entry = Path(env["GONDOLIN_REGISTRY_DIR"]) / f"{ident}.json"
     assert entry.exists() and ident in run(env, "list").stdout.decode()
     os.kill(proc.pid, signal.SIGKILL)  # no chance to clean up
     proc.wait()
