@@ -11,7 +11,7 @@ import collections
 import errno as _errno
 import os
 import posixpath
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Mapping
 from typing import Any, Protocol
 
 from ._log import get_logger
@@ -257,7 +257,7 @@ class GuestFS:
             _raise_for(msg, path)
 
     async def walk(self, top: str, *, max_entries: int | None = None,
-                   include_hidden: bool = True) -> AsyncIterator[tuple[str, list[DirEntry]]]:
+                   include_hidden: bool = True) -> AsyncGenerator[tuple[str, list[DirEntry]], None]:
         """Breadth-first directory walk: yields ``(directory, entries)`` with entries sorted by
         name, then descends into the subdirectories (symlinks are not followed). Unreadable
         subdirectories are skipped; an unreadable ``top`` raises. ``max_entries`` stops the walk
