@@ -7,10 +7,12 @@ from .hooks import AuditEvent, Decision, EventLog, HttpHooks, create_http_hooks,
 from .mediator import HttpMediator
 from .messages import Body, HttpRequest, HttpResponse
 from .policy import EgressPolicy, HostPattern, is_internal_address
+from .presets import HOST_PRESETS, expand_presets
 from .secrets import Secret, SecretStore
 from .upstream import Timeouts, UpstreamClient
 
 __all__ = [
+    "HOST_PRESETS",
     "AuditEvent",
     "Body",
     "BodyTooLarge",
@@ -34,5 +36,6 @@ __all__ = [
     "create_http_hooks",
     "default_ca_dir",
     "deny_all_hooks",
+    "expand_presets",
     "is_internal_address",
 ]

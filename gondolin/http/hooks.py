@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeAlias, TypeVar
 
 from .messages import HttpRequest, HttpResponse
-from .policy import EgressPolicy
+from .policy import EgressPolicy, PolicyHints
+from .presets import expand_presets
 from .secrets import Secret, SecretStore
 from .upstream import Resolver
 
@@ -124,6 +125,7 @@ class HttpHooks:
 def create_http_hooks(
     *,
     allowed_hosts: Iterable[str] = (),
+    allow: Iterable[str] = (),
     allowed_internal_hosts: Iterable[str] = (),
     secrets: Mapping[str, Secret] | None = None,
     replace_secrets_in_query: bool = False,
@@ -136,10 +138,13 @@ def create_http_hooks(
     max_events: int = MAX_RECENT_EVENTS,
     resolver: Resolver | None = None,
     upstream_ca_pem: bytes | None = None,
+    hints: PolicyHints | None = None,
 ) -> tuple[HttpHooks, dict[str, str]]:
     """Build the HTTP policy for a VM; returns ``(hooks, env)``.
 
     ``allowed_hosts`` defaults to nothing (deny all); ``["*"]`` allows any public host name.
+    ``allow`` names host presets (``"pypi"``, ``"npm"``, ``"github"``: see
+    :data:`gondolin.http.presets.HOST_PRESETS`) whose hosts are added to ``allowed_hosts``.
     ``allowed_internal_hosts`` may resolve to internal addresses and are implicitly allowed.
     A secret's ``hosts``, ``schemes`` and ``ports`` scope where it may be sent; it does not add
     to ``allowed_hosts``. ``redact_responses=True`` replaces any real value in response headers
@@ -148,10 +153,16 @@ def create_http_hooks(
     ``resolver`` (``async (host, port) -> [ip, ...]``) replaces the host's resolver for upstream
     names (split-horizon setups, tests); every address it returns is still checked by policy.
     ``upstream_ca_pem`` adds one CA to the host trust store for upstream TLS verification.
+    ``hints``: how refusals name the option that would allow a request (default: these parameters).
     """
+    if on_event is not None and inspect.iscoroutinefunction(on_event):
+        raise TypeError("on_event is called synchronously for every event; pass a plain function "
+                        "(it may hand the event to a queue or a memory object stream)")
+    hosts = (*allowed_hosts, *expand_presets(allow))
     hooks = HttpHooks(
         policy=EgressPolicy(
-            allowed_hosts, allowed_internal_hosts, block_internal_ranges=block_internal_ranges
+            hosts, allowed_internal_hosts, block_internal_ranges=block_internal_ranges,
+            hints=hints if hints is not None else PolicyHints(),
         ),
         secrets=SecretStore(secrets),
         replace_secrets_in_query=replace_secrets_in_query,

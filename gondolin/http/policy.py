@@ -197,6 +197,23 @@ def _parse_patterns(patterns: Iterable[str]) -> tuple[HostPattern, ...]:
     return tuple(seen.values())
 
 
+@dataclass(frozen=True, slots=True)
+class PolicyHints:
+    """How a refusal tells the reader what would allow the request: the option names of the API
+    they used (the Python SDK by default; the CLI names its flags). ``{host}`` is filled in."""
+
+    no_hosts: str = "no hosts are allowed by default (pass allowed_hosts=[...] to create_http_hooks)"
+    not_allowed: str = "host is not in allowed_hosts"
+    internal: str = "add the host to allowed_internal_hosts to allow"
+
+
+CLI_HINTS = PolicyHints(
+    no_hosts="no hosts are allowed by default (add --allow-host {host} to the gondolin command)",
+    not_allowed="host is not allowed (add --allow-host {host} to the gondolin command)",
+    internal="add --allow-internal-host {host} to the gondolin command to allow",
+)
+
+
 class EgressPolicy:
     """Host allow-list plus internal-range protection. The default instance denies everything."""
 
@@ -206,7 +223,9 @@ class EgressPolicy:
         allowed_internal_hosts: Iterable[str] = (),
         *,
         block_internal_ranges: bool = True,
+        hints: PolicyHints = PolicyHints(),  # noqa: B008 (frozen, shared default)
     ) -> None:
+        self.hints = hints
         if isinstance(allowed_hosts, str) or isinstance(allowed_internal_hosts, str):
             raise TypeError("host patterns must be a list of strings, not a single string")
         self._internal = _parse_patterns(allowed_internal_hosts)
@@ -234,13 +253,12 @@ class EgressPolicy:
         if not self._allowed:
             return PolicyDecision(
                 PolicyCode.HOST_NOT_ALLOWED,
-                f"egress to {normalized} is denied: no hosts are allowed by default "
-                "(pass allowed_hosts=[...] to create_http_hooks)",
+                f"egress to {normalized} is denied: {self.hints.no_hosts.format(host=normalized)}",
             )
         if not any(p.matches(normalized) for p in self._allowed):
             return PolicyDecision(
                 PolicyCode.HOST_NOT_ALLOWED,
-                f"egress to {normalized} is denied: host is not in allowed_hosts",
+                f"egress to {normalized} is denied: {self.hints.not_allowed.format(host=normalized)}",
             )
         literal = parse_ip(normalized)
         if literal is not None:
@@ -259,7 +277,7 @@ class EgressPolicy:
         return PolicyDecision(
             PolicyCode.INTERNAL_ADDRESS,
             f"egress to {normalized} is denied: it resolves to internal address {address} "
-            "(add the host to allowed_internal_hosts to allow)",
+            f"({self.hints.internal.format(host=normalized)})",
         )
 
 

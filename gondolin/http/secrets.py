@@ -59,6 +59,34 @@ def _split_port(text: str) -> tuple[str, int | None]:
     return host, int(rest[1:])
 
 
+def parse_scope(text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The command-line form of a secret's scope -> ``(hosts, schemes)``.
+
+    ``"api.example.com"`` (https, port 443), ``"api.example.com:8443"``, ``"http://localhost:8080"``;
+    several comma-separated. A ``scheme://`` prefix sets the scheme; all hosts of one secret share
+    one scheme, so a cleartext host never widens the scope of an https one.
+    """
+    hosts: list[str] = []
+    schemes: set[str] = set()
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        scheme, sep, rest = item.partition("://")
+        if sep:
+            if scheme.lower() not in SCHEME_DEFAULT_PORTS:
+                raise ValueError(f"{item!r}: a secret's scheme is http:// or https://")
+            schemes.add(scheme.lower())
+            item = rest.rstrip("/")
+        if not item or "/" in item:
+            raise ValueError(f"{item!r} is not HOST or HOST:PORT")
+        hosts.append(item)
+    if not hosts:
+        raise ValueError("give at least one host")
+    if len(schemes) > 1:
+        raise ValueError("all hosts of one secret take the same scheme (define two secrets otherwise)")
+    return tuple(hosts), tuple(schemes) or ("https",)
+
+
 @dataclass(frozen=True, slots=True)
 class Scope:
     """Where a secret may go: a host pattern, the schemes, and the ports (None: the default port)."""

@@ -14,6 +14,7 @@ optionally extended with an extra CA. Third-party exceptions are translated here
 
 from __future__ import annotations
 
+import inspect
 import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -47,7 +48,8 @@ REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _BODY_HEADERS = ("content-length", "content-type", "content-encoding", "content-language")
 _CREDENTIAL_HEADERS = ("authorization", "cookie", "proxy-authorization")
 
-Resolver = Callable[[str, int], Awaitable[list[str]]]
+# The ``resolver`` hook: sync or async, returning the addresses to try in order.
+Resolver = Callable[[str, int], Awaitable[Iterable[str]] | Iterable[str]]
 Connector = Callable[[str, int, float | None], Awaitable[httpcore2.AsyncNetworkStream]]
 
 
@@ -120,9 +122,15 @@ class GuardedBackend(httpcore2.AsyncNetworkBackend):
             return [host]
         try:
             with anyio.fail_after(timeout):
-                addresses = await self._resolver(host, port)
+                answer: Any = self._resolver(host, port)
+                if inspect.isawaitable(answer):  # the resolver hook may be sync or async
+                    answer = await answer
+                addresses = [str(a) for a in answer]
         except (OSError, TimeoutError) as exc:
             raise UpstreamError(f"cannot resolve {host}: {exc}", request_sent=False) from exc
+        except Exception as exc:  # a user's resolver hook failed: a 502 and an error event, like any upstream
+            raise UpstreamError(f"the resolver hook failed for {host}: {type(exc).__name__}",
+                                request_sent=False) from exc
         allowed = []
         refusal = None
         for address in addresses:

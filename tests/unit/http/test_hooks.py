@@ -69,9 +69,26 @@ async def test_maybe_await_accepts_both() -> None:
 def test_public_exports_are_pinned() -> None:
     assert sorted(http_pkg.__all__) == [
         "AuditEvent", "Body", "BodyTooLarge", "CertificateAuthority", "Decision", "EgressBlocked",
-        "EgressPolicy", "EventLog", "HostPattern", "HttpHooks", "HttpMediationError", "HttpMediator",
+        "EgressPolicy", "EventLog", "HOST_PRESETS", "HostPattern", "HttpHooks", "HttpMediationError", "HttpMediator",
         "HttpRequest", "HttpResponse", "Limits", "Secret", "SecretStore", "Timeouts", "UpstreamClient",
-        "UpstreamError", "create_http_hooks", "default_ca_dir", "deny_all_hooks", "is_internal_address",
+        "UpstreamError", "create_http_hooks", "default_ca_dir", "deny_all_hooks", "expand_presets",
+        "is_internal_address",
     ]
     for name in http_pkg.__all__:
         assert hasattr(http_pkg, name)
+
+
+def test_presets_expand_to_host_patterns() -> None:
+    hooks, _ = create_http_hooks(allowed_hosts=["example.com"], allow=["pypi", "npm", "pypi"])
+    assert hooks.policy.allowed_hosts == ("example.com", "pypi.org", "files.pythonhosted.org", "registry.npmjs.org")
+    assert hooks.policy.host_allowed("files.pythonhosted.org")
+    with pytest.raises(ValueError, match="unknown host preset 'cargo'; known presets: github, npm, pypi"):
+        create_http_hooks(allow=["cargo"])
+
+
+def test_an_async_on_event_is_refused_at_once() -> None:
+    async def on_event(event: object) -> None:
+        pass
+
+    with pytest.raises(TypeError, match="plain function"):
+        create_http_hooks(on_event=on_event)

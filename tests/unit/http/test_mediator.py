@@ -375,3 +375,30 @@ async def test_resolver_and_upstream_ca_come_from_the_hooks(mitm_ca: Certificate
     async with HttpMediator(hooks, mitm_ca) as mediator, tls_guest(mediator, mitm_ca) as guest:
         resp = await h1_roundtrip(guest, request(server, "/echo"))
         assert resp.status == 502 and b"cannot resolve" in resp.body
+
+
+async def test_a_sync_resolver_works_and_a_failing_one_is_a_502_with_an_event(
+        mitm_ca: CertificateAuthority, upstream_ca: CertificateAuthority) -> None:
+    from gondolin.http import create_http_hooks
+
+    from .support import upstream_tls_context
+
+    def sync_resolver(host: str, port: int) -> list[str]:  # docs: hooks may be sync or async
+        return ["127.0.0.1"]
+
+    def broken_resolver(host: str, port: int) -> list[str]:
+        raise RuntimeError("resolver bug")
+
+    async with upstream_server(upstream_tls_context(upstream_ca, UPSTREAM_NAME)) as server:
+        for resolver, status in ((sync_resolver, 200), (broken_resolver, 502)):
+            hooks, _ = create_http_hooks(allowed_internal_hosts=[UPSTREAM_NAME], resolver=resolver,
+                                         upstream_ca_pem=upstream_ca.cert_pem)
+            async with HttpMediator(hooks, mitm_ca) as mediator, tls_guest(mediator, mitm_ca) as guest:
+                resp = await h1_roundtrip(guest, request(server, "/echo"))
+            assert resp.status == status, resp.body
+            (event,) = hooks.events.events()
+            if status == 502:
+                assert b"resolver hook failed" in resp.body
+                assert event.decision.value == "error" and "resolver hook failed" in event.reason
+            else:
+                assert event.decision.value == "allowed"
