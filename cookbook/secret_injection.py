@@ -3,8 +3,8 @@
     python cookbook/secret_injection.py              # offline, scripted model
     ANTHROPIC_API_KEY=... python cookbook/secret_injection.py   # real Claude
 
-The operator configures a secret by name (its value comes from the host environment) and the
-hosts it may be sent to. Inside the sandbox ``$DEMO_API_TOKEN`` is only a placeholder; the host
+The operator configures a secret by name (its value comes from the host environment) and where
+it may be sent: host, port and scheme. Inside the sandbox ``$DEMO_API_TOKEN`` is only a placeholder; the host
 swaps in the real value on the way out, and only towards the allowed host. The API here is a
 local test server that echoes the Authorization header back, so you can watch the value come
 back redacted from every tool result.
@@ -78,7 +78,10 @@ async def main() -> None:
         network_profiles={"demo-api": NetworkProfile(
             allowed_hosts=("localhost",), allowed_internal_hosts=("localhost",),
             description=f"HTTP to the demo API on localhost:{port} only")},
-        secrets={"DEMO_API_TOKEN": SecretSpec(hosts=("localhost",), description="token for the demo API")},
+        # A secret goes over https to port 443 unless its scope says otherwise: this demo API is
+        # plain http on an ephemeral port, so the scope names both.
+        secrets={"DEMO_API_TOKEN": SecretSpec(hosts=(f"localhost:{port}",), schemes=("http",),
+                                              description="token for the demo API")},
     )
     client, real = anthropic_client(script(port))
     banner("Secret injection", real, "ANTHROPIC")

@@ -19,9 +19,11 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from gondolin.http import Secret, expand_presets
 from gondolin.options import DnsMode, MountMode, RootfsMode
 
 # How much each of the library's mount modes lets the guest change the host: a root approved
@@ -76,6 +78,7 @@ class NetworkProfile(_Strict):
 
     enabled: bool = Field(default=True, description="give the guest a NIC at all")
     allowed_hosts: tuple[str, ...] = ()
+    allow: tuple[str, ...] = Field(default=(), description="host presets added to allowed_hosts: pypi, npm, github")
     allowed_internal_hosts: tuple[str, ...] = ()
     tcp_hosts: dict[str, str] = Field(default_factory=dict)
     dns: DnsMode = "synthetic"
@@ -83,16 +86,21 @@ class NetworkProfile(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> NetworkProfile:
-        if not self.enabled and (self.allowed_hosts or self.allowed_internal_hosts or self.tcp_hosts):
+        if not self.enabled and (self.allowed_hosts or self.allow or self.allowed_internal_hosts or self.tcp_hosts):
             raise ValueError("a profile with enabled = false cannot allow hosts")
+        expand_presets(self.allow)  # an unknown preset is an error here, not at sandbox_create
         return self
+
+    def hosts(self) -> tuple[str, ...]:
+        """``allowed_hosts`` with the presets' hosts added."""
+        return tuple(dict.fromkeys((*self.allowed_hosts, *expand_presets(self.allow))))
 
     def summary(self) -> str:
         if self.description:
             return self.description
         if not self.enabled:
             return "no network at all"
-        hosts = list(self.allowed_hosts) + list(self.allowed_internal_hosts)
+        hosts = list(self.hosts()) + list(self.allowed_internal_hosts)
         if not hosts and not self.tcp_hosts:
             return "network device, but every request is blocked (blocked requests show in network_events)"
         return "HTTP(S) to " + ", ".join(hosts or ["(none)"]) + (
@@ -109,8 +117,20 @@ class SecretSpec(_Strict):
     """A secret the model may bind by name. The value is read from ``env`` in the server's environment."""
 
     env: str | None = Field(default=None, description="environment variable with the value (default: the secret's name)")
-    hosts: tuple[str, ...] = Field(min_length=1, description="hosts the value may be sent to")
+    hosts: tuple[str, ...] = Field(min_length=1, description="hosts the value may be sent to, optionally HOST:PORT")
+    schemes: tuple[Literal["http", "https"], ...] = Field(
+        default=("https",), min_length=1, description="schemes the value may travel over (http only when listed)")
+    ports: tuple[int, ...] | None = Field(default=None, description="ports (default: each scheme's default port)")
     description: str = ""
+
+    @model_validator(mode="after")
+    def _scope(self) -> SecretSpec:
+        self.secret("x")  # the library's own checks on hosts, schemes and ports, before any sandbox
+        return self
+
+    def secret(self, value: str) -> Secret:
+        """The library's secret with this scope and ``value``."""
+        return Secret(value, hosts=self.hosts, schemes=self.schemes, ports=self.ports)
 
 
 class MountRoot(_Strict):

@@ -309,7 +309,7 @@ class SandboxManager:
         self._pending += 1
 
     def _vm_options(self, spec: Mapping[str, Any]) -> VMOptions:
-        secrets = {name: (self.config.secret_value(name, self._environ) or "", self.config.secrets[name].hosts)
+        secrets = {name: self.config.secrets[name].secret(self.config.secret_value(name, self._environ) or "")
                    for name in spec["secrets"]}
         return runtime.vm_options(image=spec["image"], cpus=spec["cpus"], memory_mb=spec["memory_mb"],
                                   env=spec["env"], rootfs=self.config.rootfs, label=spec.get("name"),

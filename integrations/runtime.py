@@ -45,10 +45,10 @@ class LocalBackend:
 
 
 def vm_options(*, image: str, cpus: int, memory_mb: int, env: Mapping[str, str], rootfs: RootfsMode,
-               label: str | None, profile: NetworkProfile, secrets: Mapping[str, tuple[str, Sequence[str]]],
+               label: str | None, profile: NetworkProfile, secrets: Mapping[str, Secret],
                mounts: Sequence[MountInfo]) -> VMOptions:
-    """The options of one sandbox's VM. ``secrets`` maps a name to its value and allowed hosts;
-    the guest sees placeholders in its environment, the hooks substitute the values."""
+    """The options of one sandbox's VM. ``secrets`` maps a name to its value and scope; the
+    guest sees placeholders in its environment, the hooks substitute the values."""
     hooks, secret_env = _network(profile, secrets)
     return VMOptions(
         image=image, cpus=cpus, memory=memory_mb, env={**env, **secret_env}, rootfs=rootfs, label=label,
@@ -56,14 +56,13 @@ def vm_options(*, image: str, cpus: int, memory_mb: int, env: Mapping[str, str],
         mounts=mount_providers(mounts))
 
 
-def _network(profile: NetworkProfile, secrets: Mapping[str, tuple[str, Sequence[str]]]
-             ) -> tuple[HttpHooks | None, dict[str, str]]:
+def _network(profile: NetworkProfile, secrets: Mapping[str, Secret]) -> tuple[HttpHooks | None, dict[str, str]]:
     if not profile.enabled:
         return None, {}
     hooks, env = create_http_hooks(
-        allowed_hosts=profile.allowed_hosts,
+        allowed_hosts=profile.hosts(),
         allowed_internal_hosts=profile.allowed_internal_hosts,
-        secrets={name: Secret(value, hosts=tuple(hosts)) for name, (value, hosts) in secrets.items()},
+        secrets=dict(secrets),
     )
     return hooks, dict(env)
 

@@ -482,7 +482,7 @@ async def network_events(ctx: ToolContext, inp: m.NetworkEventsInput) -> m.Netwo
                                       secrets=list(ev.secrets)))
         profile = sandbox.profile
         return m.NetworkEventsOutput(sandbox_id=sandbox.id, network=sandbox.network,
-                                     allowed_hosts=list(dict.fromkeys(profile.allowed_hosts
+                                     allowed_hosts=list(dict.fromkeys(profile.hosts()
                                                                       + profile.allowed_internal_hosts)),
                                      events=out[-limit:])
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import anyio
 
+from gondolin.http.secrets import parse_scope
 from gondolin.options import MOUNT_MODES
 from integrations.config import ConfigError, OperatorConfig, load_config
 
@@ -39,7 +40,8 @@ def build_parser(prog: str = "gondolin-mcp") -> argparse.ArgumentParser:
                    help="a network profile allowing HTTP(S) to these host patterns (repeatable)")
     p.add_argument("--default-network", help="profile used when the model does not choose one")
     p.add_argument("--secret", action="append", default=[], metavar="NAME=HOST[,HOST...]",
-                   help="a secret the model may bind by name; its value is read from $NAME (repeatable)")
+                   help="a secret the model may bind by name; its value is read from $NAME. HOST may be "
+                        "HOST:PORT and may start with http:// (default: https on its default port); repeatable")
     p.add_argument("--mount-root", action="append", default=[], metavar="PATH[:ro|cow|rw]",
                    help="a host directory sandboxes may mount (default mode ro; repeatable)")
     p.add_argument("--log-level", default="WARNING", help="server log level on stderr (default WARNING)")
@@ -77,9 +79,15 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
         overrides["network_profiles"] = {name: {"allowed_hosts": hosts} for name, hosts in profiles.items()}
     if args.default_network:
         overrides["default_network"] = args.default_network
-    secrets = _pairs(args.secret, "--secret")
+    secrets = {}
+    for name, hosts in _pairs(args.secret, "--secret").items():
+        try:
+            scope, schemes = parse_scope(",".join(hosts))
+        except ValueError as exc:
+            raise ConfigError(f"--secret {name}: {exc}") from None
+        secrets[name] = {"hosts": scope, "schemes": schemes}
     if secrets:
-        overrides["secrets"] = {name: {"hosts": hosts} for name, hosts in secrets.items()}
+        overrides["secrets"] = secrets
     mounts = []
     for item in args.mount_root:
         path, _, mode = item.rpartition(":") if item.rsplit(":", 1)[-1] in MOUNT_MODES else (item, "", "ro")

@@ -86,7 +86,7 @@ def build_server(config: OperatorConfig | None = None, *, manager: SandboxManage
     config = config or OperatorConfig()
     tool_names = list(tools) if tools is not None else None
     specs = ToolRegistry(manager or SandboxManager(config, reap=False), tools=tool_names).specs
-    egress = any(p.allowed_hosts or p.allowed_internal_hosts or p.tcp_hosts for p in config.profiles().values())
+    egress = any(p.hosts() or p.allowed_internal_hosts or p.tcp_hosts for p in config.profiles().values())
 
     @asynccontextmanager
     async def lifespan(_server: MCPServer[AppState]) -> AsyncIterator[AppState]:

@@ -81,7 +81,7 @@ def mount_root(tmp_path_factory):
 async def manager(echo_port, mount_root, clock):
     cfg = OperatorConfig(
         network_profiles={"echo": NetworkProfile(allowed_hosts=("localhost",), allowed_internal_hosts=("localhost",))},
-        secrets={"API_TOKEN": SecretSpec(hosts=("localhost",))},
+        secrets={"API_TOKEN": SecretSpec(hosts=(f"localhost:{echo_port}",), schemes=("http",))},
         mounts=(MountRoot(host_path=str(mount_root), mode="ro"),),
         limits=Limits(max_sandboxes=3, reap_interval_s=3600, max_output_bytes=4096),
     )
