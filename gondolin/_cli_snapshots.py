@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 
 from .errors import GondolinError
+from .options import VMOptions
 
 COMMANDS = ("list", "attach", "snapshot", "checkpoint")
 
@@ -169,16 +170,17 @@ def _checkpoint(args: argparse.Namespace) -> int:
     return status
 
 
-async def resume_for_shell(name: str, options: dict[str, Any]) -> Any:
-    """``gondolin bash --resume``: the VM from a checkpoint, with the shell's network options."""
+async def resume_for_shell(name: str, options: VMOptions) -> Any:
+    """``gondolin bash --resume``: the VM from a checkpoint, with the shell's network options and
+    environment (the checkpoint fixes the machine shape)."""
     from .vm import Checkpoint
 
     cp = Checkpoint.load(resolve_checkpoint(name))
     kwargs: dict[str, Any] = {}
-    if options.get("env"):
-        kwargs["env"] = {**cp.header.options.env, **options["env"]}
+    if options.env:
+        kwargs["env"] = {**cp.header.options.env, **options.env}
     if cp.header.options.network:
-        kwargs["http_hooks"] = options.get("http_hooks")
+        kwargs["http_hooks"] = options.http_hooks
     return await cp.resume(**kwargs)
 
 
@@ -186,7 +188,6 @@ async def image_warm(args: argparse.Namespace) -> int:
     from .machine.launch import resolve
     from .machine.shape import machine_shape
     from .machine.templates import TemplateStore
-    from .options import VMOptions
     from .vm import VM
 
     store = TemplateStore()

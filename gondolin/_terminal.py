@@ -38,12 +38,38 @@ def terminal_size() -> os.terminal_size:
     return shutil.get_terminal_size()
 
 
-async def interactive_shell(vm: Any, command: list[str], user: str | None = None) -> int:
+async def piped_command(vm: Any, command: str | list[str], *, user: str | None = None, cwd: str | None = None,
+                        forward_stdin: bool = True, **options: Any) -> Any:
+    """Run ``command`` with plain pipes: this process's stdin forwarded until its end (then the
+    command's stdin is closed, so a shell reading it exits), output streamed as it arrives.
+    Returns the command's result. Works on a :class:`~gondolin.VM` and on a ``RemoteVM``."""
+    if cwd is not None:
+        options["cwd"] = cwd
+    proc = await vm.start(command, user=user, stdin=True if forward_stdin else None, **options)
+    async with anyio.create_task_group() as tg:
+        async def pump_in() -> None:
+            fd = sys.stdin.fileno()
+            while data := await anyio.to_thread.run_sync(os.read, fd, 65536, abandon_on_cancel=True):
+                await proc.write(data)
+            await proc.close_stdin()
+
+        if forward_stdin:
+            tg.start_soon(pump_in)
+        async for chunk in proc:
+            out = sys.stdout.buffer if chunk.stream == "stdout" else sys.stderr.buffer
+            out.write(chunk.data)
+            out.flush()
+        tg.cancel_scope.cancel()
+    return await proc.wait()
+
+
+async def interactive_shell(vm: Any, command: list[str], user: str | None = None, cwd: str | None = None) -> int:
     """Attach this terminal to a PTY command in the VM: raw mode, live resize, exit code back."""
     size = terminal_size()
     env = {"TERM": os.environ.get("TERM", "xterm-256color")}
+    extra = {"cwd": cwd} if cwd is not None else {}
     proc = await vm.start(command, pty=True, rows=size.lines, cols=size.columns, stdin=True, stdout="pipe", env=env,
-                          user=user)
+                          user=user, **extra)
     in_fd = sys.stdin.fileno()
     out = sys.stdout.buffer
     resized = anyio.Event()
