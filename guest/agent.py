@@ -687,6 +687,9 @@ class Agent:
         env.update(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name, SHELL=pw.pw_shell or "/bin/sh")
         if pw.pw_uid != 0:
             env["PATH"] = "/usr/local/bin:/usr/bin:/bin"
+        # Where `pip install` puts a user's scripts (non-root users install to ~/.local), as
+        # Debian's ~/.profile would once the directory exists.
+        env["PATH"] = f"{pw.pw_dir}/.local/bin:{env.get('PATH', '/usr/bin:/bin')}"
         return env
 
     @staticmethod

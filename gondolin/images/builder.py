@@ -33,7 +33,7 @@ KERNEL_META = "linux-image-amd64"
 PACKAGES = (
     "bash", "coreutils", "curl", "ca-certificates", "git", "python3", "python3-venv",
     "python3-pip", "procps", "iproute2", "less", "mount", "busybox", "kmod", "netcat-openbsd",
-    "iputils-ping", "tar", "findutils", "sqlite3", "passwd", "xz-utils", "gzip", "file",
+    "iputils-ping", "tar", "findutils", "sqlite3", "passwd", "xz-utils", "gzip", "file", "make",
 )
 # Loaded by the initramfs at every boot (their dependencies are added automatically).
 BOOT_MODULES = ("virtio_pci", "virtio_blk", "virtio_console", "virtio_rng", "virtio_net", "crc32c_generic", "ext4",
@@ -41,7 +41,7 @@ BOOT_MODULES = ("virtio_pci", "virtio_blk", "virtio_console", "virtio_rng", "vir
 # Copied into the rootfs so the guest can `modprobe` them on demand.
 ROOTFS_MODULE_DIRS = ("kernel/fs/fuse", "kernel/fs/9p", "kernel/net/9p", "kernel/fs/netfs",
                       "kernel/fs/fscache", "kernel/net/vmw_vsock", "kernel/drivers/char/hw_random")
-BUILD_FORMAT = 4  # bump when the customisation below changes in a way the cache key cannot see
+BUILD_FORMAT = 5  # bump when the customisation below changes in a way the cache key cannot see
 GUEST_DIR = Path(__file__).resolve().parent.parent.parent / "guest"
 PROTOCOL_DIR = Path(__file__).resolve().parent.parent / "protocol"
 VFS_WIRE = Path(__file__).resolve().parent.parent / "vfs" / "wire.py"
@@ -317,6 +317,12 @@ class ImageBuilder:
         os.chmod(home, 0o755)
         (root / "workspace").mkdir(exist_ok=True)
         os.chmod(root / "workspace", 0o777)
+        # `pip install` works as in any throwaway machine: the VM is the environment, so Debian's
+        # PEP 668 marker goes (root installs to /usr/local, other users to ~/.local), and pip
+        # neither warns about root nor asks PyPI for its own newer version.
+        for marker in (root / "usr" / "lib").glob("python3*/EXTERNALLY-MANAGED"):
+            marker.unlink()
+        (etc / "pip.conf").write_text("[global]\nroot-user-action = ignore\ndisable-pip-version-check = true\n")
         # Kernel modules the guest may load on demand (FUSE, 9p, vsock), with their own modules.dep.
         src = kdir / "lib" / "modules" / kver
         dst = root / "lib" / "modules" / kver
