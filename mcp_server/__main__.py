@@ -44,6 +44,9 @@ def build_parser(prog: str = "gondolin-mcp") -> argparse.ArgumentParser:
                         "HOST:PORT and may start with http:// (default: https on its default port); repeatable")
     p.add_argument("--mount-root", action="append", default=[], metavar="PATH[:ro|cow|rw]",
                    help="a host directory sandboxes may mount (default mode ro; repeatable)")
+    p.add_argument("--ray-address", default=os.environ.get("GONDOLIN_RAY_ADDRESS"),
+                   help="run sandboxes on this Ray cluster ('auto', HOST:PORT or ray://HOST:PORT; needs the "
+                        "ray extra; default $GONDOLIN_RAY_ADDRESS, else VMs on this host)")
     p.add_argument("--log-level", default="WARNING", help="server log level on stderr (default WARNING)")
     return p
 
@@ -103,7 +106,12 @@ async def serve(config: OperatorConfig, tools: list[str] | None, args: argparse.
 
     from .server import build_server
 
-    async with SandboxManager(config) as manager:
+    backend = None
+    if args.ray_address:
+        from gondolin.cluster import RayBackend, connect
+
+        backend = RayBackend(connect(args.ray_address))
+    async with SandboxManager(config, backend=backend) as manager:  # type: ignore[arg-type]
         server = build_server(manager=manager, tools=tools)
         async with anyio.create_task_group() as tg:
             async def on_signal() -> None:

@@ -117,8 +117,13 @@ class SandboxActor:
         self._vm: VM | None = None
         self._procs: dict[int, _Process] = {}
         self._last_proc = 0
-        self._tmp = Path(tempfile.mkdtemp(prefix="gondolin-cluster-"))
+        self._tmp_dir: Path | None = None  # made on first use: a killed actor leaves nothing it never needed
         self._saved: set[str] = set()  # checkpoint files this actor wrote; only these are read back or removed
+
+    def _tmp(self) -> Path:
+        if self._tmp_dir is None:
+            self._tmp_dir = Path(tempfile.mkdtemp(prefix="gondolin-cluster-"))
+        return self._tmp_dir
 
     def _running(self) -> VM:
         if self._vm is None:
@@ -136,7 +141,7 @@ class SandboxActor:
         path = Path(how.path) if how.path is not None else None
         received = None
         if path is None:
-            received = path = self._tmp / f"received-{time.monotonic_ns()}.ckpt"
+            received = path = self._tmp() / f"received-{time.monotonic_ns()}.ckpt"
             await self._receive(path, how.parts or [])
         try:
             checkpoint = await anyio.to_thread.run_sync(Checkpoint.load, path)
@@ -267,7 +272,7 @@ class SandboxActor:
     @replying
     async def checkpoint(self, path: str | None, disk_only: bool) -> SavedFile:
         """Save the VM to ``path`` (a shared path), or to a file of this actor on its node."""
-        target = Path(path) if path is not None else self._tmp / f"checkpoint-{time.monotonic_ns()}.ckpt"
+        target = Path(path) if path is not None else self._tmp() / f"checkpoint-{time.monotonic_ns()}.ckpt"
         saved = await self._running().checkpoint(target, disk_only=disk_only)
         if path is None:
             self._saved.add(str(target))
@@ -302,7 +307,8 @@ class SandboxActor:
             if vm is not None:
                 await vm.close()
         finally:
-            shutil.rmtree(self._tmp, ignore_errors=True)
+            if self._tmp_dir is not None:
+                shutil.rmtree(self._tmp_dir, ignore_errors=True)
             self._saved.clear()
 
 
