@@ -180,6 +180,16 @@ async def test_mcp_server_with_ray_address_runs_a_sandbox_flow(ray_cluster, tmp_
             assert destroyed.is_error is False, destroyed.content[0].text
 
 
+async def test_cookbook_fans_one_prepared_state_out_with_fork(ray_cluster):
+    out = await anyio.to_thread.run_sync(lambda: subprocess.run(
+        [sys.executable, "cookbook/ray_fanout.py", "--address", ray_cluster[0].address, "-n", "2"],
+        capture_output=True, text=True, timeout=240, cwd=ROOT))
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    for needle in ("forked 2 copies", "shard 0: 10000 orders", "shard 1: 10000 orders",
+                   "orders in all shards: 20000", "sandboxes left running: 0"):
+        assert needle in out.stdout, out.stdout
+
+
 async def test_a_dead_node_fails_its_sandboxes_calls_promptly(cluster, ray_cluster):
     """Runs last: it removes a worker node."""
     _, workers = ray_cluster
