@@ -3,44 +3,19 @@
 import anyio
 import pytest
 
-from gondolin.channel import Channel
-from gondolin.errors import ProtocolError, VMClosedError, VMDiedError
+from gondolin.channel import INBOX_SLOTS, UNGRANTED_DATA_MAX, UNSOLICITED_SLOTS, Channel
+from gondolin.errors import GuestTimeoutError, ProtocolError, VMClosedError, VMDiedError
 from gondolin.protocol import FrameDecoder, T, message
+from tests.support import byte_stream_pair
 
 pytestmark = pytest.mark.anyio
 
 
 class Pipe:
-    """A byte stream pair: what the host sends, the fake guest reads, and vice versa."""
+    """The host's and the guest's ends of one in-memory control connection."""
 
     def __init__(self):
-        a_send, a_recv = anyio.create_memory_object_stream(100)
-        b_send, b_recv = anyio.create_memory_object_stream(100)
-        self.host = _ByteStream(a_send, b_recv)
-        self.guest = _ByteStream(b_send, a_recv)
-
-
-class _ByteStream(anyio.abc.ByteStream):
-    def __init__(self, send, recv):
-        self._send, self._recv = send, recv
-
-    async def send(self, data):
-        await self._send.send(bytes(data))
-
-    async def receive(self, max_bytes=65536):
-        try:
-            return await self._recv.receive()
-        except anyio.EndOfStream:
-            raise
-        except anyio.ClosedResourceError:
-            raise anyio.EndOfStream from None
-
-    async def send_eof(self):
-        self._send.close()
-
-    async def aclose(self):
-        self._send.close()
-        self._recv.close()
+        self.host, self.guest = byte_stream_pair()
 
 
 async def guest_messages(stream, n):
@@ -136,4 +111,75 @@ async def test_close_fails_pending_with_closed_error():
         await ch.aclose()
         with pytest.raises(VMClosedError):
             await inbox.get()
+        tg.cancel_scope.cancel()
+
+
+async def test_unsolicited_messages_are_queued_during_boot_and_dropped_after():
+    pipe = Pipe()
+    ch = Channel(pipe.host, list)
+
+    async def flood_then_sync(frames: bytes) -> None:
+        """Send ``frames``, then a reply whose arrival shows the reader handled them all."""
+        sync = ch.open()
+        for i in range(0, len(frames), 1 << 16):
+            await pipe.guest.send(frames[i:i + (1 << 16)])
+        await pipe.guest.send(message(T.PONG, sync.id))
+        assert (await sync.get(timeout=5)).t == T.PONG
+        sync.close()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ch.run)
+        await flood_then_sync(b"".join(message(T.HELLO, 0, n=i) for i in range(UNSOLICITED_SLOTS + 5)))
+        assert ch.dropped_unsolicited == 5  # the first ones are kept, the overflow dropped
+        assert (await ch.next_unsolicited()).p == {"n": 0}
+        ch.booted()
+        assert ch.unsolicited.statistics().current_buffer_used == 0  # the boot backlog is gone
+        await flood_then_sync(message(T.PONG, 0, b"x" * 1000) * 5000)
+        assert ch.dropped_unsolicited == 5 + 5000
+        assert ch.unsolicited.statistics().current_buffer_used == 0
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+async def test_a_guest_flooding_one_request_with_messages_is_a_protocol_error(extra):
+    pipe = Pipe()
+    ch = Channel(pipe.host, list)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ch.run)
+        inbox, other = ch.open(), ch.open()
+        await pipe.guest.send(message(T.EXEC_STARTED, inbox.id, pid=1) * (INBOX_SLOTS + extra)
+                              + message(T.PONG, other.id))
+        # the reader handled the flood before the PONG: one request's flood does not kill the channel
+        assert (await other.get(timeout=5)).t == T.PONG
+        if extra:
+            with pytest.raises(ProtocolError, match=f"more than {INBOX_SLOTS} unread messages"):
+                await inbox.get()
+        else:
+            for _ in range(INBOX_SLOTS):
+                assert (await inbox.get()).t == T.EXEC_STARTED
+        tg.cancel_scope.cancel()
+
+
+async def test_data_the_host_never_granted_is_a_protocol_error():
+    pipe = Pipe()
+    ch = Channel(pipe.host, list)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ch.run)
+        small, big = ch.open(), ch.open()
+        await pipe.guest.send(message(T.PONG, small.id, b"n" * UNGRANTED_DATA_MAX)
+                              + message(T.STDOUT, big.id, b"x" * (UNGRANTED_DATA_MAX + 1)))
+        assert len((await small.get(timeout=2)).data) == UNGRANTED_DATA_MAX  # a nonce-sized reply is fine
+        with pytest.raises(ProtocolError, match="never asked for"):
+            await big.get(timeout=2)
+        tg.cancel_scope.cancel()
+
+
+async def test_a_request_without_an_answer_times_out_typed():
+    pipe = Pipe()
+    ch = Channel(pipe.host, list)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ch.run)
+        with anyio.fail_after(5), pytest.raises(GuestTimeoutError, match="answer to PING"):
+            await ch.request(T.PING, timeout=0.1)
+        assert ch.dead is None  # a slow answer is the caller's error, not the channel's
         tg.cancel_scope.cancel()

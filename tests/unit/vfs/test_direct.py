@@ -11,9 +11,10 @@ import pytest
 
 from gondolin.errors import GuestFileError
 from gondolin.fs import DirEntry, GuestFS
-from gondolin.options import Timeouts
+from gondolin.protocol import T
 from gondolin.vfs import MemoryProvider, MountRouter
 from gondolin.vfs.direct import DirectFS, mounted
+from tests.support import Guest, fake_machine
 
 from .support import read_file, write_file
 
@@ -164,38 +165,27 @@ async def test_errors_name_the_path(setup: tuple[DirectFS, FakeGuest, list[str]]
         await direct.write("/proj/f", "x", mode=None, append=False, parents=False, user="nobody")
 
 
-class FakeVM:
-    def __init__(self, mounts: dict[str, Any]) -> None:
-        self.mounts = mounts
-        self.router = MountRouter(mounts)
-        self.invalidated: list[str] = []
-
-    timeouts = Timeouts()
-
-    def vfs_root(self) -> MountRouter:
-        return self.router
-
-    def vfs_invalidate(self, path: str) -> None:
-        self.invalidated.append(path)
-
-    def control(self) -> Any:
-        raise LookupError("went to the guest")
-
-    def spawn(self, name: str, fn: Any, *args: Any, critical: bool = True) -> None:
-        raise AssertionError("no background tasks expected")
-
-
 async def test_guest_fs_routes_mounted_paths_to_the_provider(mem: MemoryProvider) -> None:
-    vm = FakeVM({"/proj": mem})
-    fs = GuestFS(vm, vm)  # type: ignore[arg-type]
-    await fs.write("/proj/f.txt", b"direct")
-    assert await fs.read_bytes("/proj/f.txt") == b"direct"
-    assert await fs.listdir("/proj") == ["f.txt"]
-    assert await fs.exists("/proj/f.txt") and not await fs.exists("/proj/g")
-    await fs.mkdir("/proj/d")
-    await fs.rename("/proj/f.txt", "/proj/d/f.txt")
-    assert await fs.remove("/proj/d", recursive=True)
-    assert vm.invalidated == ["/proj/f.txt", "/proj/d", "/proj/f.txt", "/proj/d/f.txt", "/proj/d"]
-    for call in (fs.stat("/tmp/x"), fs.listdir("/projspace"), fs.read_bytes("/etc/passwd")):
-        with pytest.raises(LookupError):
-            await call
+    to_guest: list[tuple[str, str]] = []
+
+    async def guest(g: Guest) -> None:  # answers every request: no such file
+        while True:
+            msg = await g.receive()
+            to_guest.append((msg.type_name, msg.p["path"]))
+            await g.send(T.ERROR, msg.id, code="ENOENT", errno=E.ENOENT, message="no such file")
+
+    async with fake_machine(guest, mounts={"/proj": mem}) as vm:
+        fs = GuestFS(vm, vm)
+        await fs.write("/proj/f.txt", b"direct")
+        assert await fs.read_bytes("/proj/f.txt") == b"direct"
+        assert await fs.listdir("/proj") == ["f.txt"]
+        assert await fs.exists("/proj/f.txt") and not await fs.exists("/proj/g")
+        await fs.mkdir("/proj/d")
+        await fs.rename("/proj/f.txt", "/proj/d/f.txt")
+        assert await fs.remove("/proj/d", recursive=True)
+        assert vm.invalidated == ["/proj/f.txt", "/proj/d", "/proj/f.txt", "/proj/d/f.txt", "/proj/d"]
+        assert to_guest == []
+        for call in (fs.stat("/tmp/x"), fs.listdir("/projspace"), fs.read_bytes("/etc/passwd")):
+            with pytest.raises(GuestFileError):
+                await call
+        assert to_guest == [("STAT", "/tmp/x"), ("LISTDIR", "/projspace"), ("FILE_READ", "/etc/passwd")]
