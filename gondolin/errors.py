@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class GondolinError(Exception):
     """Base class of every error Gondolin raises on purpose."""
@@ -13,6 +15,18 @@ class GondolinError(Exception):
         self.message = message
         if code is not None:
             self.code = code
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Errors cross process boundaries (the VM registry, Ray actors): rebuild them from their
+        # rendered message and fields, whatever the subclass's constructor takes.
+        return _rebuild, (type(self), self.args, self.__dict__.copy())
+
+
+def _rebuild(cls: type[GondolinError], args: tuple[Any, ...], state: dict[str, Any]) -> GondolinError:
+    err = cls.__new__(cls)
+    Exception.__init__(err, *args)
+    err.__dict__.update(state)
+    return err
 
 
 class ImageError(GondolinError):

@@ -304,18 +304,25 @@ class ExecProcess:
     # -- text helpers --------------------------------------------------------
     async def lines(self) -> AsyncIterator[str]:
         """Piped stdout as text lines (needs stdout="pipe")."""
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        pending = ""
-        async for chunk in self:
-            if chunk.stream != "stdout":
-                continue
-            pending += decoder.decode(chunk.data)
-            *complete, pending = pending.split("\n")
-            for line in complete:
-                yield line
-        pending += decoder.decode(b"", final=True)
-        if pending:
-            yield pending
+        async for line in stdout_lines(self):
+            yield line
+
+
+async def stdout_lines(chunks: AsyncIterable[OutputChunk]) -> AsyncIterator[str]:
+    """The stdout chunks of an output stream as text lines (UTF-8, errors replaced); the last
+    line is yielded even without a final newline."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pending = ""
+    async for chunk in chunks:
+        if chunk.stream != "stdout":
+            continue
+        pending += decoder.decode(chunk.data)
+        *complete, pending = pending.split("\n")
+        for line in complete:
+            yield line
+    pending += decoder.decode(b"", final=True)
+    if pending:
+        yield pending
 
 
 class _nullcontext:

@@ -12,7 +12,6 @@ translated in :meth:`ClusterVM._answer`, nowhere else.
 
 from __future__ import annotations
 
-import codecs
 import os
 import signal as _signal
 import weakref
@@ -25,7 +24,7 @@ import anyio
 import sniffio
 
 from ..errors import GondolinError, GuestFileError, VMClosedError
-from ..exec import ExecResult, OutputChunk
+from ..exec import ExecResult, OutputChunk, stdout_lines
 from ..fstypes import DirEntry, FileStat
 from ..options import OptionChanges, VMOptions
 from ..vm import Checkpoint
@@ -637,17 +636,8 @@ class ClusterProcess:
 
     async def lines(self) -> AsyncIterator[str]:
         """Piped stdout as text lines."""
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        pending = ""
-        async for chunk in self:
-            if chunk.stream == "stdout":
-                pending += decoder.decode(chunk.data)
-                *complete, pending = pending.split("\n")
-                for line in complete:
-                    yield line
-        pending += decoder.decode(b"", final=True)
-        if pending:
-            yield pending
+        async for line in stdout_lines(self):
+            yield line
 
 
 class ClusterFS:

@@ -35,3 +35,14 @@ def test_classes_and_functions_are_documented_and_come_from_gondolin():
         obj = getattr(gondolin, name)
         assert obj.__module__.startswith("gondolin."), name
         assert inspect.getdoc(obj), f"{name} has no docstring"
+
+
+def test_errors_survive_pickling_with_their_fields():
+    import pickle
+
+    err = gondolin.GuestFileError("guest open /x: No such file", errno=2, errno_name="ENOENT", path="/x")
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is gondolin.GuestFileError
+    assert (back.errno, back.errno_name, back.path, back.code, str(back)) == (2, "ENOENT", "/x", "ENOENT", str(err))
+    died = pickle.loads(pickle.dumps(gondolin.VMUnresponsiveError("gone", ["last line"])))
+    assert isinstance(died, gondolin.VMDiedError) and died.console == ["last line"] and died.code == "vm_unresponsive"
