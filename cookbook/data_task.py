@@ -98,9 +98,10 @@ async def main(source: Path, target: Path) -> None:
 
 
 if __name__ == "__main__":
-    work = Path(tempfile.mkdtemp(prefix="gondolin-data-"))
-    src = Path(sys.argv[1]) if len(sys.argv) > 1 else work / "sales.csv"
-    if len(sys.argv) <= 1:
-        make_csv(src)
-    dst = Path(sys.argv[2]) if len(sys.argv) > 2 else work / "summary.json"
-    anyio.run(main, src, dst)
+    with tempfile.TemporaryDirectory(prefix="gondolin-data-") as tmp:  # removed at exit, errors included
+        work = Path(tmp)
+        src = Path(sys.argv[1]) if len(sys.argv) > 1 else work / "sales.csv"
+        if len(sys.argv) <= 1:
+            make_csv(src)
+        dst = Path(sys.argv[2]) if len(sys.argv) > 2 else work / "summary.json"
+        anyio.run(main, src, dst)

@@ -5,6 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.vm
+
 GONDOLIN = [str(Path(sys.executable).parent / "gondolin")]
 
 
@@ -55,11 +59,50 @@ def test_doctor_reports_accelerator_and_image():
     assert b"accelerator" in p.stdout and b"image" in p.stdout
 
 
-def test_bash_runs_on_a_pty_and_exits_with_the_shell(tmp_path):
-    # Without a terminal on our side, bash still gets a PTY in the guest; its exit code comes back.
-    p = run("bash", "--", "/bin/bash", "-c", "tty; exit 4")
+def test_bash_without_a_terminal_reads_stdin_and_ends_at_its_end(tmp_path):
+    # Not a terminal on our side: pipes, like `bash < script`; end of input ends the shell and
+    # its exit code comes back (the terminal case is test_interactive_bash_in_a_real_terminal).
+    p = run("bash", input=b"echo hi; tty\n")
+    assert p.returncode == 1 and p.stdout == b"hi\nnot a tty\n", p.stderr  # `tty` exits 1 off a terminal
+    p = run("bash", input=b"echo hi; exit 3\n")
+    assert p.returncode == 3 and p.stdout == b"hi\n"
+    with open(os.devnull, "rb") as null:
+        p = subprocess.run(GONDOLIN + ["bash"], stdin=null, capture_output=True, timeout=240)
+    assert p.returncode == 0
+    p = run("bash", "--", "/bin/bash", "-c", "exit 4")
     assert p.returncode == 4
-    assert b"/dev/pts/" in p.stdout
+
+
+def test_usage_and_setup_errors_exit_125_with_one_line(tmp_path):
+    for args in (["exec", "--memory", "10X", "true"], ["exec", "--cpus", "0", "true"],
+                 ["exec", "--cwd", "relative", "true"], ["exec", "--mount", f"{tmp_path}/missing:/w", "true"],
+                 ["exec", "--secret", "T=UNSET_GONDOLIN_TEST_VAR@a.example", "true"]):
+        p = run(*args)
+        assert p.returncode == 125, (args, p.stderr)
+        assert len(p.stderr.strip().splitlines()) == 1 and b"Traceback" not in p.stderr, p.stderr
+
+
+def test_network_flags_and_the_log(tmp_path):
+    log = tmp_path / "net.jsonl"
+    p = run("exec", "--network-log", str(log), "--",
+            "sh", "-c", "curl -s -o /dev/null -w '%{http_code}' http://example.com/x")
+    assert p.stdout == b"403"
+    assert b"add --allow-host example.com to the gondolin command" in p.stderr  # the CLI flag, not a parameter
+    (event,) = [__import__("json").loads(line) for line in log.read_text().splitlines()]
+    assert event["host"] == "example.com" and event["decision"] == "blocked" and event["path"] == "/x"
+
+
+def test_mounts_start_in_the_first_one_and_cow_changes_can_be_kept(tmp_path):
+    (tmp_path / "a.txt").write_text("a\n")
+    p = run("exec", "--mount", f"{tmp_path}:/workspace:cow", "--cow-diff", str(tmp_path / "d.diff"), "--",
+            "sh", "-c", "pwd; echo b >> a.txt; echo new > 'odd name'")
+    assert p.returncode == 0 and p.stdout == b"/workspace\n", p.stderr
+    assert b"M\ta.txt" in p.stderr and b"A\todd name" in p.stderr and b"discarded" in p.stderr
+    assert "+b" in (tmp_path / "d.diff").read_text() and (tmp_path / "a.txt").read_text() == "a\n"
+    p = run("exec", "--mount", f"{tmp_path}:/workspace:cow", "--cow-commit", "--yes", "--", "sh", "-c",
+            "echo c >> a.txt")
+    assert p.returncode == 0 and b"committed" in p.stderr, p.stderr
+    assert (tmp_path / "a.txt").read_text() == "a\nc\n"
 
 
 def _tmux(*args):
