@@ -60,7 +60,7 @@ class Limits(_Strict):
     max_write_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     max_list_entries: int = Field(default=5000, ge=1)
     max_walk_entries: int = Field(default=50_000, ge=1, description="entries visited by one recursive list")
-    max_execs_per_sandbox: int = Field(default=16, ge=1, description="tracked exec sessions per sandbox")
+    max_execs_per_sandbox: int = Field(default=16, ge=1, description="commands tracked per sandbox")
     max_checkpoints: int = Field(default=16, ge=0)
 
     @model_validator(mode="after")

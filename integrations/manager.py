@@ -31,12 +31,12 @@ from gondolin import VM, GondolinError, VMOptions
 from gondolin.options import MountMode, check_mount_point
 
 from . import runtime
+from .commands import CommandRun
 from .config import MOUNT_MODE_RANK, NetworkProfile, OperatorConfig
 from .errors import ToolError, translate
 from .models import CheckpointInfo, MountInfo, SandboxCreateInput, SandboxInfo
 from .output import Redactor
 from .runtime import LocalBackend, VMBackend
-from .sessions import ExecSession
 
 log = logging.getLogger("gondolin.integrations")
 Clock = Callable[[], float]
@@ -72,7 +72,7 @@ class Sandbox:
     last_used: float
     default_cwd: str | None = None
     from_checkpoint: str | None = None
-    execs: dict[str, ExecSession] = field(default_factory=dict)
+    execs: dict[str, CommandRun] = field(default_factory=dict)
     busy: int = 0
     _exec_counter: int = 0
 
@@ -351,18 +351,18 @@ class SandboxManager:
         if sandbox is None:
             return
         with anyio.CancelScope(shield=True):
-            for session in sandbox.execs.values():
-                session.cancel()
+            for job in sandbox.execs.values():
+                job.cancel()
             await _stop(sandbox.vm)
 
-    # -- exec sessions ---------------------------------------------------------------------
+    # -- running commands ---------------------------------------------------------------------
     async def start_exec(self, sandbox: Sandbox, command: str, *, env: dict[str, str] | None, cwd: str | None,
-                   user: str | None, stdin: str | None, stdin_open: bool, timeout: float) -> ExecSession:
+                   user: str | None, stdin: str | None, stdin_open: bool, timeout: float) -> CommandRun:
         limit = self.config.limits.max_execs_per_sandbox
         if sum(1 for s in sandbox.execs.values() if s.running) >= limit:
             raise ToolError("sandbox_limit", f"{limit} commands are already running in this sandbox",
                             "Wait for them with exec_poll or stop them with exec_kill.")
-        while len(sandbox.execs) >= limit:  # forget the oldest finished session
+        while len(sandbox.execs) >= limit:  # forget the oldest finished command
             oldest = next(k for k, s in sandbox.execs.items() if not s.running)
             del sandbox.execs[oldest]
         stdin_source: Any = True if stdin_open else stdin
@@ -371,18 +371,18 @@ class SandboxManager:
                                           timeout=timeout, stdout="pipe", stderr="pipe")
         except (GondolinError, ValueError) as exc:
             raise translate(exc) from exc
-        session = ExecSession(sandbox.next_exec_id(), proc, command, buffer_bytes=self.config.limits.exec_buffer_bytes,
+        job = CommandRun(sandbox.next_exec_id(), proc, command, buffer_bytes=self.config.limits.exec_buffer_bytes,
                               redactor=self.redactor, stdin_open=stdin_open)
-        sandbox.execs[session.exec_id] = session
-        self.task_group.start_soon(session.run)
-        return session
+        sandbox.execs[job.exec_id] = job
+        self.task_group.start_soon(job.run)
+        return job
 
-    def get_exec(self, sandbox: Sandbox, exec_id: str) -> ExecSession:
-        session = sandbox.execs.get(exec_id)
-        if session is None:
+    def get_exec(self, sandbox: Sandbox, exec_id: str) -> CommandRun:
+        job = sandbox.execs.get(exec_id)
+        if job is None:
             raise ToolError("exec_not_found", f"no command {exec_id!r} in sandbox {sandbox.id}",
                             "exec_id values come from exec; finished commands are forgotten after a while.")
-        return session
+        return job
 
     # -- checkpoints -----------------------------------------------------------------------
     def _checkpoint_root(self) -> str:
@@ -443,8 +443,8 @@ class SandboxManager:
         except GondolinError as exc:
             raise translate(exc) from exc
         with anyio.CancelScope(shield=True):
-            for session in old.execs.values():
-                session.cancel()
+            for job in old.execs.values():
+                job.cancel()
             old.execs.clear()
             previous, old.vm = old.vm, vm
             old.from_checkpoint = checkpoint_id

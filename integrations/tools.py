@@ -29,10 +29,10 @@ from gondolin.fs import GuestFS
 
 from . import models as m
 from . import runtime
+from .commands import CommandRun, ProgressFn
 from .errors import ErrorInfo, ToolError, translate
 from .files import apply_edit, glob_match, glob_regex, guest_path, parse_mode, slice_lines
 from .manager import Sandbox, SandboxManager, iso
-from .sessions import ExecSession, ProgressFn
 
 log = logging.getLogger("gondolin.integrations")
 TOOL_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
@@ -154,35 +154,35 @@ def _output_limit(ctx: ToolContext, requested: int | None) -> int:
     return min(limit, ctx.limits.max_output_bytes_limit)
 
 
-def _exec_output(session: ExecSession, limit: int) -> m.ExecOutput:
-    stdout, omitted_out = session.take_text("stdout", limit)
-    stderr, omitted_err = session.take_text("stderr", limit)
-    result = session.result
-    done = not session.running
+def _exec_output(job: CommandRun, limit: int) -> m.ExecOutput:
+    stdout, omitted_out = job.take_text("stdout", limit)
+    stderr, omitted_err = job.take_text("stderr", limit)
+    result = job.result
+    done = not job.running
     return m.ExecOutput(
-        exec_id=session.exec_id, status=session.status,
+        exec_id=job.exec_id, status=job.status,
         exit_code=result.exit_code if done and result is not None else None,
         signal=result.signal if done and result is not None else None,
         stdout=stdout, stderr=stderr,
-        stdout_bytes=session.total_bytes("stdout"), stderr_bytes=session.total_bytes("stderr"),
+        stdout_bytes=job.total_bytes("stdout"), stderr_bytes=job.total_bytes("stderr"),
         truncated=bool(omitted_out or omitted_err), omitted_bytes=omitted_out + omitted_err,
-        duration_s=round(session.duration, 3))
+        duration_s=round(job.duration, 3))
 
 
-async def _wait_session(session: ExecSession, wait_s: float, ctx: ToolContext, *, kill_on_cancel: bool) -> None:
+async def _wait_command(job: CommandRun, wait_s: float, ctx: ToolContext, *, kill_on_cancel: bool) -> None:
     try:
-        await session.wait(wait_s, ctx.progress)
+        await job.wait(wait_s, ctx.progress)
     except anyio.get_cancelled_exc_class():
         if kill_on_cancel:
             with anyio.CancelScope(shield=True):
-                await session.kill_quietly()
+                await job.kill_quietly()
         raise
 
 
-def _raise_session_error(sandbox: Sandbox, session: ExecSession) -> None:
-    if session.error is not None and session.result is None:
-        sandbox.execs.pop(session.exec_id, None)
-        raise session.error
+def _raise_command_error(sandbox: Sandbox, job: CommandRun) -> None:
+    if job.error is not None and job.result is None:
+        sandbox.execs.pop(job.exec_id, None)
+        raise job.error
 
 
 async def exec_command(ctx: ToolContext, inp: m.ExecInput) -> m.ExecOutput:
@@ -198,43 +198,43 @@ async def exec_command(ctx: ToolContext, inp: m.ExecInput) -> m.ExecOutput:
     with ctx.manager.use(inp.sandbox_id) as sandbox:
         cwd = guest_path(inp.cwd, what="cwd") if inp.cwd else sandbox.default_cwd
         env = {v.name: v.value for v in inp.env or []}
-        session = await ctx.manager.start_exec(sandbox, inp.command, env=env, cwd=cwd, user=inp.user,
+        job = await ctx.manager.start_exec(sandbox, inp.command, env=env, cwd=cwd, user=inp.user,
                                          stdin=inp.stdin if not inp.stdin_open else None,
                                          stdin_open=bool(inp.stdin_open), timeout=timeout)
         if inp.stdin_open and inp.stdin:
-            await session.write(inp.stdin)
-        await _wait_session(session, min(yield_s, timeout + 5), ctx, kill_on_cancel=True)
-        _raise_session_error(sandbox, session)
-        return _exec_output(session, _output_limit(ctx, inp.max_output_bytes))
+            await job.write(inp.stdin)
+        await _wait_command(job, min(yield_s, timeout + 5), ctx, kill_on_cancel=True)
+        _raise_command_error(sandbox, job)
+        return _exec_output(job, _output_limit(ctx, inp.max_output_bytes))
 
 
 async def exec_poll(ctx: ToolContext, inp: m.ExecPollInput) -> m.ExecOutput:
     wait_s = ctx.limits.exec_yield_s if inp.wait_s is None else inp.wait_s
     with ctx.manager.use(inp.sandbox_id) as sandbox:
-        session = ctx.manager.get_exec(sandbox, inp.exec_id)
-        await _wait_session(session, wait_s, ctx, kill_on_cancel=False)
-        _raise_session_error(sandbox, session)
-        return _exec_output(session, _output_limit(ctx, inp.max_output_bytes))
+        job = ctx.manager.get_exec(sandbox, inp.exec_id)
+        await _wait_command(job, wait_s, ctx, kill_on_cancel=False)
+        _raise_command_error(sandbox, job)
+        return _exec_output(job, _output_limit(ctx, inp.max_output_bytes))
 
 
 async def exec_write(ctx: ToolContext, inp: m.ExecWriteInput) -> m.ExecWriteOutput:
     if inp.stdin is None and not inp.close_stdin:
         raise ToolError("invalid_argument", "give stdin text to write, close_stdin=true, or both")
     with ctx.manager.use(inp.sandbox_id) as sandbox:
-        session = ctx.manager.get_exec(sandbox, inp.exec_id)
-        written = await session.write(inp.stdin) if inp.stdin else 0
+        job = ctx.manager.get_exec(sandbox, inp.exec_id)
+        written = await job.write(inp.stdin) if inp.stdin else 0
         if inp.close_stdin:
-            await session.close_stdin()
-        return m.ExecWriteOutput(exec_id=session.exec_id, written_bytes=written,
-                                 stdin_closed=not session.stdin_open, status=session.status)
+            await job.close_stdin()
+        return m.ExecWriteOutput(exec_id=job.exec_id, written_bytes=written,
+                                 stdin_closed=not job.stdin_open, status=job.status)
 
 
 async def exec_kill(ctx: ToolContext, inp: m.ExecKillInput) -> m.ExecOutput:
     with ctx.manager.use(inp.sandbox_id) as sandbox:
-        session = ctx.manager.get_exec(sandbox, inp.exec_id)
-        await session.send_signal(inp.signal or "KILL")
-        await session.wait(5.0)
-        return _exec_output(session, ctx.limits.max_output_bytes)
+        job = ctx.manager.get_exec(sandbox, inp.exec_id)
+        await job.send_signal(inp.signal or "KILL")
+        await job.wait(5.0)
+        return _exec_output(job, ctx.limits.max_output_bytes)
 
 
 # -- files ---------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import anyio
 
 from ..images import Image, ImageStore, ensure_image
+from ..net.tcp_hosts import TcpHostRules
 from ..options import VMOptions
 from ..qemu import accel as _accel
 from ..qemu.process import find_qemu
@@ -34,6 +35,11 @@ async def probe_boot(image: Image, accel: str, timeout: float) -> None:
 async def resolve(options: VMOptions, *, image: Image | None = None) -> tuple[VMOptions, Image, str]:
     """Checked options, the image (built on first use) and the accelerator they run on."""
     opts = options.checked()
+    if opts.tcp_hosts:
+        rules = TcpHostRules(opts.tcp_hosts)  # ValueError for a malformed rule, before anything starts
+        if rules.hostnames and opts.dns != "synthetic":
+            raise ValueError("tcp_hosts with host names need dns='synthetic' (the names resolve to "
+                             "addresses the host stack maps); use IP addresses in tcp_hosts for other DNS modes")
     find_qemu()
     img = image if image is not None else await anyio.to_thread.run_sync(ensure_image, opts.image, ImageStore())
     accel = opts.accel or await _accel.choose(img, probe_boot)

@@ -248,6 +248,13 @@ async def _boot_and_save(machine: Machine, store: TemplateStore | None) -> None:
             log.warning("could not save a warm template (%s); later VMs boot cold", exc)
 
 
+def _from_restore(exc: BaseException) -> bool:
+    """Whether a failed start came from loading the saved state (QEMU refused it, the restored
+    guest never answered), not from this VM's own options (those fail a cold boot alike)."""
+    cause = exc.__cause__
+    return not isinstance(cause, (ValueError, TypeError))
+
+
 async def start_warm(make: Callable[[], Machine]) -> Machine:
     """Start a machine from its shape's template; boot cold and save the template when there is
     none (one builder per shape: concurrent callers wait for it, then restore). The machine is
@@ -266,8 +273,8 @@ async def start_warm(make: Callable[[], Machine]) -> Machine:
         await machine.start(template.boot_source())
         return machine
     except (VMStartError, StateError) as exc:
-        if exc.code == "vm_start_timeout":
-            raise  # a slow host, not a bad template
+        if exc.code == "vm_start_timeout" or not _from_restore(exc):
+            raise  # a slow host or a bad option, not a bad template
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         log.warning("template %s could not be restored (%s); booting cold and saving a new one", template.key,
                     first)

@@ -1,6 +1,6 @@
-"""Exec sessions: a guest command whose output is pumped into bounded buffers.
+"""Running commands of the tools: a guest command whose output is pumped into bounded buffers.
 
-The ``exec`` tool waits a short while for the command; if it is still running, the session
+The ``exec`` tool waits a short while for the command; if it is still running, it
 lives on under an ``exec_id`` so the model can poll it, write to its stdin or kill it. The
 pump always drains the guest (so the guest never blocks on a full pipe) and keeps at most
 ``buffer_bytes`` of unread output per stream, head and tail.
@@ -29,7 +29,7 @@ KILL_GRACE_S = 5.0  # how long a kill waits for the guest to report the exit
 SIGNALS = {"KILL": _signal.SIGKILL, "TERM": _signal.SIGTERM, "INT": _signal.SIGINT, "HUP": _signal.SIGHUP}
 
 
-class ExecSession:
+class CommandRun:
     def __init__(self, exec_id: str, proc: ExecProcess, command: str, *, buffer_bytes: int,
                  redactor: Redactor, stdin_open: bool) -> None:
         self.exec_id = exec_id
