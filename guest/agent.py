@@ -917,7 +917,7 @@ class Agent:
             return {"removed": True}
         raise ValueError(f"unknown file op {t}")
 
-    def new_session(self) -> None:
+    def new_host(self) -> None:
         """A new host connection after a restore: the previous host's requests are gone. Their
         processes keep running (output discarded); file transfers in flight are dropped."""
         for ex in list(self.execs.values()):
@@ -952,8 +952,8 @@ class Agent:
         """Apply the host's configuration. Sent after every boot and every restore, possibly
         several times, so each step is idempotent."""
         errors = []
-        if p.get("new_session"):
-            self.new_session()
+        if p.get("new_host"):
+            self.new_host()
         if p.get("clock_ns"):
             try:
                 time.clock_settime_ns(time.CLOCK_REALTIME, int(p["clock_ns"]))

@@ -8,7 +8,7 @@
 
 Templates, checkpoints and fork produce these values; :class:`gondolin.machine.Machine`
 consumes them. Every kind except a cold boot restores saved memory, after which the host
-sends the guest fresh entropy, the clock, a new generation id and a new host session.
+sends the guest fresh entropy, the clock, a new generation id, and is told its host is new.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ at that moment. The source keeps running.
 The source's memory is streamed to a file in its run directory (a live QEMU migration, as for a
 template) and its disk overlay copied while it is stopped; each copy then restores from those
 files like a warm restore, and gets its own entropy, clock, generation id, network stack and
-host session from the configure message. The files are deleted once every copy has loaded them.
+host connection from the configure message. The files are deleted once every copy has loaded them.
 """
 
 from __future__ import annotations

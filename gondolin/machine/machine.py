@@ -517,7 +517,7 @@ class Machine:
             if self.options.mounts:
                 extra["mounts"] = sorted(self.options.mounts)
         if self.restored_from is not None:
-            extra["new_session"] = True
+            extra["new_host"] = True
         extra["pids_max"] = self.options.pids_max  # None: no limit
         msg = await self.control().request(T.CONFIGURE, os.urandom(64), timeout=self.timeouts.call,
                                            clock_ns=time.time_ns(), **extra)
