@@ -1,6 +1,6 @@
-"""CLI commands for running sessions, checkpoints and warm templates (wired up in cli.py):
-``list``, ``attach``, ``snapshot``, ``checkpoint list|rm``, ``image warm`` and the resume half
-of ``bash --resume``."""
+"""CLI commands for running VMs, checkpoints and warm templates (wired up in cli.py):
+``list``, ``attach``, ``checkpoint save|list|rm``, ``image warm`` and the resume half of
+``bash --resume``."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import anyio
 from .errors import GondolinError
 from .options import VMOptions
 
-COMMANDS = ("list", "attach", "snapshot", "checkpoint")
+COMMANDS = ("list", "attach", "checkpoint")
 
 
 def add_parsers(sub: Any) -> None:
@@ -29,13 +29,12 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--user", "-u", help="guest user name or uid")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS (default: a login shell)")
 
-    p = sub.add_parser("snapshot", help="save a checkpoint of a running VM; it keeps running")
-    p.add_argument("id", help="VM id, unique id prefix, or label")
-    p.add_argument("--output", "-o", help="checkpoint file (default: in the checkpoint folder)")
-    p.add_argument("--disk-only", action="store_true", help="save the disk only (boots on resume)")
-
-    p = sub.add_parser("checkpoint", help="list or remove saved checkpoints")
+    p = sub.add_parser("checkpoint", help="save a checkpoint of a running VM, list or remove saved ones")
     csub = p.add_subparsers(dest="checkpoint_cmd", required=True)
+    c = csub.add_parser("save", help="save a checkpoint of a running VM (of any process); it keeps running")
+    c.add_argument("id", help="VM id, unique id prefix, or label (see gondolin list)")
+    c.add_argument("--output", "-o", help="checkpoint file (default: in the checkpoint folder)")
+    c.add_argument("--disk-only", action="store_true", help="save the disk only (boots on resume)")
     c = csub.add_parser("list", help="checkpoints in the checkpoint folder, newest first")
     c.add_argument("--dir", help="another folder to list")
     c = csub.add_parser("rm", help="remove checkpoints (name in the checkpoint folder, or a path)")
@@ -58,8 +57,8 @@ def run(args: argparse.Namespace) -> int:
         return _list(args)
     if args.cmd == "attach":
         return int(anyio.run(_attach, args))
-    if args.cmd == "snapshot":
-        return int(anyio.run(_snapshot, args))
+    if args.cmd == "checkpoint" and args.checkpoint_cmd == "save":
+        return int(anyio.run(_checkpoint_save, args))
     if args.cmd == "checkpoint":
         return _checkpoint(args)
     raise AssertionError(args.cmd)
@@ -109,7 +108,7 @@ async def _attach(args: argparse.Namespace) -> int:
     return int(result.exit_code)
 
 
-def default_snapshot_path(ident: str) -> Path:
+def default_checkpoint_path(ident: str) -> Path:
     from .machine.checkpoint import SUFFIX, default_dir
 
     d = default_dir()
@@ -117,11 +116,11 @@ def default_snapshot_path(ident: str) -> Path:
     return d / f"{ident}-{time.strftime('%Y%m%d-%H%M%S')}{SUFFIX}"
 
 
-async def _snapshot(args: argparse.Namespace) -> int:
+async def _checkpoint_save(args: argparse.Namespace) -> int:
     from .registry import RemoteVM
 
     remote = RemoteVM.find(args.id)
-    path = Path(args.output) if args.output else default_snapshot_path(remote.info.label or remote.id)
+    path = Path(args.output) if args.output else default_checkpoint_path(remote.info.label or remote.id)
     done = await remote.checkpoint(path, disk_only=args.disk_only)
     print(f"{done['path']}  ({done['kind']}, {_size(int(done['size']))}, saved in {float(done['seconds']):.2f}s)")
     return 0

@@ -78,7 +78,7 @@ async def _bash(args: argparse.Namespace) -> int:
     cwd = first_mount(args)
     starting = None
     if args.resume:
-        from ._cli_snapshots import resume_for_shell
+        from ._cli_vms import resume_for_shell
 
         def starting(options: VMOptions) -> Awaitable[Any]:
             return resume_for_shell(args.resume, options)
@@ -119,7 +119,7 @@ def _image(args: argparse.Namespace) -> int:
         for what in store.remove(args.ref):
             print(f"removed {what}")
     elif args.image_cmd == "warm":
-        from ._cli_snapshots import image_warm
+        from ._cli_vms import image_warm
 
         return int(anyio.run(image_warm, args))
     return 0
@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("ref", nargs="?", default="default")
     r = isub.add_parser("rm", help="remove an image ref (and its files when unreferenced)")
     r.add_argument("ref")
-    from ._cli_snapshots import add_image_warm, add_parsers
+    from ._cli_vms import add_image_warm, add_parsers
 
     add_image_warm(isub)
     add_parsers(sub)
@@ -274,10 +274,10 @@ def main(argv: list[str] | None = None) -> None:
             code = anyio.run(_demo, args)
         elif args.cmd == "mcp":
             code = _mcp(args.mcp_args)
-        elif args.cmd in ("list", "attach", "snapshot", "checkpoint"):
-            from ._cli_snapshots import run as run_snapshot_command
+        elif args.cmd in ("list", "attach", "checkpoint"):
+            from ._cli_vms import run as run_vm_command
 
-            code = run_snapshot_command(args)
+            code = run_vm_command(args)
         else:  # pragma: no cover - argparse enforces the choices
             code = EXIT_USAGE
     except UsageError as exc:

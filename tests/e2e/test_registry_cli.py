@@ -1,4 +1,4 @@
-"""`gondolin list / attach / snapshot / checkpoint / bash --resume` from a second process, against a
+"""`gondolin list / attach / checkpoint save|list|rm / bash --resume` from a second process, against a
 VM owned by a first one."""
 
 import json
@@ -84,9 +84,9 @@ def test_attach_to_an_unknown_vm_is_a_clear_error(env, owner):
     assert p.returncode == 125 and b"no running VM" in p.stderr
 
 
-def test_snapshot_then_resume_it_in_a_shell(env, owner, tmp_path):
+def test_checkpoint_save_then_resume_it_in_a_shell(env, owner, tmp_path):
     out = tmp_path / "snap.ckpt"
-    p = run(env, "snapshot", owner["id"], "--output", str(out), timeout=180)
+    p = run(env, "checkpoint", "save", owner["id"], "--output", str(out), timeout=180)
     assert p.returncode == 0, p.stderr
     assert out.exists() and b"full" in p.stdout
     p = run(env, "bash", "--resume", str(out), "--", "/bin/sh", "-c", "cat /tmp/owner-marker /tmp/attached; exit 6",
@@ -96,8 +96,8 @@ def test_snapshot_then_resume_it_in_a_shell(env, owner, tmp_path):
     assert run(env, "attach", owner["id"], "--", "echo", "still-running").stdout == b"still-running\n"
 
 
-def test_snapshot_default_location_and_checkpoint_list_rm(env, owner):
-    p = run(env, "snapshot", owner["label"], "--disk-only", timeout=180)
+def test_checkpoint_save_default_location_and_list_rm(env, owner):
+    p = run(env, "checkpoint", "save", owner["label"], "--disk-only", timeout=180)
     assert p.returncode == 0, p.stderr
     listing = run(env, "checkpoint", "list").stdout.decode()
     [line] = [x for x in listing.splitlines() if owner["label"] in x]
