@@ -1,5 +1,7 @@
 """The host end of the control channel against a scripted guest over an in-memory stream."""
 
+from contextlib import asynccontextmanager
+
 import anyio
 import pytest
 
@@ -11,11 +13,15 @@ from tests.support import byte_stream_pair
 pytestmark = pytest.mark.anyio
 
 
-class Pipe:
-    """The host's and the guest's ends of one in-memory control connection."""
-
-    def __init__(self):
-        self.host, self.guest = byte_stream_pair()
+@asynccontextmanager
+async def running(console=list):
+    """A channel whose reader runs for the block, and the guest's end of its connection."""
+    host, guest = byte_stream_pair()
+    ch = Channel(host, console)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ch.run)
+        yield ch, guest
+        tg.cancel_scope.cancel()
 
 
 async def guest_messages(stream, n):
@@ -28,73 +34,54 @@ async def guest_messages(stream, n):
 
 
 async def test_messages_route_to_their_request():
-    pipe = Pipe()
-    ch = Channel(pipe.host, lambda: ["console line"])
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(ch.run)
+    async with running(lambda: ["console line"]) as (ch, guest):
         a, b = ch.open(), ch.open()
-        await pipe.guest.send(message(T.STDOUT, b.id, b"for b") + message(T.STDOUT, a.id, b"for a")
-                              + message(T.STDOUT, 999, b"nobody"))
+        await guest.send(message(T.STDOUT, b.id, b"for b") + message(T.STDOUT, a.id, b"for a")
+                         + message(T.STDOUT, 999, b"nobody"))
         assert (await a.get()).data == b"for a"
         assert (await b.get()).data == b"for b"
         await ch.send_message(T.PING, a.id)
-        [m] = await guest_messages(pipe.guest, 1)
+        [m] = await guest_messages(guest, 1)
         assert (m.t, m.id) == (T.PING, a.id)
-        tg.cancel_scope.cancel()
 
 
 async def test_credit_messages_are_applied_without_a_reader():
-    pipe = Pipe()
-    ch = Channel(pipe.host, list)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(ch.run)
+    async with running() as (ch, guest):
         inbox = ch.open()
-        await pipe.guest.send(message(T.STDOUT, inbox.id, b"unread output")
-                              + message(T.EXEC_STARTED, inbox.id, pid=5, stdin_window=100)
-                              + message(T.CREDIT, inbox.id, stdin=50))
+        await guest.send(message(T.STDOUT, inbox.id, b"unread output")
+                         + message(T.EXEC_STARTED, inbox.id, pid=5, stdin_window=100)
+                         + message(T.CREDIT, inbox.id, stdin=50))
         with anyio.fail_after(2):
             while inbox.credit < 150:
                 await inbox.wait_credit()
         assert inbox.credit == 150
-        tg.cancel_scope.cancel()
 
 
 async def test_data_beyond_granted_credit_is_a_protocol_error():
-    pipe = Pipe()
-    ch = Channel(pipe.host, list)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(ch.run)
+    async with running() as (ch, guest):
         inbox = ch.open()
         inbox.grant(T.STDOUT, 10)
-        await pipe.guest.send(message(T.STDOUT, inbox.id, b"x" * 10) + message(T.STDOUT, inbox.id, b"y"))
+        await guest.send(message(T.STDOUT, inbox.id, b"x" * 10) + message(T.STDOUT, inbox.id, b"y"))
         assert (await inbox.get()).data == b"x" * 10
         with pytest.raises(ProtocolError, match="beyond the granted credit"):
             await inbox.get()
-        tg.cancel_scope.cancel()
 
 
 async def test_malformed_frame_fails_everything_with_a_code():
-    pipe = Pipe()
-    ch = Channel(pipe.host, list)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(ch.run)
+    async with running() as (ch, guest):
         inbox = ch.open()
-        await pipe.guest.send(b"\x00\x00\x00\x03abc")
+        await guest.send(b"\x00\x00\x00\x03abc")
         with pytest.raises(ProtocolError) as err:
             await inbox.get()
         assert err.value.code == "short_frame"
         with pytest.raises(ProtocolError):
             ch.open()
-        tg.cancel_scope.cancel()
 
 
 async def test_guest_disconnect_fails_pending_requests_with_console_lines():
-    pipe = Pipe()
-    ch = Channel(pipe.host, lambda: ["Kernel panic - not syncing"])
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(ch.run)
+    async with running(lambda: ["Kernel panic - not syncing"]) as (ch, guest):
         inbox = ch.open()
-        await pipe.guest.send_eof()
+        await guest.send_eof()
         with pytest.raises(VMDiedError) as err:
             await inbox.get()
         assert "Kernel panic" in str(err.value)
@@ -103,52 +90,40 @@ async def test_guest_disconnect_fails_pending_requests_with_console_lines():
 
 
 async def test_close_fails_pending_with_closed_error():
-    pipe = Pipe()
-    ch = Channel(pipe.host, list)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(ch.run)
+    async with running() as (ch, guest):
         inbox = ch.open()
         await ch.aclose()
         with pytest.raises(VMClosedError):
             await inbox.get()
-        tg.cancel_scope.cancel()
 
 
 async def test_unsolicited_messages_are_queued_during_boot_and_dropped_after():
-    pipe = Pipe()
-    ch = Channel(pipe.host, list)
-
-    async def flood_then_sync(frames: bytes) -> None:
+    async def flood_then_sync(ch: Channel, guest, frames: bytes) -> None:
         """Send ``frames``, then a reply whose arrival shows the reader handled them all."""
         sync = ch.open()
         for i in range(0, len(frames), 1 << 16):
-            await pipe.guest.send(frames[i:i + (1 << 16)])
-        await pipe.guest.send(message(T.PONG, sync.id))
+            await guest.send(frames[i:i + (1 << 16)])
+        await guest.send(message(T.PONG, sync.id))
         assert (await sync.get(timeout=5)).t == T.PONG
         sync.close()
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(ch.run)
-        await flood_then_sync(b"".join(message(T.HELLO, 0, n=i) for i in range(UNSOLICITED_SLOTS + 5)))
+    async with running() as (ch, guest):
+        await flood_then_sync(ch, guest, b"".join(message(T.HELLO, 0, n=i) for i in range(UNSOLICITED_SLOTS + 5)))
         assert ch.dropped_unsolicited == 5  # the first ones are kept, the overflow dropped
         assert (await ch.next_unsolicited()).p == {"n": 0}
         ch.booted()
         assert ch.unsolicited.statistics().current_buffer_used == 0  # the boot backlog is gone
-        await flood_then_sync(message(T.PONG, 0, b"x" * 1000) * 5000)
+        await flood_then_sync(ch, guest, message(T.PONG, 0, b"x" * 1000) * 5000)
         assert ch.dropped_unsolicited == 5 + 5000
         assert ch.unsolicited.statistics().current_buffer_used == 0
-        tg.cancel_scope.cancel()
 
 
 @pytest.mark.parametrize("extra", [0, 1])
 async def test_a_guest_flooding_one_request_with_messages_is_a_protocol_error(extra):
-    pipe = Pipe()
-    ch = Channel(pipe.host, list)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(ch.run)
+    async with running() as (ch, guest):
         inbox, other = ch.open(), ch.open()
-        await pipe.guest.send(message(T.EXEC_STARTED, inbox.id, pid=1) * (INBOX_SLOTS + extra)
-                              + message(T.PONG, other.id))
+        await guest.send(message(T.EXEC_STARTED, inbox.id, pid=1) * (INBOX_SLOTS + extra)
+                         + message(T.PONG, other.id))
         # the reader handled the flood before the PONG: one request's flood does not kill the channel
         assert (await other.get(timeout=5)).t == T.PONG
         if extra:
@@ -157,29 +132,20 @@ async def test_a_guest_flooding_one_request_with_messages_is_a_protocol_error(ex
         else:
             for _ in range(INBOX_SLOTS):
                 assert (await inbox.get()).t == T.EXEC_STARTED
-        tg.cancel_scope.cancel()
 
 
 async def test_data_the_host_never_granted_is_a_protocol_error():
-    pipe = Pipe()
-    ch = Channel(pipe.host, list)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(ch.run)
+    async with running() as (ch, guest):
         small, big = ch.open(), ch.open()
-        await pipe.guest.send(message(T.PONG, small.id, b"n" * UNGRANTED_DATA_MAX)
-                              + message(T.STDOUT, big.id, b"x" * (UNGRANTED_DATA_MAX + 1)))
+        await guest.send(message(T.PONG, small.id, b"n" * UNGRANTED_DATA_MAX)
+                         + message(T.STDOUT, big.id, b"x" * (UNGRANTED_DATA_MAX + 1)))
         assert len((await small.get(timeout=2)).data) == UNGRANTED_DATA_MAX  # a nonce-sized reply is fine
         with pytest.raises(ProtocolError, match="never asked for"):
             await big.get(timeout=2)
-        tg.cancel_scope.cancel()
 
 
 async def test_a_request_without_an_answer_times_out_typed():
-    pipe = Pipe()
-    ch = Channel(pipe.host, list)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(ch.run)
+    async with running() as (ch, guest):
         with anyio.fail_after(5), pytest.raises(GuestTimeoutError, match="answer to PING"):
             await ch.request(T.PING, timeout=0.1)
         assert ch.dead is None  # a slow answer is the caller's error, not the channel's
-        tg.cancel_scope.cancel()

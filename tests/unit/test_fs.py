@@ -99,44 +99,33 @@ async def test_a_read_streams_within_the_window_and_returns_credit():
         assert b"".join(got) == b"a" * DEFAULT_WINDOW + b"b" * 10
 
 
+async def opened(fs, machine, path, *data):
+    """``fs.open_read(path)`` after the guest accepted it and sent ``data`` messages."""
+    async with anyio.create_task_group() as tg:
+        out = []
+
+        async def open_():
+            out.append(await fs.open_read(path))
+
+        tg.start_soon(open_)
+        req = await machine.guest.expect(T.FILE_READ)
+        await machine.guest.send(T.FILE_DONE, req.id)
+        for chunk in data:
+            await machine.guest.send(T.FILE_DATA, req.id, chunk)
+    return out[0]
+
+
 async def test_read_data_beyond_the_window_is_a_protocol_error():
     async with fake_machine() as machine:
-        stream = await _open_started(GuestFS(machine), machine)
+        stream = await opened(GuestFS(machine), machine, "/flood", b"x" * DEFAULT_WINDOW, b"!")
         with pytest.raises(ProtocolError, match="beyond the granted credit"):
             async for _ in stream:
                 pass
 
 
-async def _open_started(fs, machine):
-    """A read of /flood whose guest sends one byte more than the window."""
-    async with anyio.create_task_group() as tg:
-        out = []
-
-        async def open_():
-            out.append(await fs.open_read("/flood"))
-
-        tg.start_soon(open_)
-        req = await machine.guest.expect(T.FILE_READ)
-        await machine.guest.send(T.FILE_DONE, req.id)
-        await machine.guest.send(T.FILE_DATA, req.id, b"x" * DEFAULT_WINDOW)
-        await machine.guest.send(T.FILE_DATA, req.id, b"!")
-    return out[0]
-
-
 async def test_a_stalled_read_fails_at_timeouts_call():
     async with fake_machine(timeouts=Timeouts(call=0.3)) as machine:
-        fs = GuestFS(machine)
-        async with anyio.create_task_group() as tg:
-            out = []
-
-            async def open_():
-                out.append(await fs.open_read("/slow"))
-
-            tg.start_soon(open_)
-            req = await machine.guest.expect(T.FILE_READ)
-            await machine.guest.send(T.FILE_DONE, req.id)
-            await machine.guest.send(T.FILE_DATA, req.id, b"first")
-        chunks = aiter(out[0])
+        chunks = aiter(await opened(GuestFS(machine), machine, "/slow", b"first"))
         assert await anext(chunks) == b"first"
         with anyio.fail_after(5), pytest.raises(GuestTimeoutError, match="data of /slow"):
             await anext(chunks)

@@ -1,6 +1,6 @@
 """Test doubles for the HTTP mediation tests.
 
-* :func:`byte_stream_pair` — two connected in-memory anyio byte streams (guest end, host end).
+* :func:`byte_stream_pair` (from ``tests.support``) — two connected in-memory byte streams (guest end, host end).
 * :class:`UpstreamServer` — a real HTTP/1.1 server on 127.0.0.1 written directly on ``h11``
   (independent of the code under test), optionally behind TLS, with a few routes.
 * :func:`h1_roundtrip` — a tiny h11 client to read what the mediator sent back.
@@ -19,43 +19,11 @@ from urllib.parse import parse_qs, urlsplit
 import anyio
 import h11
 from anyio.abc import ByteStream, SocketStream
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from anyio.streams.tls import TLSListener
 
 from gondolin.http import CertificateAuthority, HttpMediator
 from gondolin.net.flow import FlowInfo, FlowProtocol
-
-STREAM_BUFFER = 16  # items in flight per direction: enough to pipeline, small enough for backpressure
-
-
-class MemoryByteStream(ByteStream):
-    def __init__(self, send: MemoryObjectSendStream[bytes], receive: MemoryObjectReceiveStream[bytes]) -> None:
-        self._send = send
-        self._receive = receive
-        self._buffer = b""
-
-    async def receive(self, max_bytes: int = 65536) -> bytes:
-        if not self._buffer:
-            self._buffer = await self._receive.receive()
-        data, self._buffer = self._buffer[:max_bytes], self._buffer[max_bytes:]
-        return data
-
-    async def send(self, item: bytes) -> None:
-        if item:
-            await self._send.send(bytes(item))
-
-    async def send_eof(self) -> None:
-        await self._send.aclose()
-
-    async def aclose(self) -> None:
-        await self._send.aclose()
-        await self._receive.aclose()
-
-
-def byte_stream_pair() -> tuple[MemoryByteStream, MemoryByteStream]:
-    a_send, b_recv = anyio.create_memory_object_stream[bytes](STREAM_BUFFER)
-    b_send, a_recv = anyio.create_memory_object_stream[bytes](STREAM_BUFFER)
-    return MemoryByteStream(a_send, a_recv), MemoryByteStream(b_send, b_recv)
+from tests.support import MemoryByteStream, byte_stream_pair
 
 
 def http_flow(dst_port: int = 80, hostname: str | None = None) -> FlowInfo:

@@ -3,7 +3,6 @@ import shutil
 import subprocess
 
 import anyio
-import anyio.abc
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -18,6 +17,7 @@ from gondolin.machine.state import (
     qcow2_backing,
 )
 from gondolin.protocol import FrameDecoder, Message, T, encode
+from tests.support import byte_stream_pair
 
 MARKER = encode(Message(T.PONG, 7, {}, b"n" * 16))
 
@@ -154,39 +154,12 @@ def test_qcow2_backing_reads_the_header(tmp_path):
         qcow2_backing(base)
 
 
-class _Pipe(anyio.abc.ByteStream):
-    def __init__(self, send, recv):
-        self._send, self._recv = send, recv
-
-    async def send(self, data):
-        await self._send.send(bytes(data))
-
-    async def receive(self, max_bytes=65536):
-        try:
-            return await self._recv.receive()
-        except anyio.ClosedResourceError:
-            raise anyio.EndOfStream from None
-
-    async def send_eof(self):
-        self._send.close()
-
-    async def aclose(self):
-        self._send.close()
-        self._recv.close()
-
-
-def pipe():
-    a_send, a_recv = anyio.create_memory_object_stream(100)
-    b_send, b_recv = anyio.create_memory_object_stream(100)
-    return _Pipe(a_send, b_recv), _Pipe(b_send, a_recv)
-
-
 @pytest.mark.anyio
 async def test_resync_skips_stale_frames_and_survives_a_lost_ping(monkeypatch):
     import gondolin.machine.state as snap
 
     monkeypatch.setattr(snap, "RESYNC_RETRY", 0.05)
-    host, guest = pipe()
+    host, guest = byte_stream_pair()
     stale = encode(Message(T.STDOUT, 3, {}, b"old output"))
 
     async def fake_guest():
@@ -216,7 +189,7 @@ async def test_resync_reports_a_closed_port():
     import gondolin.machine.state as snap
     from gondolin.errors import VMStartError
 
-    host, guest = pipe()
+    host, guest = byte_stream_pair()
     await guest.aclose()
     with pytest.raises(VMStartError):
         await snap.resync_control(host)

@@ -1,7 +1,6 @@
 import json
 
 import anyio
-import anyio.abc
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,6 +16,7 @@ from gondolin.qemu.qmp import (
     Reply,
     encode_command,
 )
+from tests.support import byte_stream_pair
 
 pytestmark = pytest.mark.anyio
 
@@ -81,34 +81,6 @@ def test_encode_command():
     assert encode_command("x", None, 1).endswith(b"\n")
 
 
-class _ByteStream(anyio.abc.ByteStream):
-    def __init__(self, send, recv):
-        self._send, self._recv = send, recv
-
-    async def send(self, data):
-        await self._send.send(bytes(data))
-
-    async def receive(self, max_bytes=65536):
-        try:
-            return await self._recv.receive()
-        except anyio.ClosedResourceError:
-            raise anyio.EndOfStream from None
-
-    async def send_eof(self):
-        self._send.close()
-
-    async def aclose(self):
-        self._send.close()
-        self._recv.close()
-
-
-def pipe():
-    """Two connected in-memory byte streams."""
-    a_send, a_recv = anyio.create_memory_object_stream(100)
-    b_send, b_recv = anyio.create_memory_object_stream(100)
-    return _ByteStream(a_send, b_recv), _ByteStream(b_send, a_recv)
-
-
 class FakeQemu:
     """A scripted QMP server: answers commands from a table, interleaving events."""
 
@@ -140,7 +112,7 @@ class FakeQemu:
 
 
 async def with_fake(answers, body):
-    host, qemu = pipe()
+    host, qemu = byte_stream_pair()
     fake = FakeQemu(answers)
     async with anyio.create_task_group() as tg:
         tg.start_soon(fake.serve, qemu)
@@ -199,7 +171,7 @@ async def test_connect_to_a_missing_socket_times_out_clearly(tmp_path):
 
 
 async def test_a_peer_that_never_greets_is_a_clear_error():
-    host, _qemu = pipe()
+    host, _qemu = byte_stream_pair()
     with pytest.raises(QmpError) as err:
         await QmpClient.over(host, timeout=0.05)
     assert "handshake" in str(err.value)
