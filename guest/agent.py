@@ -51,6 +51,19 @@ STDIN_WINDOW = 256 * 1024  # bytes of stdin the host may have in flight per exec
 PTY_DRAIN_SECONDS = 0.25  # after the main process exits, how long to drain its output
 PIPE_DRAIN_SECONDS = 0.5  # same for pipes kept open by background children
 DRAIN_RECHECK_SECONDS = 0.05
+# End of input on a PTY is a ^D, which the terminal's line discipline interprets when it arrives.
+# A program that changes its terminal mode after starting (readline: python3 -i, bash) loses a
+# ^D that arrived before, and then waits forever. So the ^D goes only once the program has read
+# everything typed before it and the terminal has been quiet for PTY_EOF_SETTLE seconds (at most
+# PTY_EOF_MAX_WAIT after the host closed stdin).
+PTY_EOF_SETTLE = 0.3
+PTY_EOF_POLL = 0.05
+PTY_EOF_MAX_WAIT = 5.0
+TIOCGPTN = 0x80045430  # the pty number of a master (linux/include/uapi/asm-generic/ioctls.h)
+# Kernel functions a process sleeps in while it waits for input (/proc/PID/wchan): a terminal
+# read (n_tty_read -> wait_woken), select/poll/epoll on the terminal (readline, shells).
+INPUT_WAITS = frozenset({"wait_woken", "n_tty_read", "do_select", "core_sys_select", "do_sys_poll",
+                         "do_poll", "ep_poll"})
 RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2]), linux/random.h
 RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07), linux/random.h: reseed the CRNG from the input pool now
 MAX_PATH = 4096
@@ -142,6 +155,45 @@ def _unread_bytes(fd: int) -> int:
         return 0
 
 
+def _pty_input_pending(master: int) -> int:
+    """Bytes typed into the terminal of ``master`` that its program has not read yet."""
+    try:
+        number = struct.unpack("I", fcntl.ioctl(master, TIOCGPTN, b"\0\0\0\0"))[0]
+        slave = os.open(f"/dev/pts/{number}", os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return 0
+    try:
+        return _unread_bytes(slave)
+    finally:
+        os.close(slave)
+
+
+def _terminal_waiting(master: int) -> bool:
+    """Whether the foreground process group of ``master``'s terminal waits for input: none of
+    its processes runs, and one sleeps where programs wait for input."""
+    try:
+        pgrp = os.tcgetpgrp(master)
+    except OSError:
+        return True
+    waiting = False
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+            fields = stat[stat.rfind(b")") + 2:].split()
+            if int(fields[2]) != pgrp:
+                continue
+            if fields[0] in (b"R", b"D"):
+                return False
+            with open(f"/proc/{entry}/wchan") as f:
+                waiting = waiting or f.read().strip() in INPUT_WAITS
+        except (OSError, ValueError, IndexError):
+            continue
+    return waiting
+
+
 class Exec:
     """One running process and the byte streams that connect it to the host."""
 
@@ -157,6 +209,8 @@ class Exec:
         self.stdin_buf = bytearray()
         self.stdin_eof = False
         self.stdin_returned = 0  # credit owed back to the host for written stdin bytes
+        self.pty_eof_at: float | None = None  # a ^D is owed: when the host closed stdin
+        self.pty_quiet_since = time.monotonic()  # last write into the terminal (or the start)
         self.proc: subprocess.Popen | None = None
         self.status: int | None = None
         self.exited_at: float | None = None
@@ -265,6 +319,8 @@ class Exec:
             return
         try:
             data = os.read(fd, min(READ_CHUNK, credit))
+            if self.pty:
+                self.pty_quiet_since = time.monotonic()  # the program is still talking
         except BlockingIOError:
             return
         except OSError as exc:
@@ -334,18 +390,17 @@ class Exec:
                 break
             del self.stdin_buf[:n]
             self.stdin_returned += n
+            self.pty_quiet_since = time.monotonic()
         self.agent.unwatch_write(fd)
         if self.stdin_returned:
             self.agent.send(message(T.CREDIT, self.id, stdin=self.stdin_returned))
             self.stdin_returned = 0
         if self.stdin_eof:
             if self.pty:
-                try:
-                    os.write(fd, b"\x04")
-                except OSError:
-                    pass
                 self.stdin_eof = False  # only one ^D per close
                 self.want_stdin = False
+                self.pty_eof_at = time.monotonic()
+                self.send_pty_eof(self.pty_eof_at)
             else:
                 self.agent.unwatch_write(fd)
                 try:
@@ -378,7 +433,32 @@ class Exec:
         self.exited_at = time.monotonic()
         self.maybe_finish()
 
+    def send_pty_eof(self, now: float) -> None:
+        """Write the owed ^D once the program has read its input and the terminal is quiet."""
+        fd = self.stdin_fd
+        if self.pty_eof_at is None or fd is None:
+            return
+        settled = (now - self.pty_quiet_since >= PTY_EOF_SETTLE and not _pty_input_pending(fd)
+                   and _terminal_waiting(fd))
+        if settled or now - self.pty_eof_at >= PTY_EOF_MAX_WAIT:
+            self.pty_eof_at = None
+            try:
+                os.write(fd, b"\x04")
+            except OSError:
+                pass
+
+    def next_timer(self, now: float) -> float | None:
+        """Seconds until this exec needs :meth:`check_timers` (None: nothing pending)."""
+        drain = PTY_DRAIN_SECONDS if self.pty else PIPE_DRAIN_SECONDS
+        waits = [when - now for when in (self.deadline, (self.exited_at + drain) if self.exited_at else None)
+                 if when is not None]
+        if self.pty_eof_at is not None:
+            waits.append(PTY_EOF_POLL)
+        return max(0.0, min(waits)) if waits else None
+
     def check_timers(self, now: float) -> None:
+        if self.pty_eof_at is not None and self.status is None:
+            self.send_pty_eof(now)
         if self.status is None and self.deadline is not None and now >= self.deadline:
             self.timed_out = True
             self.deadline = None
@@ -1102,11 +1182,9 @@ class Agent:
             timeout: float | None = 0 if busy else None
             now = time.monotonic()
             for ex in self.execs.values():
-                drain = PTY_DRAIN_SECONDS if ex.pty else PIPE_DRAIN_SECONDS
-                for when in (ex.deadline, (ex.exited_at + drain) if ex.exited_at else None):
-                    if when is not None:
-                        wait = max(0.0, when - now)
-                        timeout = wait if timeout is None else min(timeout, wait)
+                wait = ex.next_timer(now)
+                if wait is not None:
+                    timeout = wait if timeout is None else min(timeout, wait)
             try:
                 events = self.sel.select(timeout)
             except InterruptedError:
