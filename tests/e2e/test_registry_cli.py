@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.vm
 GONDOLIN = [str(Path(sys.executable).parent / "gondolin")]
 OWNER = textwrap.dedent("""
     import json, sys, anyio

@@ -11,7 +11,7 @@ from gondolin import VM, Checkpoint, CheckpointError
 from gondolin.images import ImageStore
 from gondolin.machine.checkpoint import HEADER_SPACE, decode_header, encode_header
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.vm]
 
 COUNTER = "nohup sh -c 'i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.1; done' >/dev/null 2>&1 &"
 SERVER = ("nohup python3 -c \"import http.server as h; h.HTTPServer(('127.0.0.1', 8765), "

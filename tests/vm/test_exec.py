@@ -8,7 +8,7 @@ from gondolin import ExecTimeout, GondolinError, ProtocolError
 
 from .conftest import max_rss_mb
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.vm]
 
 
 async def test_exit_codes_are_results(vm):

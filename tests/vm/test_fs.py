@@ -10,7 +10,7 @@ from gondolin import GuestFileError
 
 from .conftest import max_rss_mb
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.vm]
 GiB = 1 << 30
 
 

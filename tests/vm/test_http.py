@@ -24,7 +24,7 @@ from gondolin.http import Decision, Secret, create_http_hooks
 
 from .netservers import loopback_resolver, make_pki, pattern_sha256, start_servers
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.vm]
 
 MiB = 1024 * 1024
 INTERNAL_NAMES = ["api.test", "git.test", "pypi.test", "other.test", "untrusted.test"]

@@ -8,7 +8,7 @@ from gondolin.sync import VM as SyncVM
 
 from .conftest import own_run_dirs, qemu_pids
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.vm]
 
 
 async def test_killing_qemu_mid_exec_fails_pending_calls_clearly(no_leaks):

@@ -14,7 +14,7 @@ from gondolin import VM
 
 from .netservers import pattern_sha256, start_servers
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.vm]
 
 MiB = 1024 * 1024
 BIG = 64 * MiB

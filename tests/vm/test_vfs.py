@@ -27,7 +27,7 @@ from gondolin.vfs import (
     RealFSProvider,
 )
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.vm]
 
 
 @dataclass
