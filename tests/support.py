@@ -7,17 +7,19 @@
   :class:`~gondolin.channel.Channel` over an in-memory stream to a :class:`Guest`, background
   tasks in the test's task group. ``gondolin.VM(machine)`` on it is the real VM facade;
   ``ExecProcess(machine, ...)`` and ``GuestFS(machine, machine)`` run against it directly.
+* :func:`assert_exports` — pins a package's ``__all__`` with checks that can fail.
 * :class:`EchoAgent` — a small agent: each command echoes its stdin to stdout.
 """
 
 from __future__ import annotations
 
 import collections
+import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import anyio
@@ -205,4 +207,16 @@ class EchoAgent:
                 await guest.send(T.PONG, msg.id, msg.data)
 
 
-__all__ = ["EchoAgent", "FakeMachine", "Guest", "MemoryByteStream", "byte_stream_pair", "fake_machine"]
+def assert_exports(package: ModuleType, expected: list[str]) -> None:
+    """``package.__all__`` is exactly ``expected``; each name is bound in the package, and each
+    class or function it names is defined in one of the package's modules."""
+    assert sorted(package.__all__) == sorted(expected)
+    namespace = vars(package)
+    for name in expected:
+        assert name in namespace, f"{package.__name__}.__all__ names {name}, which it does not define"
+        obj = namespace[name]
+        if inspect.isclass(obj) or inspect.isfunction(obj):
+            assert obj.__module__.startswith(f"{package.__name__}."), f"{name} comes from {obj.__module__}"
+
+
+__all__ = ["EchoAgent", "assert_exports", "FakeMachine", "Guest", "MemoryByteStream", "byte_stream_pair", "fake_machine"]
