@@ -1,6 +1,7 @@
 """Warm start: VMs restored from a per-shape template (see gondolin/templates.py)."""
 
 import hashlib
+import subprocess
 import time
 
 import anyio
@@ -8,27 +9,47 @@ import pytest
 
 from gondolin import VM, VMPool
 from gondolin.machine.templates import MEMORY, META, TemplateStore
+from gondolin.sync import VM as SyncVM
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.vm]
 
 SHAPE = {"memory": "384M", "network": False}  # a shape of our own: these tests own its template
 
 
 @pytest.fixture(scope="module")
-def template_dir(tmp_path_factory):
-    """A private template store, so the tests below can damage templates without hurting others."""
-    path = tmp_path_factory.mktemp("templates")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("GONDOLIN_TEMPLATE_DIR", str(path))
-    yield path
-    mp.undo()
+def saved_template(tmp_path_factory):
+    """A template store holding one template of SHAPE, saved once by a cold boot. Tests get
+    copies (``template_dir``), so a test that damages its template hurts no other."""
+    path = tmp_path_factory.mktemp("template-source")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GONDOLIN_TEMPLATE_DIR", str(path))
+        with SyncVM.create(**SHAPE) as vm:
+            vm.exec("true")
+        assert len(TemplateStore().templates()) == 1
+    return path
+
+
+@pytest.fixture
+def template_dir(saved_template, tmp_path, monkeypatch):
+    """This test's own template store: a copy of the saved one."""
+    path = tmp_path / "templates"
+    subprocess.run(["cp", "-a", "--reflink=auto", "--sparse=always", str(saved_template), str(path)], check=True)
+    monkeypatch.setenv("GONDOLIN_TEMPLATE_DIR", str(path))
+    return path
+
+
+@pytest.fixture
+def empty_template_dir(tmp_path, monkeypatch):
+    path = tmp_path / "templates"
+    monkeypatch.setenv("GONDOLIN_TEMPLATE_DIR", str(path))
+    return path
 
 
 def file_digest(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-async def test_first_create_saves_a_template_and_later_ones_restore_it(template_dir):
+async def test_first_create_saves_a_template_and_later_ones_restore_it(empty_template_dir):
     async with await VM.create(**SHAPE, hostname="first") as vm:
         assert vm.restored_from is None
         assert (await vm.exec("hostname")).stdout == "first\n"
@@ -102,7 +123,8 @@ async def test_a_template_is_not_used_for_another_shape(template_dir):
     async with await VM.create(**SHAPE, warm=False) as vm:
         assert vm.restored_from is None
         assert vm.shape() == tpl.shape
-    assert store.lookup(tpl.shape) is not None  # warm=False neither uses nor replaces it
+    [after] = store.templates()  # warm=False neither uses nor replaces it
+    assert (after.path, after.created, after.memory_size) == (tpl.path, tpl.created, tpl.memory_size)
 
 
 async def test_a_pool_of_four_hands_out_four_distinct_vms(template_dir):
