@@ -126,17 +126,47 @@ def test_tcp_segment(data: bytes) -> None:
     only_packet_errors(lambda d: tcp.TcpSegment.parse(d, SRC, DST), data)
 
 
-@SETTINGS
-@given(st.binary(max_size=60))
-def test_tcp_options(options: bytes) -> None:
-    options = options[:40].ljust((len(options[:40]) + 3) // 4 * 4, b"\x00")
+def syn_with_options(options: bytes) -> tcp.TcpSegment:
+    """Parse a SYN carrying ``options`` (padded to a multiple of 4 bytes with end-of-list)."""
+    options = options.ljust((len(options) + 3) // 4 * 4, b"\x00")
     header = struct.pack("!HHIIHHHH", 1, 2, 3, 4, ((20 + len(options)) // 4) << 12 | tcp.SYN,
                          5, 0, 0) + options
     seg = bytearray(header)
     seg[16:18] = ipv4.checksum(ipv4.pseudo_header(SRC, DST, ipv4.PROTO_TCP, len(seg)) + seg
                                ).to_bytes(2, "big")
-    parsed = tcp.TcpSegment.parse(bytes(seg), SRC, DST)
-    assert parsed.mss is None or 0 <= parsed.mss <= 0xFFFF
+    return tcp.TcpSegment.parse(bytes(seg), SRC, DST)
+
+
+@SETTINGS
+@given(st.binary(max_size=60))
+def test_tcp_options(options: bytes) -> None:
+    parsed = syn_with_options(options[:40])
+    if parsed.mss is not None:  # an MSS is only ever read from an MSS option in the bytes
+        assert b"\x02\x04" + parsed.mss.to_bytes(2, "big") in options[:40]
+    if parsed.wscale is not None:
+        assert b"\x03\x03" + bytes([parsed.wscale]) in options[:40]
+
+
+tcp_option = st.one_of(
+    st.just(b"\x01"),  # NOP
+    st.integers(0, 0xFFFF).map(lambda v: b"\x02\x04" + v.to_bytes(2, "big")),  # MSS
+    st.integers(0, 255).map(lambda v: b"\x03\x03" + bytes([v])),  # window scale
+    st.tuples(st.integers(4, 255), st.binary(max_size=6)).map(  # any other kind, well formed
+        lambda kb: bytes([kb[0], len(kb[1]) + 2]) + kb[1]),
+)
+
+
+@SETTINGS
+@given(st.lists(tcp_option, max_size=10), st.binary(max_size=8))
+def test_tcp_options_well_formed_are_all_read(options: list[bytes], after_end: bytes) -> None:
+    data = b"".join(options)
+    if len(data) + 1 + len(after_end) > 40:
+        data = b""
+    parsed = syn_with_options(data + b"\x00" + after_end)  # nothing after end-of-list counts
+    mss = [int.from_bytes(o[2:], "big") for o in options if o[:2] == b"\x02\x04"] if data else []
+    wscale = [o[2] for o in options if o[:2] == b"\x03\x03"] if data else []
+    assert parsed.mss == (mss[-1] if mss else None)
+    assert parsed.wscale == (wscale[-1] if wscale else None)
 
 
 @SETTINGS
