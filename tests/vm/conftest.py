@@ -13,6 +13,20 @@ from gondolin import VM
 pytestmark = pytest.mark.anyio
 
 
+@pytest.fixture(scope="module", params=["asyncio", "trio"])
+def both_backends(request):
+    """Run a module under both anyio backends: ``from .conftest import both_backends as
+    anyio_backend``. Module scope, so a module's shared VM is booted once per backend."""
+    return request.param
+
+
+@pytest.fixture
+def asyncio_only(anyio_backend):
+    """For a test too slow to repeat under trio, in a module that runs under both backends."""
+    if anyio_backend != "asyncio":
+        pytest.skip("run under asyncio only (slow); the module's other tests cover trio")
+
+
 @pytest.fixture(scope="module")
 async def vm():
     async with await VM.create(memory="512M") as machine:

@@ -26,6 +26,7 @@ from gondolin.net.driver import NetworkDriver
 from gondolin.vfs import MemoryProvider
 from gondolin.vfs.port import VfsServer
 
+from .conftest import both_backends as anyio_backend  # noqa: F401 - these tests run under asyncio and trio
 from .conftest import qemu_pids
 
 pytestmark = [pytest.mark.anyio, pytest.mark.vm]

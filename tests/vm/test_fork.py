@@ -6,6 +6,7 @@ import pytest
 from gondolin import VM, VMClosedError, open_vm
 from gondolin.vfs import MemoryProvider
 
+from .conftest import both_backends as anyio_backend  # noqa: F401 - these tests run under asyncio and trio
 from .conftest import own_run_dirs
 
 pytestmark = [pytest.mark.anyio, pytest.mark.vm]
@@ -51,7 +52,7 @@ async def test_copies_keep_running_processes_and_diverge(no_leaks):
                 await c.close()
 
 
-async def test_a_copy_is_a_vm_like_any_other(no_leaks):
+async def test_a_copy_is_a_vm_like_any_other(no_leaks, asyncio_only):
     async with open_vm(mounts={"/data": MemoryProvider()}) as source:
         await source.fs.write("/data/note", "from the host")
         [copy] = await source.fork(label="branch")

@@ -8,6 +8,7 @@ import pytest
 
 from gondolin import GuestFileError
 
+from .conftest import both_backends as anyio_backend  # noqa: F401 - these tests run under asyncio and trio
 from .conftest import max_rss_mb
 
 pytestmark = [pytest.mark.anyio, pytest.mark.vm]
@@ -113,7 +114,7 @@ for i in range(int(sys.argv[2])):
 """
 
 
-async def test_one_gib_streams_both_ways_with_bounded_memory(vm):
+async def test_one_gib_streams_both_ways_with_bounded_memory(vm, asyncio_only):
     """1 GiB host->guest into a FIFO that the guest checks, then 1 GiB guest->host from a FIFO."""
     blocks = GiB // BLOCK
     await vm.exec("rm -f /tmp/in.fifo /tmp/out.fifo; mkfifo /tmp/in.fifo /tmp/out.fifo")

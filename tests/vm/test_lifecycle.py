@@ -6,6 +6,7 @@ import pytest
 from gondolin import VM, VMClosedError, VMDiedError, VMStartError
 from gondolin.sync import VM as SyncVM
 
+from .conftest import both_backends as anyio_backend  # noqa: F401 - these tests run under asyncio and trio
 from .conftest import own_run_dirs, qemu_pids
 
 pytestmark = [pytest.mark.anyio, pytest.mark.vm]
@@ -31,7 +32,7 @@ async def test_killing_qemu_mid_exec_fails_pending_calls_clearly(no_leaks):
         await vm.exec("true")
 
 
-async def test_rootfs_modes_and_cleanup(no_leaks):
+async def test_rootfs_modes_and_cleanup(no_leaks, asyncio_only):
     async with await VM.create(rootfs="readonly") as vm:
         r = await vm.exec("touch /usr/x")
         assert r.exit_code != 0 and "Read-only file system" in r.stderr
