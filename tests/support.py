@@ -23,6 +23,7 @@ from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import anyio
+import pytest
 from anyio.abc import ByteStream, TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
@@ -32,6 +33,8 @@ from gondolin.protocol import FrameDecoder, Message, T, encode
 from gondolin.vfs import MountRouter
 from gondolin.vfs.provider import Provider
 
+# Unit tests that drive the library's own concurrency run under both anyio backends.
+BOTH_BACKENDS = pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
 STREAM_BUFFER = 16  # items in flight per direction: enough to pipeline, small enough for backpressure
 
 
@@ -219,4 +222,4 @@ def assert_exports(package: ModuleType, expected: list[str]) -> None:
             assert obj.__module__.startswith(f"{package.__name__}."), f"{name} comes from {obj.__module__}"
 
 
-__all__ = ["EchoAgent", "assert_exports", "FakeMachine", "Guest", "MemoryByteStream", "byte_stream_pair", "fake_machine"]
+__all__ = ["BOTH_BACKENDS", "EchoAgent", "assert_exports", "FakeMachine", "Guest", "MemoryByteStream", "byte_stream_pair", "fake_machine"]

@@ -8,9 +8,9 @@ import pytest
 from gondolin.channel import INBOX_SLOTS, UNGRANTED_DATA_MAX, UNSOLICITED_SLOTS, Channel
 from gondolin.errors import GuestTimeoutError, ProtocolError, VMClosedError, VMDiedError
 from gondolin.protocol import FrameDecoder, T, message
-from tests.support import byte_stream_pair
+from tests.support import BOTH_BACKENDS, byte_stream_pair
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, BOTH_BACKENDS]
 
 
 @asynccontextmanager

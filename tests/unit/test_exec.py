@@ -9,9 +9,9 @@ from gondolin.errors import ExecTimeout, GondolinError, ProtocolError
 from gondolin.exec import ExecProcess, OutputChunk
 from gondolin.options import Timeouts
 from gondolin.protocol import DEFAULT_WINDOW, T
-from tests.support import fake_machine
+from tests.support import BOTH_BACKENDS, fake_machine
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, BOTH_BACKENDS]
 
 
 def process(machine, command="work", *, stdin=None, stdout="buffer", stderr="buffer", window=DEFAULT_WINDOW,

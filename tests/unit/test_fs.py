@@ -10,9 +10,9 @@ from gondolin.errors import GuestFileError, GuestTimeoutError, ProtocolError
 from gondolin.fs import DirEntry, FileStat, GuestFS
 from gondolin.options import Timeouts
 from gondolin.protocol import DATA_CHUNK, DEFAULT_WINDOW, T
-from tests.support import fake_machine
+from tests.support import BOTH_BACKENDS, fake_machine
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, BOTH_BACKENDS]
 STAT = {"mode": 0o100644, "size": 5, "uid": 0, "gid": 0, "mtime_ns": 1, "ino": 2, "nlink": 1}
 
 
