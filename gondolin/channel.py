@@ -51,6 +51,8 @@ class Inbox:
         self.closed = False
         self.finished = False
         self.failure: BaseException | None = None
+        self.started = anyio.Event()  # the guest said EXEC_STARTED (or the request ended)
+        self.started_pid: int | None = None
 
     def deliver(self, msg: Message) -> None:
         if msg.t == T.CREDIT:
@@ -60,9 +62,12 @@ class Inbox:
             return
         if msg.t == T.EXEC_STARTED:
             self.add_credit(int(msg.p.get("stdin_window") or 0))
+            self.started_pid = int(msg.p.get("pid") or 0) or None
+            self.started.set()
         elif msg.t in (T.EXIT, T.ERROR):
             self.finished = True  # writers waiting for credit must stop waiting
             self.add_credit(0)
+            self.started.set()
         if msg.data and msg.t in self.granted:
             left = self.granted[msg.t] - len(msg.data)
             if left < 0:
@@ -91,6 +96,7 @@ class Inbox:
 
     def fail(self, exc: BaseException) -> None:
         self.failure = self.failure or exc
+        self.started.set()
         try:
             self._send.send_nowait(exc)
         except anyio.WouldBlock:

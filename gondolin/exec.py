@@ -119,6 +119,22 @@ class ExecProcess:
             self._link.spawn("stdin feeder", self._feed_stdin, critical=False)
         return self
 
+    async def wait_started(self) -> int | None:
+        """Wait until the guest has started the command; its pid (None if it could not start:
+        the result or the error then says why)."""
+        await self.start()
+        inbox = self._inbox
+        assert inbox is not None
+        with anyio.move_on_after(self._link.timeouts.call) as scope:
+            await inbox.started.wait()
+        if scope.cancelled_caught:
+            raise GuestTimeoutError(f"the guest did not start the command within {self._link.timeouts.call:g}s")
+        if inbox.failure is not None:
+            raise inbox.failure
+        if self.pid is None:
+            self.pid = inbox.started_pid
+        return self.pid
+
     async def _send_request(self) -> None:
         async with self._start_lock:
             if self._inbox is not None:

@@ -285,6 +285,7 @@ async def _serve_exec(vm: VM, conn: _Conn, p: dict[str, Any]) -> None:
     proc = await vm.start(command, env=p.get("env") or None, cwd=p.get("cwd"), user=p.get("user"),
                           pty=bool(p.get("pty")), rows=int(p.get("rows") or 24), cols=int(p.get("cols") or 80),
                           timeout=p.get("timeout"), stdin=True if want_stdin else None, stdout="pipe", stderr="pipe")
+    await proc.wait_started()  # so the client learns the guest pid
     finished = False
     try:
         await _pump_exec(proc, conn, want_stdin)

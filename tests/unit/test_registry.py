@@ -144,8 +144,6 @@ async def test_a_client_that_goes_away_kills_its_command(tmp_path):
         reg.close()
 
 
-@pytest.mark.xfail(strict=True, reason="the registry answers STARTED before the guest's EXEC_STARTED arrived, "
-                                       "so a remote process never learns its pid")
 async def test_remote_process_knows_the_guest_pid(tmp_path):
     async with fake_machine(EchoAgent(), run_dir=tmp_path) as machine:
         vm = CheckpointingVM(machine)
