@@ -20,7 +20,7 @@ import secrets as _random
 import shutil
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,12 +36,12 @@ from .config import MOUNT_MODE_RANK, NetworkProfile, OperatorConfig
 from .errors import ToolError, translate
 from .models import CheckpointInfo, MountInfo, SandboxCreateInput, SandboxInfo
 from .output import Redactor
-from .runtime import LocalBackend, VMBackend
+from .runtime import LocalBackend, NamingBackend, VMBackend
 
 log = logging.getLogger("gondolin.integrations")
 Clock = Callable[[], float]
-Boot = Callable[[VMOptions], Awaitable[VM]]
 CLOSE_TIMEOUT_S = 30.0  # per VM, at shutdown
+RECORD_VERSION = 1  # of Sandbox.record()
 
 
 def iso(ts: float) -> str:
@@ -86,6 +86,15 @@ class Sandbox:
 
     def expires_at(self) -> float:
         return self.last_used + self.ttl_s
+
+    def record(self) -> dict[str, Any]:
+        """What a later manager needs to take this sandbox over (plain data, kept with its VM by
+        a :class:`~integrations.runtime.NamingBackend`). Never holds a secret's value."""
+        return {"version": RECORD_VERSION, "sandbox_id": self.id, "name": self.name, "image": self.image,
+                "cpus": self.cpus, "memory_mb": self.memory_mb, "network": self.network,
+                "secrets": list(self.secret_names), "mounts": [m.model_dump(mode="json") for m in self.mounts],
+                "env": dict(self.env), "created_at": self.created_at, "ttl_s": self.ttl_s,
+                "from_checkpoint": self.from_checkpoint, "started_at": time.time()}
 
     def info(self) -> SandboxInfo:
         return SandboxInfo(
@@ -209,6 +218,59 @@ class SandboxManager:
                             "Destroy it with sandbox_destroy and create a new one.")
         return sandbox
 
+    async def find(self, sandbox_id: str) -> Sandbox:
+        """As :meth:`get`; a sandbox this manager does not know is looked up in the backend when
+        it keeps sandboxes by id (:class:`~integrations.runtime.NamingBackend`: one a previous
+        manager started, e.g. before the MCP server restarted), and adopted: this manager owns
+        it from then on, and closes it at shutdown like its own."""
+        if sandbox_id not in self._sandboxes and isinstance(self._backend, NamingBackend):
+            await self._adopt(self._backend, sandbox_id)
+        return self.get(sandbox_id)
+
+    async def _adopt(self, backend: NamingBackend, sandbox_id: str) -> None:
+        try:
+            found = await backend.attach(sandbox_id)
+        except GondolinError as exc:
+            raise translate(exc) from exc
+        if found is None or sandbox_id in self._sandboxes:  # not there, or adopted by a concurrent call
+            return
+        vm, record = found
+        try:
+            sandbox = self._from_record(vm, record)
+            sandbox.default_cwd = await runtime.default_cwd(vm)
+        except BaseException:
+            if sandbox_id not in self._sandboxes:
+                with anyio.CancelScope(shield=True):
+                    await _stop(vm)
+            raise
+        if sandbox_id in self._sandboxes:
+            return
+        self._sandboxes[sandbox_id] = sandbox
+        log.info("adopted sandbox %s from the backend", sandbox_id)
+
+    def _from_record(self, vm: VM, record: Mapping[str, Any]) -> Sandbox:
+        profiles = self.config.profiles()
+        network = record.get("network")
+        if record.get("version") != RECORD_VERSION or network not in profiles:
+            raise ToolError("sandbox_not_found", f"sandbox {record.get('sandbox_id')!r} was started with a "
+                                                 "configuration this server does not have (its network profile "
+                                                 f"{network!r} or its record's version)")
+        now = self._clock()
+        return Sandbox(
+            id=str(record["sandbox_id"]), name=record.get("name"), vm=vm, image=str(record["image"]),
+            cpus=int(record["cpus"]), memory_mb=int(record["memory_mb"]), network=str(network),
+            profile=profiles[str(network)], secret_names=list(record.get("secrets", [])),
+            mounts=[MountInfo.model_validate(m) for m in record.get("mounts", [])], env=dict(record.get("env", {})),
+            created_at=float(record.get("created_at", now)), ttl_s=int(record["ttl_s"]), last_used=now,
+            from_checkpoint=record.get("from_checkpoint"))
+
+    @contextlib.asynccontextmanager
+    async def using(self, sandbox_id: str) -> AsyncIterator[Sandbox]:
+        """:meth:`use` for tool calls: finds (and adopts) the sandbox with :meth:`find` first."""
+        await self.find(sandbox_id)
+        with self.use(sandbox_id) as sandbox:
+            yield sandbox
+
     @contextlib.contextmanager
     def use(self, sandbox_id: str) -> Iterator[Sandbox]:
         """Hold a sandbox for the length of a tool call: it is not reaped meanwhile."""
@@ -316,24 +378,38 @@ class SandboxManager:
                                   profile=self.config.profiles()[spec["network"]], secrets=secrets,
                                   mounts=spec["mounts"])
 
-    async def _start(self, spec: dict[str, Any], *, progress: Any = None, boot: Boot | None = None,
+    async def _boot(self, sandbox: Sandbox, options: VMOptions, checkpoint_path: str | None) -> VM:
+        """Start a VM for ``sandbox``: under its id with its record when the backend keeps
+        sandboxes by id, else plainly."""
+        backend = self._backend
+        try:
+            if isinstance(backend, NamingBackend):
+                if checkpoint_path is None:
+                    return await backend.create_named(sandbox.id, options, sandbox.record())
+                return await backend.resume_named(sandbox.id, checkpoint_path, options, sandbox.record())
+            if checkpoint_path is None:
+                return await backend.create(options)
+            return await backend.resume(checkpoint_path, options)
+        except GondolinError as exc:
+            raise translate(exc) from exc
+
+    async def _start(self, spec: dict[str, Any], *, progress: Any = None, checkpoint_path: str | None = None,
                      from_checkpoint: str | None = None) -> Sandbox:
         self._reserve()
         try:
             options = self._vm_options(spec)
             if progress is not None:
                 await progress(0, None, "booting the sandbox VM")
-            try:
-                vm = await (boot or self._backend.create)(options)
-            except GondolinError as exc:
-                raise translate(exc) from exc
             now = self._clock()
             sandbox = Sandbox(
-                id=_new_id("sb"), name=spec["name"], vm=vm, image=spec["image"], cpus=spec["cpus"],
-                memory_mb=spec["memory_mb"], network=spec["network"],
+                id=_new_id("sb"), name=spec["name"], vm=None, image=spec["image"],  # type: ignore[arg-type]
+                cpus=spec["cpus"], memory_mb=spec["memory_mb"], network=spec["network"],
                 profile=self.config.profiles()[spec["network"]], secret_names=list(spec["secrets"]),
                 mounts=list(spec["mounts"]), env=dict(spec["env"]), created_at=now, ttl_s=spec["ttl_s"],
                 last_used=now, from_checkpoint=from_checkpoint)
+            vm = await self._boot(sandbox, options, checkpoint_path)
+            sandbox.vm = vm
+            sandbox.created_at = sandbox.last_used = self._clock()
             self._sandboxes[sandbox.id] = sandbox  # owned from here on, even if the next await is cancelled
             sandbox.default_cwd = await runtime.default_cwd(vm)
             return sandbox
@@ -341,6 +417,8 @@ class SandboxManager:
             self._pending -= 1
 
     async def destroy(self, sandbox_id: str) -> bool:
+        if sandbox_id not in self._sandboxes and isinstance(self._backend, NamingBackend):
+            await self._adopt(self._backend, sandbox_id)
         if sandbox_id not in self._sandboxes:
             return False
         await self._close(sandbox_id)
@@ -432,16 +510,16 @@ class SandboxManager:
             if overrides.ttl_s:
                 spec["ttl_s"] = min(overrides.ttl_s, self.config.limits.max_ttl_s)
 
-        async def boot(options: VMOptions) -> VM:
-            return await self._backend.resume(record.path, options)
-
         if sandbox_id is None:
-            return await self._start(spec, boot=boot, from_checkpoint=checkpoint_id)
-        old = self.get(sandbox_id)
+            return await self._start(spec, checkpoint_path=record.path, from_checkpoint=checkpoint_id)
+        old = await self.find(sandbox_id)
+        previous_from = old.from_checkpoint
+        old.from_checkpoint = checkpoint_id  # in the record the new VM keeps
         try:
-            vm = await boot(self._vm_options(spec))
-        except GondolinError as exc:
-            raise translate(exc) from exc
+            vm = await self._boot(old, self._vm_options(spec), record.path)
+        except BaseException:
+            old.from_checkpoint = previous_from
+            raise
         with anyio.CancelScope(shield=True):
             for job in old.execs.values():
                 job.cancel()

@@ -9,10 +9,10 @@ or from a checkpoint.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from gondolin import VM, Checkpoint, GondolinError, VMOptions
-from gondolin.http import HttpHooks, Secret, create_http_hooks
+from gondolin.http import AuditEvent, HttpHooks, Secret, create_http_hooks
 from gondolin.options import RootfsMode
 from gondolin.vfs import Provider
 from gondolin.vfs.mountspec import MountSpec
@@ -30,6 +30,37 @@ class VMBackend(Protocol):
     async def create(self, options: VMOptions) -> VM: ...
 
     async def resume(self, checkpoint_path: str, options: VMOptions) -> VM: ...
+
+
+@runtime_checkable
+class NamingBackend(VMBackend, Protocol):
+    """A backend whose VMs outlive the manager (``gondolin.cluster.RayBackend``): each is started
+    under its sandbox id with the manager's record of it (plain data), and a manager started
+    later finds it again with :meth:`attach`. The manager uses these methods instead of
+    ``create``/``resume`` when its backend has them."""
+
+    async def create_named(self, sandbox_id: str, options: VMOptions, record: Mapping[str, Any]) -> VM: ...
+
+    async def resume_named(self, sandbox_id: str, checkpoint_path: str, options: VMOptions,
+                           record: Mapping[str, Any]) -> VM: ...
+
+    async def attach(self, sandbox_id: str) -> tuple[VM, dict[str, Any]] | None: ...
+
+
+@runtime_checkable
+class RemoteNetwork(Protocol):
+    """A VM whose network policy runs elsewhere (``gondolin.cluster.ClusterVM``): its audit
+    events are fetched with an awaited call instead of read from ``vm.network``."""
+
+    async def network_events(self) -> list[AuditEvent]: ...
+
+
+async def network_events(vm: VM) -> list[AuditEvent]:
+    """A sandbox's recent HTTP audit events, for a local VM or one on a cluster."""
+    if isinstance(vm, RemoteNetwork):
+        return await vm.network_events()
+    network = vm.network
+    return network.events() if network is not None else []
 
 
 class LocalBackend:

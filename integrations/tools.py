@@ -195,7 +195,7 @@ async def exec_command(ctx: ToolContext, inp: m.ExecInput) -> m.ExecOutput:
     if not inp.command.strip():
         raise ToolError("invalid_argument", "command is empty")
     yield_s = limits.exec_yield_s if inp.yield_s is None else inp.yield_s
-    with ctx.manager.use(inp.sandbox_id) as sandbox:
+    async with ctx.manager.using(inp.sandbox_id) as sandbox:
         cwd = guest_path(inp.cwd, what="cwd") if inp.cwd else sandbox.default_cwd
         env = {v.name: v.value for v in inp.env or []}
         job = await ctx.manager.start_exec(sandbox, inp.command, env=env, cwd=cwd, user=inp.user,
@@ -210,7 +210,7 @@ async def exec_command(ctx: ToolContext, inp: m.ExecInput) -> m.ExecOutput:
 
 async def exec_poll(ctx: ToolContext, inp: m.ExecPollInput) -> m.ExecOutput:
     wait_s = ctx.limits.exec_yield_s if inp.wait_s is None else inp.wait_s
-    with ctx.manager.use(inp.sandbox_id) as sandbox:
+    async with ctx.manager.using(inp.sandbox_id) as sandbox:
         job = ctx.manager.get_exec(sandbox, inp.exec_id)
         await _wait_command(job, wait_s, ctx, kill_on_cancel=False)
         _raise_command_error(sandbox, job)
@@ -220,7 +220,7 @@ async def exec_poll(ctx: ToolContext, inp: m.ExecPollInput) -> m.ExecOutput:
 async def exec_write(ctx: ToolContext, inp: m.ExecWriteInput) -> m.ExecWriteOutput:
     if inp.stdin is None and not inp.close_stdin:
         raise ToolError("invalid_argument", "give stdin text to write, close_stdin=true, or both")
-    with ctx.manager.use(inp.sandbox_id) as sandbox:
+    async with ctx.manager.using(inp.sandbox_id) as sandbox:
         job = ctx.manager.get_exec(sandbox, inp.exec_id)
         written = await job.write(inp.stdin) if inp.stdin else 0
         if inp.close_stdin:
@@ -230,7 +230,7 @@ async def exec_write(ctx: ToolContext, inp: m.ExecWriteInput) -> m.ExecWriteOutp
 
 
 async def exec_kill(ctx: ToolContext, inp: m.ExecKillInput) -> m.ExecOutput:
-    with ctx.manager.use(inp.sandbox_id) as sandbox:
+    async with ctx.manager.using(inp.sandbox_id) as sandbox:
         job = ctx.manager.get_exec(sandbox, inp.exec_id)
         await job.send_signal(inp.signal or "KILL")
         await job.wait(5.0)
@@ -273,7 +273,7 @@ async def read_file(ctx: ToolContext, inp: m.ReadFileInput) -> m.ReadFileOutput:
     path = guest_path(inp.path)
     limits = ctx.limits
     encoding = inp.encoding or "auto"
-    with ctx.manager.use(inp.sandbox_id) as sandbox:
+    async with ctx.manager.using(inp.sandbox_id) as sandbox:
         st = await _stat(sandbox.vm, path)
         if st.is_dir:
             raise ToolError("is_a_directory", f"{path} is a directory", "Use list_files to see what it contains.")
@@ -333,7 +333,7 @@ async def write_file(ctx: ToolContext, inp: m.WriteFileInput) -> m.WriteFileOutp
     if len(data) > ctx.limits.max_write_bytes:
         raise ToolError("file_too_large", f"content has {len(data)} bytes; the limit is {ctx.limits.max_write_bytes}")
     mode = parse_mode(inp.mode)
-    with ctx.manager.use(inp.sandbox_id) as sandbox:
+    async with ctx.manager.using(inp.sandbox_id) as sandbox:
         fs = sandbox.vm.fs
         try:
             created = not await fs.exists(path)
@@ -347,7 +347,7 @@ async def write_file(ctx: ToolContext, inp: m.WriteFileInput) -> m.WriteFileOutp
 
 async def edit_file(ctx: ToolContext, inp: m.EditFileInput) -> m.EditFileOutput:
     path = guest_path(inp.path)
-    with ctx.manager.use(inp.sandbox_id) as sandbox:
+    async with ctx.manager.using(inp.sandbox_id) as sandbox:
         st = await _stat(sandbox.vm, path)
         if st.is_dir:
             raise ToolError("is_a_directory", f"{path} is a directory")
@@ -409,7 +409,7 @@ async def list_files(ctx: ToolContext, inp: m.ListFilesInput) -> m.ListFilesOutp
     max_walk = ctx.limits.max_walk_entries
     if inp.glob is not None:
         glob_regex(inp.glob.lstrip("/"))  # reject a bad pattern before walking
-    with ctx.manager.use(inp.sandbox_id) as sandbox:
+    async with ctx.manager.using(inp.sandbox_id) as sandbox:
         fs = sandbox.vm.fs
         st = await _stat(sandbox.vm, root)
         if st.is_dir:
@@ -443,7 +443,7 @@ async def list_files(ctx: ToolContext, inp: m.ListFilesInput) -> m.ListFilesOutp
 
 # -- checkpoints ---------------------------------------------------------------------------------
 async def checkpoint_create(ctx: ToolContext, inp: m.CheckpointCreateInput) -> m.CheckpointInfo:
-    with ctx.manager.use(inp.sandbox_id) as sandbox:
+    async with ctx.manager.using(inp.sandbox_id) as sandbox:
         if ctx.progress is not None:
             await ctx.progress(0, None, "saving checkpoint")
         record = await ctx.manager.checkpoint(sandbox, inp.name, bool(inp.disk_only))
@@ -465,9 +465,8 @@ async def checkpoint_list(ctx: ToolContext, inp: m.CheckpointListInput) -> m.Che
 async def network_events(ctx: ToolContext, inp: m.NetworkEventsInput) -> m.NetworkEventsOutput:
     limit = inp.limit or DEFAULT_EVENTS
     wanted = inp.decision or "all"
-    with ctx.manager.use(inp.sandbox_id) as sandbox:
-        network = sandbox.vm.network
-        events = network.events() if network is not None else []
+    async with ctx.manager.using(inp.sandbox_id) as sandbox:
+        events = await runtime.network_events(sandbox.vm)
         out: list[m.NetworkEvent] = []
         for ev in events:
             decision = getattr(ev.decision, "value", str(ev.decision))
@@ -713,7 +712,7 @@ class ToolRegistry:
     async def read_resource(self, sandbox_id: str, path: str) -> bytes:
         """Whole-file read for resource templates (capped like read_file)."""
         guest = guest_path(path)
-        with self.manager.use(sandbox_id) as sandbox:
+        async with self.manager.using(sandbox_id) as sandbox:
             st = await _stat(sandbox.vm, guest)
             if st.is_dir:
                 raise ToolError("is_a_directory", f"{guest} is a directory")

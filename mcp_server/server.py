@@ -106,7 +106,7 @@ def build_server(config: OperatorConfig | None = None, *, manager: SandboxManage
     async def sandbox_info(sandbox_id: str, ctx: Context) -> str:
         registry = _registry(ctx)
         try:
-            with registry.manager.use(sandbox_id) as sandbox:
+            async with registry.manager.using(sandbox_id) as sandbox:
                 return sandbox.info().model_dump_json()
         except ToolError as exc:
             raise ResourceError(str(exc)) from None

@@ -20,7 +20,7 @@ import signal as _signal
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -119,6 +119,7 @@ class SandboxActor:
         self._last_proc = 0
         self._tmp_dir: Path | None = None  # made on first use: a killed actor leaves nothing it never needed
         self._saved: set[str] = set()  # checkpoint files this actor wrote; only these are read back or removed
+        self._record: dict[str, Any] | None = None  # what its owner keeps with it (plain data), see ClusterVM.record
 
     def _tmp(self) -> Path:
         if self._tmp_dir is None:
@@ -165,6 +166,23 @@ class SandboxActor:
         return Facts(id=vm.id, node_id=_node_id(), actor_pid=os.getpid(), qemu_pid=vm.qemu_pid,
                      hostname=vm.hostname, label=vm.label, accel=vm.accel, cpus=vm.cpus, memory_mb=vm.memory_mb,
                      image=vm.image.build_id, restored_from=vm.restored_from, boot_time=vm.boot_time, env=vm.env)
+
+    @replying
+    async def set_record(self, record: dict[str, Any]) -> None:
+        self._record = dict(record)
+
+    @replying
+    async def record(self) -> dict[str, Any] | None:
+        return None if self._record is None else dict(self._record)
+
+    @replying
+    async def network_events(self) -> list[dict[str, Any]]:
+        """The VM's recent HTTP audit events as plain data (empty without a network)."""
+        network = self._running().network
+        if network is None:
+            return []
+        return [{f.name: getattr(ev, f.name) for f in fields(ev)} | {"decision": ev.decision.value}
+                for ev in network.events()]
 
     @replying
     async def ping(self, timeout: float) -> float:

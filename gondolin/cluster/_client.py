@@ -26,6 +26,7 @@ import sniffio
 from ..errors import GondolinError, GuestFileError, VMClosedError
 from ..exec import ExecResult, OutputChunk, stdout_lines
 from ..fstypes import DirEntry, FileStat
+from ..http.hooks import AuditEvent, Decision
 from ..options import OptionChanges, VMOptions
 from ..vm import Checkpoint
 from ._actor import PART_SIZE, Boot, Facts, SandboxActor, SavedFile, prepare_node
@@ -336,7 +337,8 @@ def connect(address: str | None = None, *, namespace: str = DEFAULT_NAMESPACE, p
 class ClusterVM:
     """A sandbox on the cluster, shaped like :class:`gondolin.VM`: ``exec``, ``start``,
     ``fs``, ``checkpoint``, ``fork``, ``close``. Differences: ``console()`` is a coroutine,
-    ``network`` is None (the policy runs on the sandbox's node), and ``fork`` copies through
+    ``network`` is None (the policy runs on the sandbox's node: read its audit events with
+    ``await sandbox.network_events()``), and ``fork`` copies through
     a checkpoint (each copy is a sandbox of its own)."""
 
     def __init__(self, cluster: Cluster, actor: Any, facts: Facts | None, *, name: str | None) -> None:
@@ -435,6 +437,22 @@ class ClusterVM:
 
     async def console(self, lines: int = 50) -> list[str]:
         return await self._call("console", lines)  # type: ignore[no-any-return]
+
+    async def network_events(self) -> list[AuditEvent]:
+        """The sandbox's recent HTTP audit events (as ``vm.network.events()`` on its node; empty
+        when it has no network)."""
+        rows = await self._call("network_events")
+        return [AuditEvent(**{**row, "decision": Decision(row["decision"]), "secrets": tuple(row["secrets"])})
+                for row in rows]
+
+    async def set_record(self, record: Mapping[str, Any]) -> None:
+        """Keep ``record`` (plain data: str, numbers, lists, dicts) with the sandbox, for whoever
+        finds it again by name (the integrations' manager keeps what a sandbox's listing needs)."""
+        await self._call("set_record", dict(record))
+
+    async def record(self) -> dict[str, Any] | None:
+        """What :meth:`set_record` kept with the sandbox, or None."""
+        return await self._call("record")  # type: ignore[no-any-return]
 
     # -- saved state ----------------------------------------------------------------------------
     async def checkpoint(self, path: str | os.PathLike[str] | None = None, *,

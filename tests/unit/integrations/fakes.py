@@ -53,3 +53,31 @@ class FakeBackend:
         vm = FakeVM(options, self, resumed_from)
         self.booted.append(vm)
         return vm
+
+
+class NamingFakeBackend(FakeBackend):
+    """A backend that keeps sandboxes by id (an ``integrations.runtime.NamingBackend``), like
+    ``gondolin.cluster.RayBackend``: share one ``kept`` dict between two instances to stand for
+    two managers (a server and its restart) on one cluster."""
+
+    def __init__(self, kept: dict[str, tuple[FakeVM, dict]] | None = None):
+        super().__init__()
+        self.kept = {} if kept is None else kept
+        self.attached: list[str] = []
+
+    async def create_named(self, sandbox_id, options, record):
+        vm = await self.create(options)
+        self.kept[sandbox_id] = (vm, dict(record))
+        return vm
+
+    async def resume_named(self, sandbox_id, checkpoint_path, options, record):
+        vm = await self.resume(checkpoint_path, options)
+        self.kept[sandbox_id] = (vm, dict(record))
+        return vm
+
+    async def attach(self, sandbox_id):
+        self.attached.append(sandbox_id)
+        found = self.kept.get(sandbox_id)
+        if found is None or not found[0].running:
+            return None
+        return found

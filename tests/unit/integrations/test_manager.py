@@ -249,3 +249,41 @@ async def test_a_vm_that_died_in_the_background_still_closes_every_sandbox(backe
 
         booted[0].close = died
     assert [vm.closed for vm in booted] == [1, 1]
+
+
+async def test_a_restarted_manager_adopts_a_kept_sandbox_by_id():
+    from integrations import ToolRegistry
+
+    from .fakes import NamingFakeBackend
+
+    first = NamingFakeBackend()
+    cfg = dict(network_profiles={"api": NetworkProfile(allowed_hosts=("api.example.com",))},
+               secrets={"API_TOKEN": SecretSpec(hosts=("api.example.com",))})
+    old = manager(first, **cfg)  # a server that died without closing anything
+    sb = await old.create(SandboxCreateInput(name="kept", network="api", secrets=["API_TOKEN"], ttl_s=600,
+                                             env=[EnvVar(name="A", value="1")]))
+    record = first.kept[sb.id][1]
+    assert "value-of-the-token" not in repr(record)  # names only, never a secret's value
+
+    second = NamingFakeBackend(first.kept)
+    async with manager(second, **cfg) as mgr:
+        registry = ToolRegistry(mgr)
+        events = await registry.call("network_events", {"sandbox_id": sb.id})
+        assert events.error is None, events.text
+        assert events.output.events == [] and events.output.network == "api"
+        adopted = mgr.get(sb.id)
+        assert adopted.vm is sb.vm and adopted.info().model_dump(exclude={"expires_at"}) == \
+            sb.info().model_dump(exclude={"expires_at"})
+        missing = await registry.call("network_events", {"sandbox_id": "sb_00000000"})
+        assert missing.error is not None and missing.error.code == "sandbox_not_found"
+        assert second.attached == [sb.id, "sb_00000000"]
+    assert sb.vm.closed == 1  # the restarted manager owns it: closed at its shutdown
+
+
+async def test_a_local_backend_never_looks_for_unknown_sandboxes(backend):
+    from integrations import ToolRegistry
+
+    async with manager(backend) as mgr:
+        out = await ToolRegistry(mgr).call("exec", {"sandbox_id": "sb_12345678", "command": "true"})
+        assert out.error is not None and out.error.code == "sandbox_not_found"
+        assert await mgr.destroy("sb_12345678") is False
