@@ -19,6 +19,7 @@ cluster_utils = pytest.importorskip("ray.cluster_utils")
 
 import gondolin.cluster as gc  # noqa: E402
 from gondolin import GuestFileError, VMClosedError  # noqa: E402
+from integrations import models as m  # noqa: E402
 
 pytestmark = [pytest.mark.anyio, pytest.mark.vm]
 ROOT = Path(__file__).parents[2]
@@ -188,6 +189,37 @@ async def test_cookbook_fans_one_prepared_state_out_with_fork(ray_cluster):
     for needle in ("forked 2 copies", "shard 0: 10000 orders", "shard 1: 10000 orders",
                    "orders in all shards: 20000", "sandboxes left running: 0"):
         assert needle in out.stdout, out.stdout
+
+
+async def test_a_second_manager_adopts_a_sandbox_by_id_and_sees_its_blocked_requests(cluster):
+    from integrations import NetworkProfile, OperatorConfig, SandboxManager, ToolRegistry
+
+    config = OperatorConfig(network_profiles={"deny": NetworkProfile()}, default_network="deny")
+    backend = gc.RayBackend(cluster, prefix="test-adopt-")
+    first = SandboxManager(config, backend=backend, reap=False)  # never closed: a server that died
+    sandbox = await first.create(m.SandboxCreateInput(name="survivor", memory_mb=512))
+    sid = sandbox.id
+    assert any(name.startswith(f"test-adopt-{sid}.") for name in cluster.names())
+    assert backend.sandbox_ids() == [sid]
+    ran = await sandbox.vm.exec("curl -s -o /dev/null -w '%{http_code}' http://example.com/blocked-path")
+    assert ran.stdout == "403", ran.stdout + ran.stderr
+
+    async with SandboxManager(config, backend=gc.RayBackend(cluster, prefix="test-adopt-"), reap=False) as second:
+        registry = ToolRegistry(second)
+        out = await registry.call("exec", {"sandbox_id": sid, "command": "echo adopted"})
+        assert out.error is None, out.text
+        assert out.output.stdout == "adopted\n"
+        info = second.get(sid).info()
+        assert (info.name, info.network, info.memory_mb) == ("survivor", "deny", 512)
+        events = await registry.call("network_events", {"sandbox_id": sid, "decision": "blocked"})
+        assert events.error is None, events.text
+        assert [(e.decision, e.url) for e in events.output.events] == [
+            ("blocked", "http://example.com/blocked-path")]
+        other = await ToolRegistry(second).call("exec", {"sandbox_id": "sb_00000000", "command": "true"})
+        assert other.error is not None and other.error.code == "sandbox_not_found"
+    with anyio.fail_after(10):
+        while backend.sandbox_ids():  # noqa: ASYNC110 - the second manager closed what it adopted
+            await anyio.sleep(0.1)
 
 
 async def test_a_dead_node_fails_its_sandboxes_calls_promptly(cluster, ray_cluster):
