@@ -26,31 +26,31 @@ import gondolin.cluster as gc
 # one shard per request through a named pipe (so the copies share the loaded data, not a reload).
 PREPARE = r"""
 set -e
-mkdir -p /work && cd /work
+mkdir -p /srv/job && cd /srv/job
 python3 - <<'PY'
 import json, random
 random.seed(7)
 regions = ["north", "south", "east", "west"]
 rows = [{"id": i, "region": random.choice(regions), "amount": random.randint(1, 500)} for i in range(20000)]
-json.dump(rows, open("/work/orders.json", "w"))
+json.dump(rows, open("/srv/job/orders.json", "w"))
 PY
-cat > /work/worker.py <<'PY'
+cat > /srv/job/worker.py <<'PY'
 import json, os
-rows = json.load(open("/work/orders.json"))  # loaded once, before the fork
-os.mkfifo("/work/ask") if not os.path.exists("/work/ask") else None
+rows = json.load(open("/srv/job/orders.json"))  # loaded once, before the fork
+os.mkfifo("/srv/job/ask") if not os.path.exists("/srv/job/ask") else None
 while True:
-    with open("/work/ask") as f:
+    with open("/srv/job/ask") as f:
         shard, shards = map(int, f.read().split())
     mine = [r for r in rows if r["id"] % shards == shard]
     totals = {}
     for r in mine:
         totals[r["region"]] = totals.get(r["region"], 0) + r["amount"]
-    with open(f"/work/answer-{shard}.json.tmp", "w") as out:
+    with open(f"/srv/job/answer-{shard}.json.tmp", "w") as out:
         json.dump({"shard": shard, "orders": len(mine), "totals": totals}, out)
-    os.rename(f"/work/answer-{shard}.json.tmp", f"/work/answer-{shard}.json")
+    os.rename(f"/srv/job/answer-{shard}.json.tmp", f"/srv/job/answer-{shard}.json")
 PY
-nohup python3 /work/worker.py >/work/worker.log 2>&1 &
-while [ ! -p /work/ask ]; do sleep 0.05; done
+nohup python3 /srv/job/worker.py >/srv/job/worker.log 2>&1 &
+while [ ! -p /srv/job/ask ]; do sleep 0.05; done
 """
 
 
@@ -71,9 +71,9 @@ async def run(cluster: gc.Cluster, copies: int) -> None:
               + ", ".join(f"{node} x{n}" for node, n in sorted(per_node.items())))
 
         async def ask(shard: int, worker: gc.ClusterVM) -> dict[str, object]:
-            await worker.exec(["sh", "-c", f"echo {shard} {copies} > /work/ask"])
-            done = await worker.exec(["sh", "-c", f"while [ ! -f /work/answer-{shard}.json ]; do sleep 0.05; done; "
-                                                  f"cat /work/answer-{shard}.json"], timeout=60)
+            await worker.exec(["sh", "-c", f"echo {shard} {copies} > /srv/job/ask"])
+            done = await worker.exec(["sh", "-c", f"while [ ! -f /srv/job/answer-{shard}.json ]; do sleep 0.05; done; "
+                                                  f"cat /srv/job/answer-{shard}.json"], timeout=60)
             answer: dict[str, object] = json.loads(done.stdout)
             return answer
 
