@@ -11,56 +11,64 @@ that race, and otherwise behave as anyio's ``ByteStream`` (``EndOfStream`` at EO
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import anyio
 from anyio.abc import ByteStream
 
+T = TypeVar("T")
 RECEIVE_MAX = 1 << 20
 BACKLOG = 16
 
 
-class UnixStream(ByteStream):
-    """One connected, non-blocking unix stream socket."""
+class _Socket:
+    """A non-blocking socket: one retry loop for its calls, one way to close it."""
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         self._sock = sock
         self._closed = False
 
-    async def receive(self, max_bytes: int = 65536) -> bytes:
+    async def _call(self, op: Callable[[], T], wait: Callable[[socket.socket], Awaitable[None]]) -> T:
+        """``op()``, retried after ``wait(sock)`` while it would block; anyio's errors for a
+        closed or broken socket."""
         while True:
             if self._closed:
                 raise anyio.ClosedResourceError
             try:
-                data = self._sock.recv(min(max_bytes, RECEIVE_MAX))
+                return op()
             except BlockingIOError:
-                await anyio.wait_readable(self._sock)
-                continue
+                await wait(self._sock)
             except OSError as exc:
                 if self._closed:
                     raise anyio.ClosedResourceError from None
                 raise anyio.BrokenResourceError from exc
-            if not data:
-                raise anyio.EndOfStream
-            return data
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            anyio.notify_closing(self._sock)
+            self._sock.close()
+        await anyio.lowlevel.checkpoint()
+
+
+class UnixStream(_Socket, ByteStream):
+    """One connected, non-blocking unix stream socket."""
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        data = await self._call(lambda: self._sock.recv(min(max_bytes, RECEIVE_MAX)), anyio.wait_readable)
+        if not data:
+            raise anyio.EndOfStream
+        return data
 
     async def send(self, item: bytes) -> None:
         view = memoryview(item)
         while view:
-            if self._closed:
-                raise anyio.ClosedResourceError
-            try:
-                sent = self._sock.send(view)
-            except BlockingIOError:
-                await anyio.wait_writable(self._sock)
-                continue
-            except OSError as exc:
-                if self._closed:
-                    raise anyio.ClosedResourceError from None
-                raise anyio.BrokenResourceError from exc
+            sent = await self._call(functools.partial(self._sock.send, view), anyio.wait_writable)
             view = view[sent:]
 
     async def send_eof(self) -> None:
@@ -69,19 +77,12 @@ class UnixStream(ByteStream):
         except OSError as exc:
             raise anyio.BrokenResourceError from exc
 
-    async def aclose(self) -> None:
-        if not self._closed:
-            self._closed = True
-            anyio.notify_closing(self._sock)
-            self._sock.close()
-        await anyio.lowlevel.checkpoint()
-
     @property
     def extra_attributes(self) -> Any:
         return {}
 
 
-class UnixListener:
+class UnixListener(_Socket):
     """A listening unix socket at ``path``."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -90,34 +91,14 @@ class UnixListener:
         try:
             sock.bind(self.path)  # in a run directory only its owner can enter
             sock.listen(BACKLOG)
-            sock.setblocking(False)
         except OSError:
             sock.close()
             raise
-        self._sock = sock
-        self._closed = False
+        super().__init__(sock)
 
     async def accept(self) -> UnixStream:
-        while True:
-            if self._closed:
-                raise anyio.ClosedResourceError
-            try:
-                conn, _ = self._sock.accept()
-            except BlockingIOError:
-                await anyio.wait_readable(self._sock)
-                continue
-            except OSError as exc:
-                if self._closed:
-                    raise anyio.ClosedResourceError from None
-                raise anyio.BrokenResourceError from exc
-            return UnixStream(conn)
-
-    async def aclose(self) -> None:
-        if not self._closed:
-            self._closed = True
-            anyio.notify_closing(self._sock)
-            self._sock.close()
-        await anyio.lowlevel.checkpoint()
+        conn, _ = await self._call(self._sock.accept, anyio.wait_readable)
+        return UnixStream(conn)
 
     async def __aenter__(self) -> UnixListener:
         return self

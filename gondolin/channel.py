@@ -110,10 +110,13 @@ class Inbox:
         within ``timeout`` seconds (None: wait as long as the channel lives)."""
         if self.failure is not None:
             raise self.failure
-        with anyio.move_on_after(timeout if timeout is not None else math.inf) as scope:
+        if timeout is None:  # the common case (streamed output): no cancel scope per message
             item = await self._recv.receive()
-        if scope.cancelled_caught:
-            raise GuestTimeoutError(f"the guest sent no {what} within {timeout:g}s")
+        else:
+            with anyio.move_on_after(timeout) as scope:
+                item = await self._recv.receive()
+            if scope.cancelled_caught:
+                raise GuestTimeoutError(f"the guest sent no {what} within {timeout:g}s")
         if isinstance(item, BaseException):
             raise item
         return item

@@ -43,22 +43,6 @@ class MachineSpec:
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
 
-def parse_memory(value: int | str) -> int:
-    """Memory size in MiB from an int (MiB) or a QEMU-style string: "512M", "1G", "2048"."""
-    if isinstance(value, int):
-        mb = value
-    else:
-        s = value.strip().upper().removesuffix("B").removesuffix("I")
-        mult = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}.get(s[-1:], None)
-        try:
-            mb = int(float(s[:-1]) * mult) if mult is not None else int(s)
-        except ValueError:
-            raise ValueError(f"invalid memory size {value!r}: use MiB as an int, or '512M' / '2G'") from None
-    if mb < 128:
-        raise ValueError(f"memory of {mb} MiB is too small for the guest (at least 128 MiB)")
-    return mb
-
-
 def build_argv(spec: MachineSpec, qemu: str = "qemu-system-x86_64") -> list[str]:
     if spec.cpus < 1:
         raise ValueError("cpus must be >= 1")

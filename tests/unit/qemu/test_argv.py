@@ -1,6 +1,7 @@
 import pytest
 
-from gondolin.qemu.argv import MachineSpec, SerialPort, build_argv, parse_memory
+from gondolin.options import parse_memory
+from gondolin.qemu.argv import MachineSpec, SerialPort, build_argv
 
 
 def spec(**kw):
