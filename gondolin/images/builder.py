@@ -34,6 +34,9 @@ PACKAGES = (
     "bash", "coreutils", "curl", "ca-certificates", "git", "python3", "python3-venv",
     "python3-pip", "procps", "iproute2", "less", "mount", "busybox", "kmod", "netcat-openbsd",
     "iputils-ping", "tar", "findutils", "sqlite3", "passwd", "xz-utils", "gzip", "file", "make",
+    # `ssh`/`git` over SSH through the host's SSH proxy, and `sshd` for `vm.enable_ssh()` (never
+    # started unless asked; host keys are made per VM at that point, none ship in the image).
+    "openssh-client", "openssh-server",
 )
 # Loaded by the initramfs at every boot (their dependencies are added automatically).
 BOOT_MODULES = ("virtio_pci", "virtio_blk", "virtio_console", "virtio_rng", "virtio_net", "crc32c_generic", "ext4",
@@ -41,7 +44,7 @@ BOOT_MODULES = ("virtio_pci", "virtio_blk", "virtio_console", "virtio_rng", "vir
 # Copied into the rootfs so the guest can `modprobe` them on demand.
 ROOTFS_MODULE_DIRS = ("kernel/fs/fuse", "kernel/fs/9p", "kernel/net/9p", "kernel/fs/netfs",
                       "kernel/fs/fscache", "kernel/net/vmw_vsock", "kernel/drivers/char/hw_random")
-BUILD_FORMAT = 5  # bump when the customisation below changes in a way the cache key cannot see
+BUILD_FORMAT = 6  # bump when the customisation below changes in a way the cache key cannot see
 GUEST_DIR = Path(__file__).resolve().parent.parent.parent / "guest"
 PROTOCOL_DIR = Path(__file__).resolve().parent.parent / "protocol"
 VFS_WIRE = Path(__file__).resolve().parent.parent / "vfs" / "wire.py"
@@ -335,6 +338,10 @@ class ImageBuilder:
             if (src / name).exists():
                 shutil.copy2(src / name, dst / name)
         _run([require("depmod", "kmod", "order modules"), "-b", str(root), kver], "depmod (rootfs)")
+        # sshd's host keys are per VM (made by `vm.enable_ssh()`), never baked into an image that
+        # every VM and template shares.
+        for key in (etc / "ssh").glob("ssh_host_*"):
+            key.unlink()
         # Nothing in the guest should try to start services or fetch updates.
         for unwanted in ("usr/share/doc", "usr/share/man", "var/cache/apt/archives"):
             shutil.rmtree(root / unwanted, ignore_errors=True)
