@@ -12,6 +12,7 @@ mount providers from :mod:`gondolin.vfs`.
 from .errors import (
     ExecTimeout,
     GondolinError,
+    GuestConnectionError,
     GuestFileError,
     GuestTimeoutError,
     ImageError,
@@ -41,6 +42,7 @@ __all__ = [
     "ExecTimeout",
     "FileStat",
     "GondolinError",
+    "GuestConnectionError",
     "GuestFileError",
     "GuestTimeoutError",
     "HttpHooks",

@@ -56,7 +56,7 @@ class Inbox:
 
     def deliver(self, msg: Message) -> None:
         if msg.t == T.CREDIT:
-            n = int(msg.p.get("stdin") or 0) + int(msg.p.get("file") or 0)
+            n = int(msg.p.get("stdin") or 0) + int(msg.p.get("file") or 0) + int(msg.p.get("tcp") or 0)
             if n > 0 or "file" in msg.p:
                 self.add_credit(n)
             return
@@ -64,7 +64,7 @@ class Inbox:
             self.add_credit(int(msg.p.get("stdin_window") or 0))
             self.started_pid = int(msg.p.get("pid") or 0) or None
             self.started.set()
-        elif msg.t in (T.EXIT, T.ERROR):
+        elif msg.t in (T.EXIT, T.ERROR, T.TCP_CLOSE):
             self.finished = True  # writers waiting for credit must stop waiting
             self.add_credit(0)
             self.started.set()

@@ -117,3 +117,11 @@ class ProtocolError(GondolinError):
     """The guest sent something the host could not understand, or refused a request."""
 
     code = "protocol_error"
+
+
+class GuestConnectionError(GondolinError):
+    """A TCP connection to a guest port (``vm.open_tcp``, a port forward) failed: nothing
+    listens there (``code`` ``"ECONNREFUSED"``), the guest side reset or closed it, or the
+    address is not guest loopback."""
+
+    code = "guest_connection_error"

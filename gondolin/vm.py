@@ -38,6 +38,7 @@ from .machine.state import StateError
 from .options import OptionChanges, RootfsMode, VMOptions
 from .protocol import DEFAULT_WINDOW, T
 from .registry import Registration, register
+from .streams import GuestStream, TcpForward, open_stream, start_forward
 
 log = get_logger("vm")
 P = ParamSpec("P")
@@ -297,6 +298,23 @@ class VM:
         t0 = anyio.current_time()
         await self._machine.control().request(T.PING, timeout=timeout)
         return anyio.current_time() - t0
+
+    # -- reaching the guest -----------------------------------------------------------------------
+    async def open_tcp(self, port: int, host: str = "127.0.0.1") -> GuestStream:
+        """Connect to a TCP port on the guest's loopback (``127.0.0.1`` or ``::1``; nothing else)
+        and return the connection, an :class:`anyio.abc.ByteStream` (``receive``, ``send``,
+        ``send_eof``, ``aclose``; use it with ``async with``). Flow-controlled both ways: a side
+        that stops reading makes the other side's ``send`` wait. Nothing listening raises
+        :class:`GuestConnectionError`; closing the VM closes its streams."""
+        return await open_stream(self._machine, port, host)
+
+    async def forward_tcp(self, guest_port: int, host: str = "127.0.0.1", host_port: int = 0, *,
+                          allow_remote: bool = False) -> TcpForward:
+        """Listen on ``host:host_port`` on the host (0: any free port) and relay each connection
+        to ``guest_port`` on the guest's loopback. Returns a :class:`TcpForward` (``.host``,
+        ``.port``, ``await .close()``); it stops when the VM closes. Listening on an address other
+        than loopback needs ``allow_remote=True``."""
+        return await start_forward(self._machine, guest_port, host, host_port, allow_remote=allow_remote)
 
     # -- saved state ----------------------------------------------------------------------------
     @_typed_errors

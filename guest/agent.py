@@ -48,6 +48,12 @@ PORT_READ_PIECES = 256
 PORT_WRITE_PIECE = 32 * 1024
 PORT_WRITE_PIECES = 32
 STDIN_WINDOW = 256 * 1024  # bytes of stdin the host may have in flight per exec
+# Guest TCP streams (the host connects to a guest loopback port): only loopback is reachable, a
+# stream buffers at most TCP_WINDOW bytes from the host, and the agent holds at most
+# MAX_TCP_STREAMS of them.
+TCP_HOSTS = {"127.0.0.1": socket.AF_INET, "::1": socket.AF_INET6}
+TCP_WINDOW = 256 * 1024
+MAX_TCP_STREAMS = 1024
 PTY_DRAIN_SECONDS = 0.25  # after the main process exits, how long to drain its output
 PIPE_DRAIN_SECONDS = 0.5  # same for pipes kept open by background children
 DRAIN_RECHECK_SECONDS = 0.05
@@ -604,6 +610,145 @@ class FileWrite:
             self.agent.send(message(T.FILE_DONE, self.id, size=self.size))
 
 
+class TcpStream:
+    """One host connection to a guest loopback port: socket bytes go to the host within the
+    credit it granted; host bytes are buffered (at most TCP_WINDOW) until the socket takes them."""
+
+    def __init__(self, agent: Agent, id: int, p: dict) -> None:
+        host, port = p.get("host"), p.get("port")
+        family = TCP_HOSTS.get(host) if isinstance(host, str) else None
+        if family is None:
+            raise ValueError(f"only guest loopback (127.0.0.1, ::1) is reachable, not {str(host)[:64]!r}")
+        if not isinstance(port, int) or not 0 < port < 65536:
+            raise ValueError(f"bad port {str(port)[:16]!r}")
+        if len(agent.streams) >= MAX_TCP_STREAMS:
+            raise OSError(errno.EMFILE, f"the guest already has {MAX_TCP_STREAMS} host connections")
+        self.agent = agent
+        self.id = id
+        self.credit = max(0, int(p.get("window") or DEFAULT_WINDOW))  # bytes we may send the host
+        self.out = bytearray()  # host bytes the socket has not taken yet
+        self.returned = 0  # credit owed back to the host for bytes the socket took
+        self.host_eof = False  # the host sent TCP_EOF
+        self.shut = False  # our write side is shut (after the host's EOF was flushed)
+        self.eof = False  # the socket said EOF and the host was told
+        self.connected = False
+        self.sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        self.fd = self.sock.fileno()
+        try:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.sock.connect((host, port))
+        except BlockingIOError:
+            agent.watch_write(self.fd, self)  # connecting: writable when done
+        except OSError:
+            self.sock.close()
+            raise
+        else:
+            self.opened()
+        agent.streams[id] = self
+
+    def opened(self) -> None:
+        self.connected = True
+        self.agent.send(message(T.TCP_OPENED, self.id, window=TCP_WINDOW))
+        if self.credit > 0:
+            self.agent.watch_read(self.fd, self)
+        self.flush()
+
+    def on_writable(self, fd: int) -> None:
+        if not self.connected:
+            self.agent.unwatch_write(fd)
+            err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self.agent.send(errno_error(self.id, OSError(err, os.strerror(err)), "connect"))
+                self.close(notify=False)
+            else:
+                self.opened()
+            return
+        self.flush()
+
+    def on_readable(self, fd: int) -> None:
+        if self.credit <= 0 or self.eof:
+            self.agent.unwatch_read(fd)
+            return
+        try:
+            data = self.sock.recv(min(READ_CHUNK, DATA_CHUNK, self.credit))
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.close(error=f"read: {exc.strerror or exc}")
+            return
+        if not data:
+            self.eof = True
+            self.agent.unwatch_read(fd)
+            self.agent.send(message(T.TCP_EOF, self.id))
+            self.maybe_done()
+            return
+        self.credit -= len(data)
+        self.agent.send(message(T.TCP_DATA, self.id, data))
+        if self.credit <= 0:
+            self.agent.unwatch_read(fd)
+
+    def add_credit(self, n: int) -> None:
+        if n > 0:
+            self.credit += n
+            if self.connected and not self.eof:
+                self.agent.watch_read(self.fd, self)
+
+    def data(self, data: bytes) -> None:
+        if self.host_eof:
+            return
+        if len(self.out) + len(data) > TCP_WINDOW:
+            self.close(error="the host sent more than the credit the guest granted")
+            return
+        self.out += data
+        self.flush()
+
+    def host_end(self) -> None:
+        self.host_eof = True
+        self.flush()
+
+    def flush(self) -> None:
+        if not self.connected:
+            return
+        while self.out:
+            try:
+                n = self.sock.send(self.out[:READ_CHUNK])
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                self.close(error=f"write: {exc.strerror or exc}")
+                return
+            del self.out[:n]
+            self.returned += n
+        if self.out:
+            self.agent.watch_write(self.fd, self)
+        else:
+            self.agent.unwatch_write(self.fd)
+        if self.returned and (not self.out or self.returned >= TCP_WINDOW // 4):
+            self.agent.send(message(T.CREDIT, self.id, tcp=self.returned))
+            self.returned = 0
+        if self.host_eof and not self.out and not self.shut:
+            self.shut = True
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            self.maybe_done()
+
+    def maybe_done(self) -> None:
+        if self.eof and self.shut:
+            self.close()
+
+    def close(self, *, notify: bool = True, error: str | None = None) -> None:
+        """Drop the stream; ``notify`` tells the host (TCP_CLOSE, with ``error`` for an abort)."""
+        if self.agent.streams.get(self.id) is self:
+            del self.agent.streams[self.id]
+        self.agent.unwatch_read(self.fd)
+        self.agent.unwatch_write(self.fd)
+        self.sock.close()
+        if notify:
+            self.agent.send(message(T.TCP_CLOSE, self.id, **({"error": error} if error else {})))
+
+
 def _write(path: str, text: str) -> None:
     with open(path, "w") as f:
         f.write(text)
@@ -692,6 +837,7 @@ class Agent:
         self.by_pid: dict[int, Exec] = {}
         self.reads: dict[int, FileRead] = {}
         self.writes: dict[int, FileWrite] = {}
+        self.streams: dict[int, TcpStream] = {}
         self.vm_env: dict[str, str] = {}
         self._login_env: dict[str, str] | None = None
         self._login_proc: subprocess.Popen | None = None
@@ -871,10 +1017,17 @@ class Agent:
             w = self.writes.get(id)
             if w:
                 w.data(m.data)
+        elif t == T.TCP_DATA:
+            st = self.streams.get(id)
+            if st:
+                st.data(m.data)
         elif t == T.CREDIT:
             ex = self.execs.get(id)
             if ex:
                 ex.add_credit(p)
+            st = self.streams.get(id)
+            if st:
+                st.add_credit(int(p.get("tcp") or 0))
             r = self.reads.get(id)
             if r:
                 r.credit += int(p.get("file") or 0)
@@ -903,6 +1056,19 @@ class Agent:
                 self.writes[id] = FileWrite(self, id, p)
                 self.send(message(T.CREDIT, id, file=0))
             self.guard(id, "open", start)
+        elif t == T.TCP_OPEN:
+            if id in self.streams:
+                self.send(message(T.ERROR, id, code="duplicate_id", message=f"stream id {id} is in use"))
+            else:
+                self.guard(id, "connect", lambda: TcpStream(self, id, p))
+        elif t == T.TCP_EOF:
+            st = self.streams.get(id)
+            if st:
+                st.host_end()
+        elif t == T.TCP_CLOSE:
+            st = self.streams.get(id)
+            if st:
+                st.close(notify=False)
         elif t in (T.STAT, T.LISTDIR, T.MKDIR, T.RENAME, T.REMOVE):
             self.guard(id, T(t).name.lower(), lambda: self.send(message(T.FILE_DONE, id, **self.fileop(t, p))))
         elif t == T.CONFIGURE:
@@ -999,11 +1165,13 @@ class Agent:
 
     def new_host(self) -> None:
         """A new host connection after a restore: the previous host's requests are gone. Their
-        processes keep running (output discarded); file transfers in flight are dropped."""
+        processes keep running (output discarded); file transfers and TCP streams in flight are dropped."""
         for ex in list(self.execs.values()):
             ex.orphan()
         for r in list(self.reads.values()):
             r.close()
+        for st in list(self.streams.values()):
+            st.close(notify=False)
         for w in list(self.writes.values()):
             self.writes.pop(w.id, None)
             try:

@@ -50,7 +50,7 @@ class T(enum.IntEnum):
     STDERR = 13  # guest -> host data
     STDIN = 14  # host -> guest data
     STDIN_EOF = 15  # host -> guest
-    CREDIT = 16  # either way {stdout, stderr, stdin}: more bytes the peer may send
+    CREDIT = 16  # either way {stdout, stderr, stdin, file, tcp}: more bytes the peer may send
     SIGNAL = 17  # host -> guest {signal}
     RESIZE = 18  # host -> guest {rows, cols}
     EXIT = 19  # guest -> host {exit_code, signal, timed_out, error}
@@ -65,6 +65,12 @@ class T(enum.IntEnum):
     MKDIR = 37  # {path, parents, mode}
     RENAME = 38  # {src, dst}
     REMOVE = 39  # {path, recursive, force}
+    # guest TCP streams: the host connects to a guest loopback port through the agent
+    TCP_OPEN = 40  # host -> guest {host, port, window}: connect; window = bytes the guest may send
+    TCP_OPENED = 41  # guest -> host {window}: connected; window = bytes the host may send
+    TCP_DATA = 42  # either way: stream bytes (within the receiver's credit)
+    TCP_EOF = 43  # either way: the sender will send no more (half-close)
+    TCP_CLOSE = 44  # either way {error?}: the stream is gone (after both EOFs, or an abort)
 
 
 class FrameError(Exception):

@@ -9,7 +9,7 @@ EXPECTED = {
     "ExecProcess", "ExecResult", "OutputChunk", "DirEntry", "FileStat", "HttpHooks", "Provider",
     "RootfsMode", "MountMode",
     "GondolinError", "VMStartError", "VMDiedError", "VMUnresponsiveError", "VMClosedError", "ExecTimeout",
-    "GuestTimeoutError", "GuestFileError", "ProtocolError", "ImageError", "MissingToolError",
+    "GuestTimeoutError", "GuestFileError", "GuestConnectionError", "ProtocolError", "ImageError", "MissingToolError",
 }
 
 
