@@ -38,6 +38,7 @@ from .machine.state import StateError
 from .options import OptionChanges, RootfsMode, VMOptions
 from .protocol import DEFAULT_WINDOW, T
 from .registry import Registration, register
+from .ssh_access import SshAccess, enable_ssh
 from .streams import GuestStream, TcpForward, open_stream, start_forward
 
 log = get_logger("vm")
@@ -92,6 +93,7 @@ class VM:
         self._machine = machine
         self.fs = GuestFS(machine, machine)
         self._registration: Registration | None = None
+        self._ssh: SshAccess | None = None
         self._finalizer = weakref.finalize(self, machine.kill_now)
 
     # -- starting ---------------------------------------------------------------------------
@@ -315,6 +317,22 @@ class VM:
         ``.port``, ``await .close()``); it stops when the VM closes. Listening on an address other
         than loopback needs ``allow_remote=True``."""
         return await start_forward(self._machine, guest_port, host, host_port, allow_remote=allow_remote)
+
+    @_typed_errors
+    async def enable_ssh(self, user: str = "agent", *, guest_port: int = 22, host: str = "127.0.0.1",
+                         host_port: int = 0) -> SshAccess:
+        """Start ``sshd`` in the guest (guest loopback only, public-key login as ``user``, no
+        forwarding of any kind) with host keys made now, a new key pair on the host (in the
+        VM's run directory, removed with it) and a host loopback listener tunnelling to it.
+        Returns an :class:`~gondolin.ssh_access.SshAccess`: ``.command`` is the ready ``ssh``
+        argv (``str(access)`` as one line), which checks the guest's host key. Calling it again
+        (after a checkpoint resume, say) replaces keys, sshd and listener."""
+        run_dir = self._machine.run_dir
+        if run_dir is None:
+            raise VMClosedError("this VM is not running")
+        self._ssh = await enable_ssh(self, run_dir, user, guest_port=guest_port, host=host, host_port=host_port,
+                                     previous=self._ssh)
+        return self._ssh
 
     # -- saved state ----------------------------------------------------------------------------
     @_typed_errors
