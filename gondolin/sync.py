@@ -28,6 +28,8 @@ from .errors import GondolinError
 from .exec import ExecResult
 from .fstypes import DirEntry, FileStat
 from .options import OptionChanges, VMOptions
+from .ssh_access import SshAccess
+from .streams import TcpForward
 
 R = TypeVar("R")
 CLOSE_AT_EXIT_TIMEOUT = 15.0  # seconds an exit handler waits for one VM to close
@@ -121,6 +123,23 @@ class SyncFS:
         return self._call("download", guest_path, host_path)  # type: ignore[no-any-return]
 
 
+class SyncForward:
+    """Blocking twin of :class:`gondolin.streams.TcpForward`: ``host``, ``port``, ``close()``."""
+
+    def __init__(self, loop: _Loop, forward: TcpForward) -> None:
+        self._loop = loop
+        self._forward = forward
+        self.host = forward.host
+        self.port = forward.port
+        self.guest_port = forward.guest_port
+
+    def close(self) -> None:
+        self._loop.call(self._forward.close)
+
+    def __repr__(self) -> str:
+        return repr(self._forward)
+
+
 def _close_quietly(loop: _Loop, async_vm: _vm.VM | None) -> None:
     """Finalizer and exit handler: close the VM (bounded) and stop its loop."""
     try:
@@ -188,6 +207,18 @@ class VM:
             self._loop.call(proc.wait)
         finally:
             self._loop.call(agen.aclose)  # type: ignore[attr-defined]
+
+    def forward_tcp(self, guest_port: int, host: str = "127.0.0.1", host_port: int = 0, *,
+                    allow_remote: bool = False) -> SyncForward:
+        """Relay a host listener to a guest loopback port (see :meth:`gondolin.VM.forward_tcp`)."""
+        fwd = self._loop.call(lambda: self._async.forward_tcp(guest_port, host, host_port,
+                                                              allow_remote=allow_remote))
+        return SyncForward(self._loop, fwd)
+
+    def enable_ssh(self, user: str = "agent", **kw: Any) -> SshAccess:
+        """Start sshd in the guest and return the ready ``ssh`` command (see
+        :meth:`gondolin.VM.enable_ssh`); it stops when the VM closes."""
+        return self._loop.call(lambda: self._async.enable_ssh(user, **kw))
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``await fn(async_vm, *args)`` on the VM's event loop (escape hatch to the async API)."""
