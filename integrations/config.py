@@ -42,6 +42,8 @@ class Limits(_Strict):
     """Caps on what one server (and each of its sandboxes) may use."""
 
     max_sandboxes: int = Field(default=4, ge=1, le=256, description="live sandboxes at once")
+    max_sandboxes_per_session: int | None = Field(
+        default=None, ge=1, le=256, description="live sandboxes one MCP session may own (default: max_sandboxes)")
     default_ttl_s: int = Field(default=900, ge=10, description="idle seconds before a sandbox is destroyed")
     max_ttl_s: int = Field(default=4 * 3600, ge=10)
     reap_interval_s: float = Field(default=10.0, gt=0, description="how often idle sandboxes are looked for")
@@ -55,7 +57,8 @@ class Limits(_Strict):
     max_output_bytes: int = Field(default=16 * 1024, ge=256, description="default cap on output shown per stream")
     max_output_bytes_limit: int = Field(default=1024 * 1024, ge=256, description="largest max_output_bytes allowed")
     exec_buffer_bytes: int = Field(default=1024 * 1024, ge=1024, description="unread output kept per stream")
-    max_read_bytes: int = Field(default=256 * 1024, ge=1024, description="most content read_file returns")
+    max_read_bytes: int = Field(default=32 * 1024, ge=1024,
+                                description="most content read_file returns per call (MCP clients cap tool output)")
     max_file_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, description="largest file edited or read by lines")
     max_write_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     max_list_entries: int = Field(default=5000, ge=1)
@@ -156,6 +159,17 @@ class MountRoot(_Strict):
         return value
 
 
+class HttpSettings(_Strict):
+    """The MCP server's streamable HTTP transport: who may connect, and what a session owns."""
+
+    auth: bool = Field(default=True, description="require a bearer token on every request")
+    token_file: str | None = Field(default=None, description="file holding the bearer token (default: "
+                                   "$GONDOLIN_MCP_TOKEN, else one generated at start and printed to stderr)")
+    session_grace_s: float = Field(default=60.0, gt=0, le=86400, description="seconds a session may have no "
+                                   "open HTTP request before it ends and its sandboxes close (reconnect window)")
+    share_sandboxes: bool = Field(default=False, description="every session may see and use every sandbox")
+
+
 class OperatorConfig(_Strict):
     limits: Limits = Field(default_factory=Limits)
     default_image: str = "default"
@@ -167,6 +181,7 @@ class OperatorConfig(_Strict):
     secrets: dict[str, SecretSpec] = Field(default_factory=dict)
     mounts: tuple[MountRoot, ...] = ()
     checkpoint_dir: str | None = Field(default=None, description="where checkpoints go (default: a temp dir per server)")
+    http: HttpSettings = Field(default_factory=HttpSettings)
 
     @model_validator(mode="after")
     def _known_names(self) -> OperatorConfig:

@@ -12,6 +12,7 @@ against the :class:`~integrations.config.OperatorConfig` here, before a VM exist
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime as _dt
 import logging
 import os
@@ -42,6 +43,8 @@ log = logging.getLogger("gondolin.integrations")
 Clock = Callable[[], float]
 CLOSE_TIMEOUT_S = 30.0  # per VM, at shutdown
 RECORD_VERSION = 1  # of Sandbox.record()
+# The MCP session a tool call acts for (see SandboxManager.acting_as); None: no session scope.
+_OWNER: contextvars.ContextVar[str | None] = contextvars.ContextVar("gondolin_sandbox_owner", default=None)
 
 
 def iso(ts: float) -> str:
@@ -72,6 +75,7 @@ class Sandbox:
     last_used: float
     default_cwd: str | None = None
     from_checkpoint: str | None = None
+    owner: str | None = None  # the MCP session that created it (None: unscoped, e.g. stdio)
     execs: dict[str, CommandRun] = field(default_factory=dict)
     busy: int = 0
     _exec_counter: int = 0
@@ -115,11 +119,20 @@ class CheckpointRecord:
     created_at: float
     disk_only: bool
     spec: dict[str, Any]  # the sandbox's creation choices, to start a new sandbox from it
+    owner: str | None = None
 
     def info(self) -> CheckpointInfo:
         return CheckpointInfo(checkpoint_id=self.id, sandbox_id=self.sandbox_id, name=self.name,
                               created_at=iso(self.created_at), size_bytes=_tree_size(self.path),
                               disk_only=self.disk_only)
+
+
+def _remove_tree(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            os.remove(path)
 
 
 def _tree_size(path: str) -> int:
@@ -144,7 +157,7 @@ class SandboxManager:
         self._backend = backend or LocalBackend()
         self._reap = reap
         self._sandboxes: dict[str, Sandbox] = {}
-        self._pending = 0
+        self._pending: dict[str | None, int] = {}  # sandboxes being started, per owner
         self._checkpoints: dict[str, CheckpointRecord] = {}
         self._checkpoint_dir: str | None = None
         self._own_checkpoint_dir = False
@@ -201,14 +214,47 @@ class SandboxManager:
             self.reaped.append(sandbox_id)
         return expired
 
+    # -- ownership -------------------------------------------------------------------------
+    @staticmethod
+    @contextlib.contextmanager
+    def acting_as(owner: str | None) -> Iterator[None]:
+        """Run the enclosed calls for ``owner`` (an MCP session id): they see, use and count only
+        its sandboxes and checkpoints (unless ``config.http.share_sandboxes``), and what they
+        create belongs to it. ``None`` (the default) is unscoped: everything is visible."""
+        token = _OWNER.set(owner)
+        try:
+            yield
+        finally:
+            _OWNER.reset(token)
+
+    def _visible(self, owner: str | None) -> bool:
+        current = _OWNER.get()
+        return current is None or owner == current or self.config.http.share_sandboxes
+
+    async def close_owner(self, owner: str) -> list[str]:
+        """Close every sandbox ``owner`` created and forget its checkpoints (its MCP session
+        ended). With ``share_sandboxes`` they stay: other sessions may be using them."""
+        if self.config.http.share_sandboxes:
+            return []
+        closed = [s.id for s in self._sandboxes.values() if s.owner == owner]
+        with anyio.CancelScope(shield=True):
+            for sandbox_id in closed:
+                await self._close(sandbox_id)
+            for record in [c for c in self._checkpoints.values() if c.owner == owner]:
+                del self._checkpoints[record.id]
+                _remove_tree(record.path)
+        return closed
+
     # -- lookup ----------------------------------------------------------------------------
     def sandboxes(self) -> list[Sandbox]:
-        return list(self._sandboxes.values())
+        return [s for s in self._sandboxes.values() if self._visible(s.owner)]
 
     def get(self, sandbox_id: str) -> Sandbox:
         sandbox = self._sandboxes.get(sandbox_id)
+        if sandbox is not None and not self._visible(sandbox.owner):
+            sandbox = None  # another session's: answered exactly like an unknown id
         if sandbox is None:
-            live = ", ".join(sorted(self._sandboxes)) or "none"
+            live = ", ".join(sorted(s.id for s in self.sandboxes())) or "none"
             raise ToolError("sandbox_not_found", f"no sandbox with id {sandbox_id!r} (live sandboxes: {live})",
                             "Call sandbox_list to see live sandboxes, or sandbox_create to make one. "
                             "Idle sandboxes are destroyed after their ttl_s.")
@@ -245,6 +291,7 @@ class SandboxManager:
             raise
         if sandbox_id in self._sandboxes:
             return
+        sandbox.owner = _OWNER.get()
         self._sandboxes[sandbox_id] = sandbox
         log.info("adopted sandbox %s from the backend", sandbox_id)
 
@@ -364,11 +411,25 @@ class SandboxManager:
         return MountInfo(guest_path=guest_path, host_path=real, mode=chosen)
 
     def _reserve(self) -> None:
-        cap = self.config.limits.max_sandboxes
-        if len(self._sandboxes) + self._pending >= cap:
+        limits = self.config.limits
+        cap = limits.max_sandboxes
+        if len(self._sandboxes) + sum(self._pending.values()) >= cap:
             raise ToolError("sandbox_limit", f"the server allows at most {cap} live sandboxes",
                             "Destroy a sandbox you no longer need (sandbox_list shows them), then retry.")
-        self._pending += 1
+        owner = _OWNER.get()
+        own_cap = limits.max_sandboxes_per_session
+        if owner is not None and own_cap is not None:
+            own = sum(1 for s in self._sandboxes.values() if s.owner == owner) + self._pending.get(owner, 0)
+            if own >= own_cap:
+                raise ToolError("sandbox_limit", f"the server allows at most {own_cap} live sandboxes per session",
+                                "Destroy a sandbox you no longer need (sandbox_list shows them), then retry.")
+        self._pending[owner] = self._pending.get(owner, 0) + 1
+
+    def _release(self) -> None:
+        owner = _OWNER.get()
+        self._pending[owner] -= 1
+        if not self._pending[owner]:
+            del self._pending[owner]
 
     def _vm_options(self, spec: Mapping[str, Any]) -> VMOptions:
         secrets = {name: self.config.secrets[name].secret(self.config.secret_value(name, self._environ) or "")
@@ -406,7 +467,7 @@ class SandboxManager:
                 cpus=spec["cpus"], memory_mb=spec["memory_mb"], network=spec["network"],
                 profile=self.config.profiles()[spec["network"]], secret_names=list(spec["secrets"]),
                 mounts=list(spec["mounts"]), env=dict(spec["env"]), created_at=now, ttl_s=spec["ttl_s"],
-                last_used=now, from_checkpoint=from_checkpoint)
+                last_used=now, from_checkpoint=from_checkpoint, owner=_OWNER.get())
             vm = await self._boot(sandbox, options, checkpoint_path)
             sandbox.vm = vm
             sandbox.created_at = sandbox.last_used = self._clock()
@@ -414,12 +475,13 @@ class SandboxManager:
             sandbox.default_cwd = await runtime.default_cwd(vm)
             return sandbox
         finally:
-            self._pending -= 1
+            self._release()
 
     async def destroy(self, sandbox_id: str) -> bool:
         if sandbox_id not in self._sandboxes and isinstance(self._backend, NamingBackend):
             await self._adopt(self._backend, sandbox_id)
-        if sandbox_id not in self._sandboxes:
+        sandbox = self._sandboxes.get(sandbox_id)
+        if sandbox is None or not self._visible(sandbox.owner):
             return False
         await self._close(sandbox_id)
         return True
@@ -474,7 +536,8 @@ class SandboxManager:
         return self._checkpoint_dir
 
     def list_checkpoints(self, sandbox_id: str | None = None) -> list[CheckpointRecord]:
-        return [c for c in self._checkpoints.values() if sandbox_id is None or c.sandbox_id == sandbox_id]
+        return [c for c in self._checkpoints.values()
+                if (sandbox_id is None or c.sandbox_id == sandbox_id) and self._visible(c.owner)]
 
     async def checkpoint(self, sandbox: Sandbox, name: str | None, disk_only: bool) -> CheckpointRecord:
         cap = self.config.limits.max_checkpoints
@@ -489,13 +552,14 @@ class SandboxManager:
         spec = {"name": sandbox.name, "image": sandbox.image, "cpus": sandbox.cpus, "memory_mb": sandbox.memory_mb,
                 "ttl_s": sandbox.ttl_s, "network": sandbox.network, "secrets": list(sandbox.secret_names),
                 "env": dict(sandbox.env), "mounts": list(sandbox.mounts)}
-        record = CheckpointRecord(checkpoint_id, path, sandbox.id, name, self._clock(), disk_only, spec)
+        record = CheckpointRecord(checkpoint_id, path, sandbox.id, name, self._clock(), disk_only, spec,
+                                  owner=_OWNER.get())
         self._checkpoints[checkpoint_id] = record
         return record
 
     def get_checkpoint(self, checkpoint_id: str) -> CheckpointRecord:
         record = self._checkpoints.get(checkpoint_id)
-        if record is None:
+        if record is None or not self._visible(record.owner):
             raise ToolError("checkpoint_not_found", f"no checkpoint {checkpoint_id!r}",
                             "Call checkpoint_list to see checkpoints.")
         return record

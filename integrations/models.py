@@ -188,6 +188,11 @@ class ReadFileOutput(_Output):
     byte_offset: int
     bytes_returned: int
     truncated: bool = Field(description="True when the file continues past what was returned.")
+    next_offset: int | None = Field(default=None, description="When truncated: the line to pass as offset to "
+                                                              "read on.")
+    next_byte_offset: int | None = Field(default=None, description="When truncated and reading by bytes (or a "
+                                                                   "line longer than the cap): the byte_offset "
+                                                                   "to read on.")
 
 
 class WriteFileInput(_Input):

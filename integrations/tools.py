@@ -125,9 +125,14 @@ def _render_read(out: m.ReadFileOutput) -> str:
         head = f"{out.path}: lines {out.start_line}-{out.end_line} of {out.total_lines} ({out.size_bytes} bytes)"
     else:
         head = f"{out.path}: bytes {out.byte_offset}-{out.byte_offset + out.bytes_returned} of {out.size_bytes}"
+    text = head + "\n" + out.content
     if out.truncated:
-        head += " [more follows: read again with a larger offset]"
-    return head + "\n" + out.content
+        if out.next_offset is not None:
+            more = f"continue with offset={out.next_offset}"
+        else:
+            more = f"continue with byte_offset={out.next_byte_offset}"
+        text += ("" if text.endswith("\n") else "\n") + f"[truncated: the file continues; {more}]"
+    return text
 
 
 # -- sandbox lifecycle ---------------------------------------------------------------------------
@@ -288,36 +293,50 @@ async def read_file(ctx: ToolContext, inp: m.ReadFileInput) -> m.ReadFileOutput:
                             "Read a byte range with byte_offset and byte_length.")
         if byte_mode:
             start = inp.byte_offset or 0
-            length = min(inp.byte_length or limits.max_read_bytes, limits.max_read_bytes)
+            cap = limits.max_read_bytes if encoding == "text" else limits.max_read_bytes * 3 // 4  # base64 grows 4/3
+            length = min(inp.byte_length or cap, cap)
             data = await _read_range(sandbox.vm, path, start, length) if start < size else b""
             content, used = _decode(data, encoding)
+            more = start + len(data) < size
             return m.ReadFileOutput(path=path, content=content, encoding=used,  # type: ignore[arg-type]
                                     size_bytes=size, start_line=None, end_line=None, total_lines=None,
-                                    byte_offset=start, bytes_returned=len(data), truncated=start + len(data) < size)
+                                    byte_offset=start, bytes_returned=len(data), truncated=more,
+                                    next_byte_offset=start + len(data) if more else None)
         data = await _read_range(sandbox.vm, path, 0, size) if size else b""
         if encoding == "auto":
             try:
                 text = data.decode()
             except UnicodeDecodeError:
-                head = data[:limits.max_read_bytes]
+                head = data[:limits.max_read_bytes * 3 // 4]
+                more = len(head) < size
                 return m.ReadFileOutput(path=path, content=base64.b64encode(head).decode(), encoding="base64",
                                         size_bytes=size, start_line=None, end_line=None, total_lines=None,
-                                        byte_offset=0, bytes_returned=len(head), truncated=len(head) < size)
+                                        byte_offset=0, bytes_returned=len(head), truncated=more,
+                                        next_byte_offset=len(head) if more else None)
         else:
             text = data.decode(errors="replace")
         piece = slice_lines(text, inp.offset, inp.limit)
         content, end_line, more = piece.content, piece.end_line, piece.more
         encoded = content.encode()
+        next_offset: int | None = end_line + 1 if more else None
+        next_byte: int | None = None
         if len(encoded) > limits.max_read_bytes:  # cut at a line boundary within the cap
             cut = encoded[:limits.max_read_bytes]
             newline = cut.rfind(b"\n")
-            cut = cut[:newline + 1] if newline >= 0 else cut
-            content = cut.decode(errors="ignore")
-            end_line = piece.start_line + max(content.count("\n") - 1, 0)
             more = True
+            if newline >= 0:
+                content = cut[:newline + 1].decode(errors="ignore")
+                end_line = piece.start_line + content.count("\n") - 1
+                next_offset = end_line + 1
+            else:  # one line longer than the cap: go on by bytes, from where this part ends
+                content = cut.decode(errors="ignore")
+                end_line = piece.start_line
+                line_start = len("".join(text.splitlines(keepends=True)[:piece.start_line - 1]).encode())
+                next_offset, next_byte = None, line_start + len(content.encode())
         return m.ReadFileOutput(path=path, content=content, encoding="text", size_bytes=size,
                                 start_line=piece.start_line, end_line=end_line, total_lines=piece.total_lines,
-                                byte_offset=0, bytes_returned=len(content.encode()), truncated=more)
+                                byte_offset=0, bytes_returned=len(content.encode()), truncated=more,
+                                next_offset=next_offset, next_byte_offset=next_byte)
 
 
 async def write_file(ctx: ToolContext, inp: m.WriteFileInput) -> m.WriteFileOutput:
@@ -542,8 +561,9 @@ TOOLS: tuple[ToolSpec, ...] = (
     ToolSpec(
         "read_file", "Read a file",
         "Read a file in a sandbox. Text comes back as is (use offset/limit for a line range of a long file); "
-        "binary files come back base64-encoded (use byte_offset/byte_length for a byte range). Output is capped; "
-        "'truncated' tells you when more follows.",
+        "binary files come back base64-encoded (use byte_offset/byte_length for a byte range). One call returns "
+        "at most about 32 KB; when 'truncated' is true, call again with offset=next_offset (or "
+        "byte_offset=next_byte_offset) to read on.",
         m.ReadFileInput, m.ReadFileOutput, read_file,
         read_only=True, destructive=False, idempotent=True, open_world=False, render=_render_read),
     ToolSpec(
@@ -649,12 +669,14 @@ class ToolRegistry:
         return name in self._by_name
 
     async def call(self, name: str, arguments: Mapping[str, Any] | str | BaseModel | None = None, *,
-                   progress: ProgressFn | None = None) -> ToolOutcome:
-        """Run a tool; never raises for tool failures (they come back as an error outcome)."""
+                   progress: ProgressFn | None = None, owner: str | None = None) -> ToolOutcome:
+        """Run a tool; never raises for tool failures (they come back as an error outcome).
+        ``owner`` (an MCP session id) scopes it to that session's sandboxes
+        (:meth:`SandboxManager.acting_as`)."""
         if self._portal is not None:
             portal = self._portal
-            return await anyio.to_thread.run_sync(lambda: portal.call(self._call, name, arguments, None))
-        return await self._call(name, arguments, progress)
+            return await anyio.to_thread.run_sync(lambda: portal.call(self._call, name, arguments, None, owner))
+        return await self._call(name, arguments, progress, owner)
 
     def call_sync(self, name: str, arguments: Mapping[str, Any] | str | BaseModel | None = None) -> ToolOutcome:
         if self._portal is None:
@@ -663,7 +685,12 @@ class ToolRegistry:
         return self._portal.call(self._call, name, arguments, None)
 
     async def _call(self, name: str, arguments: Mapping[str, Any] | str | BaseModel | None,
-                    progress: ProgressFn | None) -> ToolOutcome:
+                    progress: ProgressFn | None, owner: str | None = None) -> ToolOutcome:
+        with self.manager.acting_as(owner):
+            return await self._call_as(name, arguments, progress)
+
+    async def _call_as(self, name: str, arguments: Mapping[str, Any] | str | BaseModel | None,
+                       progress: ProgressFn | None) -> ToolOutcome:
         spec = self._by_name.get(name)
         if spec is None:
             info = ErrorInfo("invalid_argument", f"unknown tool {name!r}", f"Available tools: {', '.join(self._by_name)}.")
@@ -709,9 +736,13 @@ class ToolRegistry:
             raise ToolError("invalid_argument", f"invalid arguments for {spec.name}: {_validation_message(exc)}",
                             "Check the tool's input schema.") from None
 
-    async def read_resource(self, sandbox_id: str, path: str) -> bytes:
+    async def read_resource(self, sandbox_id: str, path: str, *, owner: str | None = None) -> bytes:
         """Whole-file read for resource templates (capped like read_file)."""
         guest = guest_path(path)
+        with self.manager.acting_as(owner):
+            return await self._read_resource(sandbox_id, guest)
+
+    async def _read_resource(self, sandbox_id: str, guest: str) -> bytes:
         async with self.manager.using(sandbox_id) as sandbox:
             st = await _stat(sandbox.vm, guest)
             if st.is_dir:
