@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 if TYPE_CHECKING:
     from .http.hooks import HttpHooks
+    from .ssh.policy import SshProxyOptions
     from .vfs.provider import Provider
 
 RootfsMode = Literal["cow", "readonly", "memory"]
@@ -143,6 +144,7 @@ class VMOptions:
     warm: bool = True
     timeouts: Timeouts = field(default_factory=Timeouts)
     pids_max: int | None = DEFAULT_PIDS_MAX
+    ssh: SshProxyOptions | None = None  # SSH egress through the host (gondolin.ssh.SshProxyOptions)
 
     @property
     def memory_mb(self) -> int:
@@ -173,8 +175,10 @@ class VMOptions:
             if not isinstance(key, str) or not key or "=" in key or "\0" in key:
                 raise ValueError(f"env name {key!r} is not a valid variable name")
             env[key] = str(value)
-        if not self.network and (self.tcp_hosts or self.http_hooks is not None):
-            raise ValueError("tcp_hosts and http_hooks need network=True")
+        if not self.network and (self.tcp_hosts or self.http_hooks is not None or self.ssh is not None):
+            raise ValueError("tcp_hosts, http_hooks and ssh need network=True")
+        if self.ssh is not None:
+            self.ssh.checked(dns=self.dns)
         mounts: dict[str, Any] = {}
         for guest_path, provider in dict(self.mounts).items():
             path = check_mount_point(guest_path)
@@ -225,6 +229,7 @@ class OptionChanges(TypedDict, total=False):
     warm: bool
     timeouts: Timeouts
     pids_max: int | None
+    ssh: SshProxyOptions | None
     start_timeout: float | None
 
 __all__ = [

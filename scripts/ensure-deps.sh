@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the OS packages Gondolin needs, only when some are missing (Debian/Ubuntu, apt).
 set -euo pipefail
-packages=(qemu-system-x86 qemu-utils mmdebstrap busybox-static e2fsprogs kmod file python3-venv tmux git cpio)
+packages=(qemu-system-x86 qemu-utils mmdebstrap busybox-static e2fsprogs kmod file python3-venv tmux git cpio openssh-server)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -98,6 +98,7 @@ class Network:
         self.mediator = mediator
         self.driver = driver
         self.ca = ca
+        self.ssh: Any = None  # the SSH egress proxy (gondolin.ssh.egress), when options.ssh is set
 
     def events(self) -> list[Any]:
         """Recent HTTP audit events (allowed and blocked requests, with reasons)."""
@@ -345,9 +346,18 @@ class Machine:
         hooks = opts.http_hooks if opts.http_hooks is not None else deny_all_hooks()
         ca = await anyio.to_thread.run_sync(_load_ca)
         mediator = HttpMediator(hooks, ca)
+        handler: Any = mediator
+        ssh = None
+        if opts.ssh is not None:
+            from ..ssh.egress import SshEgressProxy, flow_router
+
+            ssh = SshEgressProxy(opts.ssh, hooks.events)
+            handler = flow_router(mediator, ssh)
         driver = NetworkDriver(NetworkConfig(dns=opts.dns, tcp_hosts=dict(opts.tcp_hosts),
-                                             flow_handler=mediator, mtu=JUMBO_MTU))
+                                             flow_handler=handler, mtu=JUMBO_MTU, ssh_enabled=ssh is not None,
+                                             ssh_ports=opts.ssh.ports if opts.ssh is not None else frozenset()))
         self.network = Network(hooks, mediator, driver, ca)
+        self.network.ssh = ssh
         self.spawn("network driver", driver.run, stream)
 
     def _start_vfs(self, stream: ByteStream) -> None:
@@ -516,6 +526,9 @@ class Machine:
             extra.update(hostname=hostname or self.options.hostname, env=dict(env or self.options.env))
             if self.options.mounts:
                 extra["mounts"] = sorted(self.options.mounts)
+            if self.network is not None and self.network.ssh is not None:  # the guest trusts the SSH proxy
+                mapped = {k.rpartition(":")[0] if ":" in k else k for k in self.options.tcp_hosts}
+                extra.setdefault("files", {})["/etc/ssh/ssh_known_hosts"] = self.network.ssh.known_hosts_line(mapped)
         if self.restored_from is not None:
             extra["new_host"] = True
         extra["pids_max"] = self.options.pids_max  # None: no limit

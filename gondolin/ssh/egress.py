@@ -33,7 +33,15 @@ import sniffio
 from ..errors import GondolinError
 from ..http.hooks import AuditEvent, Decision, EventLog, maybe_await
 from ..net.flow import FlowHandler, FlowInfo, FlowProtocol
-from .policy import ALLOW, SshAllow, SshDeny, SshProxyOptions, command_summary, git_policy, parse_git_command
+from .policy import (
+    ALLOW,
+    SshAllow,
+    SshDeny,
+    SshProxyOptions,
+    command_summary,
+    git_policy,
+    parse_git_command,
+)
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +134,7 @@ class SshEgressProxy:
                 server_version=PROXY_VERSION, encoding=None, allow_pty=False, agent_forwarding=False,
                 x11_forwarding=False, login_timeout=LOGIN_TIMEOUT, idle_timeout=opts.idle_timeout,
                 keepalive_interval=0, config=None)
-        except (OSError, asyncssh.Error, asyncio.TimeoutError, TimeoutError) as exc:
+        except (OSError, asyncssh.Error, TimeoutError) as exc:
             log.debug("guest SSH handshake on %s:%d failed: %s", flow.dst_ip, flow.dst_port, exc)
             return
         try:
@@ -218,7 +226,7 @@ class SshEgressProxy:
         except asyncssh.PermissionDenied:
             raise _Refused(f"the host's credential was refused by {where} as user {username!r}", EXIT_NO_UPSTREAM,
                            "upstream authentication failed", Decision.ERROR) from None
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             raise _Refused(f"connecting to {where} timed out", EXIT_NO_UPSTREAM, "upstream timeout",
                            Decision.ERROR) from None
         except (OSError, asyncssh.Error) as exc:

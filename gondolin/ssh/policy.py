@@ -14,7 +14,6 @@ import shlex
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
 
 from ..http.policy import HostPattern, normalize_host, parse_ip
 
@@ -44,8 +43,8 @@ class SshDeny:
 
 
 ALLOW = SshAllow()
-SshDecision = Union[SshAllow, SshDeny]
-ExecPolicy = Callable[[str, int, str, str], Union[SshDecision, bool, Awaitable[Union[SshDecision, bool]]]]
+SshDecision = SshAllow | SshDeny
+ExecPolicy = Callable[[str, int, str, str], SshDecision | bool | Awaitable[SshDecision | bool]]
 """``exec_policy(host, port, user, command)``: ``host``/``port`` as the guest named them, ``user``
 the guest's SSH user name, ``command`` the exact command line. Returns :data:`ALLOW`, an
 :class:`SshDeny`, or a bool; may be ``async``."""
