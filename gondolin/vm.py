@@ -27,6 +27,8 @@ from .errors import GondolinError, VMClosedError
 from .exec import ExecProcess, ExecResult, StdinSource, StreamMode, normalize_command
 from .fs import GuestFS
 from .images import Image, ImageStore
+from .ingress import IngressGateway, IngressHooks, IngressLimits, Route, RouteTable
+from .ingress.expose import expose_http
 from .machine import Machine, Network
 from .machine.boot import BootSource, ForkClone
 from .machine.checkpoint import CheckpointError, CheckpointFile, save_checkpoint
@@ -317,6 +319,24 @@ class VM:
         ``.port``, ``await .close()``); it stops when the VM closes. Listening on an address other
         than loopback needs ``allow_remote=True``."""
         return await start_forward(self._machine, guest_port, host, host_port, allow_remote=allow_remote)
+
+    @_typed_errors
+    async def expose_http(self, port: int | None = None, *,
+                          routes: RouteTable | Mapping[str, int] | Iterable[Route] | None = None,
+                          host: str = "127.0.0.1", listen_port: int = 0, hooks: IngressHooks | None = None,
+                          limits: IngressLimits | None = None, allow_remote: bool = False,
+                          listeners_file: bool = True) -> IngressGateway:
+        """Serve the guest's HTTP servers on the host: returns an :class:`IngressGateway`
+        (``.url``, ``await .close()``; it stops when the VM closes). Requests go by path prefix
+        to guest loopback ports: ``port`` is the route for ``/``, ``routes`` adds
+        ``{prefix: port}`` or :class:`~gondolin.ingress.Route` values, and with
+        ``listeners_file`` the guest's ``/etc/gondolin/listeners`` adds its own (the host's win).
+        ``hooks`` (:class:`~gondolin.ingress.IngressHooks`) may refuse or edit requests and
+        responses. Listening on an address other than loopback needs ``allow_remote=True``.
+        See docs/access.md."""
+        return await expose_http(self._machine, self.open_tcp, self.fs, port=port, routes=routes, host=host,
+                                 listen_port=listen_port, hooks=hooks, limits=limits, allow_remote=allow_remote,
+                                 listeners_file=listeners_file)
 
     @_typed_errors
     async def enable_ssh(self, user: str = "agent", *, guest_port: int = 22, host: str = "127.0.0.1",

@@ -2,11 +2,9 @@
 
 from .gateway import (
     Connector,
-    IngressError,
     IngressGateway,
     IngressLimits,
     ListenersSource,
-    is_loopback,
 )
 from .hooks import IngressContext, IngressEvent, IngressHooks, deny
 from .routes import (
@@ -22,7 +20,6 @@ __all__ = [
     "LISTENERS_PATH",
     "Connector",
     "IngressContext",
-    "IngressError",
     "IngressEvent",
     "IngressGateway",
     "IngressHooks",
@@ -32,7 +29,6 @@ __all__ = [
     "Route",
     "RouteTable",
     "deny",
-    "is_loopback",
     "parse_listeners",
     "serialize_listeners",
 ]

@@ -13,7 +13,6 @@ stream through; the gateway never holds one whole.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -28,6 +27,7 @@ from ..http.exchange import Limits
 from ..http.hooks import maybe_await
 from ..http.messages import HttpRequest, HttpResponse
 from ..http.server_h1 import serve_http1
+from ..streams import is_loopback
 from .hooks import IngressContext, IngressEvent, IngressEventLog, IngressHooks
 from .routes import ListenersError, Route, RouteTable, parse_listeners
 from .upstream import UpstreamTimeouts, exchange
@@ -46,12 +46,6 @@ _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset
 _BAD_GATEWAY = "bad gateway"
 
 
-class IngressError(GondolinError):
-    """The gateway could not start (address in use, a non-loopback address not allowed)."""
-
-    code = "ingress_error"
-
-
 @dataclass(frozen=True, slots=True)
 class IngressLimits:
     max_connections: int = 128  # client connections at once (WebSockets included)
@@ -62,15 +56,6 @@ class IngressLimits:
     idle_timeout: float = 60.0  # a client connection with nothing to read or unable to take data
     listeners_interval: float = 1.0  # seconds between two looks at the listeners file
     listeners_timeout: float = 10.0  # one read of the listeners file
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class _IdleTimeout(ByteStream):
@@ -155,16 +140,17 @@ class IngressGateway:
     async def listen(self, host: str = "127.0.0.1", port: int = 0, *, allow_remote: bool = False) -> None:
         """Bind the listening socket (``port=0``: any free port; see :attr:`url`)."""
         if not allow_remote and not is_loopback(host):
-            raise ValueError(f"the gateway listens on loopback unless asked: pass allow_remote=True to listen "
-                             f"on {host!r} (anyone who can reach it can reach the guest)")
+            raise GondolinError(f"refusing to listen on {host!r}: anyone who can reach that address could reach "
+                                "the guest's servers; pass allow_remote=True to mean it, or listen on 127.0.0.1",
+                                code="remote_listen")
         if not isinstance(port, int) or not 0 <= port < 65536:
             raise ValueError(f"listen port must be 0-65535, got {port!r}")
         bind = "127.0.0.1" if host == "localhost" else host
         try:
             listener = await anyio.create_tcp_listener(local_host=bind, local_port=port, reuse_port=False)
         except OSError as exc:
-            raise IngressError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another "
-                               "address or port (0 picks a free one)") from exc
+            raise GondolinError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another address "
+                                "or port (0 picks a free one)", code="listen_failed") from exc
         self._listener = listener
         inner = listener.listeners[0]
         address = inner.extra(SocketAttribute.local_address)

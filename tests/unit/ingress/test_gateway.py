@@ -12,6 +12,7 @@ import httpx
 import pytest
 import websockets.asyncio.client
 
+from gondolin import GondolinError
 from gondolin.ingress import (
     IngressGateway,
     IngressHooks,
@@ -211,10 +212,10 @@ async def test_listeners_file_reload_keeps_the_last_good_table(servers):
 
 async def test_listens_on_loopback_unless_asked():
     gw = IngressGateway(tcp_connect)
-    with pytest.raises(ValueError, match="allow_remote=True"):
-        await gw.listen("0.0.0.0")
-    with pytest.raises(ValueError, match="allow_remote=True"):
-        await gw.listen("192.168.1.10")
+    for address in ("0.0.0.0", "192.168.1.10", "::"):
+        with pytest.raises(GondolinError, match="allow_remote=True") as info:
+            await gw.listen(address)
+        assert info.value.code == "remote_listen"
 
 
 async def test_connections_and_header_sizes_are_bounded(servers):
