@@ -89,42 +89,6 @@ async def _bash(args: argparse.Namespace) -> int:
     return await _in_vm(args, lambda vm: piped_command(vm, command, user=args.user, cwd=cwd), starting)
 
 
-# -- image --------------------------------------------------------------------
-def _image(args: argparse.Namespace) -> int:
-    from .images import ImageBuilder, ImageStore
-
-    store = ImageStore()
-    if args.image_cmd == "build":
-        image = ImageBuilder(store).build(args.ref, force=args.force)
-        print(f"{args.ref} -> {image.build_id} ({image.path})")
-    elif args.image_cmd == "list":
-        refs: dict[str, list[str]] = {}
-        for name, bid in store.list_refs().items():
-            refs.setdefault(bid, []).append(name)
-        images = store.images()
-        if not images:
-            print("no images; build one with: gondolin image build")
-        for img in images:
-            size = sum(int(a.get("size", 0)) for a in img.manifest.get("assets", {}).values())
-            print(f"{img.build_id}  {','.join(refs.get(img.build_id, [])) or '-':<10} "
-                  f"kernel {img.kernel_version}  {img.manifest.get('created', '?')}  {size / 1e6:.0f} MB")
-    elif args.image_cmd == "verify":
-        image = store.resolve(args.ref)
-        problems = store.verify(image)
-        for p in problems:
-            print(f"{image.build_id}: {p}")
-        print("ok" if not problems else f"{len(problems)} problem(s)")
-        return 1 if problems else 0
-    elif args.image_cmd == "rm":
-        for what in store.remove(args.ref):
-            print(f"removed {what}")
-    elif args.image_cmd == "warm":
-        from ._cli_vms import image_warm
-
-        return int(anyio.run(image_warm, args))
-    return 0
-
-
 # -- doctor -------------------------------------------------------------------
 async def _doctor(args: argparse.Namespace) -> int:
     from .images import ImageStore
@@ -218,19 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resume a checkpoint (path or name, see gondolin checkpoint list) instead of a fresh VM")
     p.add_argument("command", nargs="*", help="program to run instead of bash -l")
 
-    p = sub.add_parser("image", help="build, list, verify or remove guest images")
-    isub = p.add_subparsers(dest="image_cmd", required=True)
-    b = isub.add_parser("build", help="build the default guest image from Debian packages")
-    b.add_argument("--ref", default="default")
-    b.add_argument("--force", action="store_true", help="rebuild even when cached")
-    isub.add_parser("list", help="list images in the store")
-    v = isub.add_parser("verify", help="check every asset against its manifest hash")
-    v.add_argument("ref", nargs="?", default="default")
-    r = isub.add_parser("rm", help="remove an image ref (and its files when unreferenced)")
-    r.add_argument("ref")
-    from ._cli_vms import add_image_warm, add_parsers
+    from ._cli_images import add_parsers as add_image_parsers
+    from ._cli_vms import add_parsers
 
-    add_image_warm(isub)
+    add_image_parsers(sub)
     add_parsers(sub)
 
     p = sub.add_parser("doctor", help="check QEMU, tools, image and accelerator")
@@ -267,7 +222,9 @@ def main(argv: list[str] | None = None) -> None:
         elif args.cmd == "bash":
             code = anyio.run(_bash, args)
         elif args.cmd == "image":
-            code = _image(args)
+            from ._cli_images import run as run_image_command
+
+            code = run_image_command(args)
         elif args.cmd == "doctor":
             code = anyio.run(_doctor, args)
         elif args.cmd == "demo":

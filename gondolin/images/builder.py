@@ -174,6 +174,7 @@ class ImageBuilder:
                 "inputs_key": self.inputs_key(),
                 "kernel_version": kver, "suite": self.config.suite,
                 "packages": sorted(self.config.packages), "arch": "x86_64", "format": BUILD_FORMAT,
+                **self.manifest_extra(),
             })
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -181,6 +182,10 @@ class ImageBuilder:
         self.store.set_ref(ref, image.build_id)
         self.progress(f"image {image.build_id} ready as '{ref}' in {time.monotonic() - t0:.1f}s")
         return image
+
+    def manifest_extra(self) -> dict[str, object]:
+        """More manifest fields (a custom or imported image records its inputs and defaults)."""
+        return {"kind": "default"}
 
     # -- steps -------------------------------------------------------------
     def _check_tools(self) -> None:
@@ -303,14 +308,23 @@ class ImageBuilder:
         (etc / "hosts").write_text("127.0.0.1\tlocalhost gondolin\n::1\tlocalhost ip6-localhost ip6-loopback\n")
         (etc / "resolv.conf").unlink(missing_ok=True)
         (etc / "resolv.conf").write_text("nameserver 192.168.127.1\n")
-        # The unprivileged user agent code can run as (uid/gid 1000).
-        with open(etc / "passwd", "a") as f:
-            f.write("agent:x:1000:1000:Gondolin agent:/home/agent:/bin/bash\n")
-        with open(etc / "group", "a") as f:
-            f.write("agent:x:1000:\n")
-        if (etc / "shadow").exists():
-            with open(etc / "shadow", "a") as f:
-                f.write("agent:!:19000:0:99999:7:::\n")
+        # The unprivileged user agent code can run as (uid/gid 1000), unless an imported image
+        # already has one of that name.
+        passwd = (etc / "passwd").read_text() if (etc / "passwd").is_file() else ""
+        if not any(line.startswith("agent:") for line in passwd.splitlines()):
+            shell = "/bin/bash" if (root / "bin" / "bash").exists() or (root / "usr" / "bin" / "bash").exists() \
+                else "/bin/sh"
+            with open(etc / "passwd", "a") as f:
+                f.write(f"agent:x:1000:1000:Gondolin agent:/home/agent:{shell}\n")
+            with open(etc / "group", "a") as f:
+                f.write("agent:x:1000:\n")
+            if (etc / "shadow").exists():
+                with open(etc / "shadow", "a") as f:
+                    f.write("agent:!:19000:0:99999:7:::\n")
+        # The initramfs mounts the kernel's file systems and tmpfs over these (an imported image
+        # may lack some).
+        for d in ("dev", "proc", "sys", "tmp", "run", "root", "var/tmp", "var/cache", "var/log"):
+            (root / d).mkdir(parents=True, exist_ok=True)
         home = root / "home" / "agent"
         home.mkdir(parents=True, exist_ok=True)
         for skel in (etc / "skel").glob(".*") if (etc / "skel").is_dir() else []:

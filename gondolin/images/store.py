@@ -12,11 +12,15 @@ and size; :meth:`ImageStore.verify` checks them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
+import subprocess
+import tarfile
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,6 +164,11 @@ class ImageStore:
         for name in ASSETS:
             if not (path / name).is_file():
                 raise ImageError(f"image at {path} is missing {name}; rebuild it with `gondolin image build`")
+            meta = (manifest.get("assets") or {}).get(name) or {}
+            if "size" in meta and (path / name).stat().st_size != meta["size"]:
+                raise ImageError(f"image at {path} is damaged: {name} is {(path / name).stat().st_size} bytes, its "
+                                 f"manifest says {meta['size']}; remove it (`gondolin image rm`) and build or import "
+                                 "it again")
         return Image(str(manifest.get("build_id", path.name)), path, manifest)
 
     def images(self) -> list[Image]:
@@ -228,3 +237,102 @@ class ImageStore:
                 shutil.rmtree(path)
                 removed.append(f"image {build_id}")
         return removed
+
+    # -- management ------------------------------------------------------------------------------
+    def tag(self, source: str, name: str) -> Image:
+        """Point the ref ``name`` at the image ``source`` names."""
+        image = self.resolve(source)
+        self.set_ref(name, image.build_id)
+        return image
+
+    def export(self, selector: str, out: Path) -> Image:
+        """Write an image to a tar file (gzip-compressed when ``out`` ends in .gz or .tgz)."""
+        image = self.resolve(selector)
+        problems = self.verify(image)
+        if problems:
+            raise ImageError(f"image {image.build_id} is damaged ({'; '.join(problems)}); not exporting it")
+        compress = ["-z"] if str(out).endswith((".gz", ".tgz")) else []
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        try:
+            proc = subprocess.run(["tar", "--sparse", "--owner=0", "--group=0", "--numeric-owner", *compress,
+                                   "-cf", str(tmp), "-C", str(image.path), "manifest.json", *ASSETS],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise ImageError(f"cannot write {out}: {proc.stderr.strip()}")
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return image
+
+    def import_archive(self, archive: Path, name: str | None = None) -> Image:
+        """Add an image written by :meth:`export`; its checksums are checked before it is stored."""
+        allowed = {"manifest.json", *ASSETS}
+        try:
+            with tarfile.open(archive) as tar:
+                for member in tar:
+                    if member.name.removeprefix("./") not in allowed or not member.isfile():
+                        raise ImageError(f"{archive} holds {member.name!r}: not a Gondolin image archive "
+                                         "(made by `gondolin image export`)")
+        except (tarfile.TarError, OSError) as exc:
+            raise ImageError(f"{archive} is not a readable image archive: {exc}") from exc
+        self.objects.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".import-", dir=self.objects))
+        try:
+            proc = subprocess.run(["tar", "-xf", str(archive), "-C", str(staging), "--no-same-owner"],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise ImageError(f"cannot unpack {archive}: {proc.stderr.strip()}")
+            try:
+                manifest = json.loads((staging / "manifest.json").read_text())
+            except (OSError, ValueError) as exc:
+                raise ImageError(f"{archive} has no readable manifest.json: {exc}") from exc
+            problems = self.verify(Image(str(manifest.get("build_id", "")), staging, manifest))
+            if problems:
+                raise ImageError(f"{archive} is damaged: {'; '.join(problems)}")
+            extra = {k: v for k, v in manifest.items() if k not in ("build_id", "assets", "created")}
+            image = self.add(staging, extra)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if image.build_id != manifest.get("build_id"):
+            raise ImageError(f"{archive}: its assets hash to {image.build_id}, its manifest says "
+                             f"{manifest.get('build_id')}")
+        if name:
+            self.set_ref(name, image.build_id)
+        return image
+
+    def gc(self, build_cache: Path | None = None) -> tuple[list[str], int]:
+        """Remove images no ref names, and build-cache root filesystems no image uses.
+        Returns what went and the bytes freed (allocated blocks)."""
+        removed, freed = [], 0
+        keep = set(self.list_refs().values())
+        for path in self._object_dirs():
+            if path.name not in keep:
+                freed += _disk_usage(path)
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(f"image {path.name}")
+        for tmp in self.objects.glob(".import-*") if self.objects.is_dir() else []:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if build_cache is not None and (build_cache / "layers").is_dir():
+            for f in (build_cache / "layers").glob("*.ext4"):
+                if f.stat().st_nlink == 1:  # not hard-linked into any stored image
+                    freed += _disk_usage(f)
+                    f.unlink()
+                    removed.append(f"build cache {f.name}")
+        live = set()
+        for p in self._object_dirs():
+            for a in ASSETS:
+                with contextlib.suppress(OSError):
+                    st = (p / a).stat()
+                    live.add(f"{st.st_dev}-{st.st_ino}")
+        for hashes in (self.objects / ".hashes", *([build_cache / ".hashes"] if build_cache else [])):
+            for side in hashes.iterdir() if hashes.is_dir() else []:
+                if side.name not in live:
+                    side.unlink(missing_ok=True)
+        return removed, freed
+
+
+def _disk_usage(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_blocks * 512
+    return sum(p.lstat().st_blocks * 512 for p in path.rglob("*"))
