@@ -115,14 +115,27 @@ class SshEgressProxy:
             mine.close()
             theirs.close()
             raise
+        activity = [anyio.current_time()]
         async with bridge, anyio.create_task_group() as tg:
-            tg.start_soon(_pump, stream, bridge)
-            tg.start_soon(_pump, bridge, stream)
+            tg.start_soon(_pump, stream, bridge, activity)
+            tg.start_soon(_pump, bridge, stream, activity)
+            tg.start_soon(self._idle_watch, activity, tg.cancel_scope)
             try:
                 await self._serve(flow, theirs)
             finally:
                 theirs.close()
                 tg.cancel_scope.cancel()
+
+    async def _idle_watch(self, activity: list[float], scope: anyio.CancelScope) -> None:
+        """Close a guest connection (and its relays) after ``idle_timeout`` s without traffic."""
+        idle = self.options.idle_timeout
+        while True:
+            left = activity[0] + idle - anyio.current_time()
+            if left <= 0:
+                log.debug("closing an idle guest SSH connection")
+                scope.cancel()
+                return
+            await anyio.sleep(left)
 
     async def _serve(self, flow: FlowInfo, sock: socket.socket) -> None:
         asyncssh = _asyncssh()
@@ -132,7 +145,7 @@ class SshEgressProxy:
             conn = await asyncssh.run_server(
                 sock, server_factory=lambda: guest, server_host_keys=[self.host_key],
                 server_version=PROXY_VERSION, encoding=None, allow_pty=False, agent_forwarding=False,
-                x11_forwarding=False, login_timeout=LOGIN_TIMEOUT, idle_timeout=opts.idle_timeout,
+                x11_forwarding=False, login_timeout=LOGIN_TIMEOUT,
                 keepalive_interval=0, config=None)
         except (OSError, asyncssh.Error, TimeoutError) as exc:
             log.debug("guest SSH handshake on %s:%d failed: %s", flow.dst_ip, flow.dst_port, exc)
@@ -189,7 +202,7 @@ class SshEgressProxy:
             username=username, config=None, agent_forwarding=False, x11_forwarding=False,
             password_auth=False, kbdint_auth=False, host_based_auth=False, gss_auth=False,
             connect_timeout=opts.connect_timeout, login_timeout=opts.connect_timeout,
-            keepalive_interval=opts.keepalive_interval, keepalive_count_max=3, idle_timeout=opts.idle_timeout,
+            keepalive_interval=opts.keepalive_interval, keepalive_count_max=3,
             agent_path=None, client_version=PROXY_VERSION)
         agent = None
         if opts.credential is not None:
@@ -255,7 +268,7 @@ class _VerifyingClient:
         return Client()
 
 
-async def _pump(src: anyio.abc.ByteStream, dst: anyio.abc.ByteStream) -> None:
+async def _pump(src: anyio.abc.ByteStream, dst: anyio.abc.ByteStream, activity: list[float]) -> None:
     try:
         while True:
             try:
@@ -263,6 +276,7 @@ async def _pump(src: anyio.abc.ByteStream, dst: anyio.abc.ByteStream) -> None:
             except anyio.EndOfStream:
                 await dst.send_eof()
                 return
+            activity[0] = anyio.current_time()
             await dst.send(data)
     except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
         return
