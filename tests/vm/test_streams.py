@@ -49,7 +49,9 @@ def talk_first(c):  # send a greeting and shut our side, then read to EOF and re
     got = b""
     while data := c.recv(65536):
         got += data
-    open("/tmp/talk_first.out", "wb").write(got)
+    with open("/tmp/talk_first.tmp", "wb") as f:
+        f.write(got)
+    os.rename("/tmp/talk_first.tmp", "/tmp/talk_first.out")
     c.close()
 
 def never_reads(c):  # accept and sit there
