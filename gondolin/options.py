@@ -126,6 +126,9 @@ class VMOptions:
     booting (see docs/snapshots.md). ``timeouts``: the host-side deadlines (:class:`Timeouts`).
     ``pids_max``: processes one exec (with everything it starts) may have at once in the
     guest, so a fork bomb cannot take the VM down; ``None`` for no limit.
+    ``disk_size`` (MiB or "4G", rootfs ``"cow"`` only): the guest's root disk grows to this
+    size at start, and its host-side overlay can never use more (the guest gets ENOSPC);
+    ``None`` keeps the image's size (its free space, 1 GiB for the default image).
     """
 
     image: str = "default"
@@ -145,6 +148,7 @@ class VMOptions:
     timeouts: Timeouts = field(default_factory=Timeouts)
     pids_max: int | None = DEFAULT_PIDS_MAX
     ssh: SshProxyOptions | None = None  # SSH egress through the host (gondolin.ssh.SshProxyOptions)
+    disk_size: int | str | None = None
 
     @property
     def memory_mb(self) -> int:
@@ -170,6 +174,11 @@ class VMOptions:
         if self.pids_max is not None and (isinstance(self.pids_max, bool) or not isinstance(self.pids_max, int)
                                           or self.pids_max < 8):
             raise ValueError(f"pids_max must be an integer of at least 8, or None for no limit; not {self.pids_max!r}")
+        disk_size = None
+        if self.disk_size is not None:
+            disk_size = parse_memory(self.disk_size)
+            if self.rootfs != "cow":
+                raise ValueError("disk_size needs rootfs='cow' (the other modes never write to the disk)")
         env = {}
         for key, value in dict(self.env).items():
             if not isinstance(key, str) or not key or "=" in key or "\0" in key:
@@ -185,7 +194,7 @@ class VMOptions:
             if path in mounts:
                 raise ValueError(f"{path} is mounted twice")
             mounts[path] = provider
-        return dataclasses.replace(self, memory=memory, env=env, tcp_hosts={str(k): str(v) for k, v in
+        return dataclasses.replace(self, memory=memory, env=env, disk_size=disk_size, tcp_hosts={str(k): str(v) for k, v in
                                                                              dict(self.tcp_hosts).items()},
                                    mounts=mounts)
 
@@ -229,6 +238,7 @@ class OptionChanges(TypedDict, total=False):
     warm: bool
     timeouts: Timeouts
     pids_max: int | None
+    disk_size: int | str | None
     ssh: SshProxyOptions | None
     start_timeout: float | None
 
