@@ -279,6 +279,9 @@ class VM:
                  cwd: str | None, user: str | int | None, stdin: StdinSource, pty: bool, rows: int, cols: int,
                  timeout: float | None, stdout: StreamMode, stderr: StreamMode, window: int) -> ExecProcess:
         request: dict[str, Any] = normalize_command(command)
+        defaults = self._machine.image.defaults  # the image's WorkingDir / User (docs/images.md)
+        cwd = cwd if cwd is not None else defaults.get("workdir")
+        user = user if user is not None else defaults.get("user")
         if env:
             request["env"] = {str(k): str(v) for k, v in env.items()}
         if cwd is not None:

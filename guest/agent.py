@@ -1413,7 +1413,29 @@ class Agent:
             self.handle(m)
 
 
+EXT4_IOC_RESIZE_FS = 0x40086610  # _IOW('f', 16, __u64)
+
+
+def grow_root() -> None:
+    """``gondolin.disk=`` on the kernel command line (VMOptions.disk_size): grow the root ext4
+    online to fill its disk, which the host made that large."""
+    try:
+        with open("/proc/cmdline") as f:
+            if "gondolin.disk=" not in f.read():
+                return
+        with open("/sys/block/vda/size") as f:
+            size = int(f.read()) * 512
+        fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.ioctl(fd, EXT4_IOC_RESIZE_FS, struct.pack("Q", size // os.statvfs("/").f_frsize))
+        finally:
+            os.close(fd)
+    except (OSError, ValueError) as exc:
+        log(f"cannot grow the root file system: {exc!r}")
+
+
 def main() -> None:
+    grow_root()
     port = find_port(CONTROL_PORT_NAME)
     os.environ.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
     agent = Agent(port)

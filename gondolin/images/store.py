@@ -24,9 +24,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ImageError
+
+if TYPE_CHECKING:
+    from ..options import VMOptions
 
 ASSETS = ("vmlinux", "initrd.img", "rootfs.ext4")
 _REF_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
@@ -91,6 +94,32 @@ class Image:
     @property
     def kernel_version(self) -> str:
         return str(self.manifest.get("kernel_version", ""))
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """What VMs of this image start with unless told otherwise: ``env``, ``rootfs``,
+        ``user``, ``workdir`` (a custom or imported image's; empty for the default image)."""
+        value = self.manifest.get("defaults")
+        return dict(value) if isinstance(value, dict) else {}
+
+
+def apply_image_defaults(options: VMOptions, image: Image) -> VMOptions:
+    """``options`` (checked) with the image's defaults under them: its env under the VM's env,
+    its rootfs mode when the options keep the default ``"cow"``; and ``disk_size`` checked
+    against the image's own size."""
+    defaults = image.defaults
+    env = defaults.get("env")
+    if isinstance(env, dict) and env:
+        options = options.replace(env={**{str(k): str(v) for k, v in env.items()}, **options.env})
+    rootfs = defaults.get("rootfs")
+    if rootfs in ("readonly", "memory") and options.rootfs == "cow" and options.disk_size is None:
+        options = options.replace(rootfs=rootfs)
+    if options.disk_size is not None:
+        base_mb = -(-image.rootfs.stat().st_size // (1 << 20))
+        if int(options.disk_size) < base_mb:
+            raise ValueError(f"disk_size {options.disk_size} MiB is smaller than the image's root disk "
+                             f"({base_mb} MiB); give at least {base_mb}M, or leave disk_size unset")
+    return options
 
 
 class ImageStore:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import anyio
 
 from ..images import Image, ImageStore, ensure_image
+from ..images.store import apply_image_defaults
 from ..net.tcp_hosts import TcpHostRules
 from ..options import VMOptions
 from ..qemu import accel as _accel
@@ -42,6 +43,7 @@ async def resolve(options: VMOptions, *, image: Image | None = None) -> tuple[VM
                              "addresses the host stack maps); use IP addresses in tcp_hosts for other DNS modes")
     find_qemu()
     img = image if image is not None else await anyio.to_thread.run_sync(ensure_image, opts.image, ImageStore())
+    opts = apply_image_defaults(opts, img)
     accel = opts.accel or await _accel.choose(img, probe_boot)
     return opts, img, accel
 

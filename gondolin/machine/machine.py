@@ -303,7 +303,9 @@ class Machine:
         qemu_img = shutil.which("qemu-img")
         if not qemu_img:
             raise MissingToolError("qemu-img", "qemu-utils", "create copy-on-write disks")
-        proc = subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-F", "raw", "-b", base, str(overlay)],
+        # disk_size: the overlay's virtual size, so the guest's disk (and this file) never grows past it.
+        size = [f"{self.options.disk_size}M"] if self.options.disk_size else []
+        proc = subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-F", "raw", "-b", base, str(overlay), *size],
                               capture_output=True, text=True)
         if proc.returncode != 0:
             raise VMStartError(f"qemu-img could not create the overlay disk: {proc.stderr.strip()}")

@@ -47,6 +47,7 @@ def machine_spec(options: VMOptions, image: Image, accel: str, run_dir: Path) ->
         qmp_socket=str(run_dir / "qmp.sock"),
         extra_append=" ".join(filter(None, (
             "gondolin.debug=1 loglevel=6" if os.environ.get("GONDOLIN_GUEST_DEBUG") else "",
+            f"gondolin.disk={options.disk_size}M" if options.disk_size and options.rootfs == "cow" else "",
             os.environ.get("GONDOLIN_KERNEL_APPEND", "")))),
     )
 
