@@ -94,6 +94,21 @@ def tcp_map(text: str) -> tuple[str, str]:
     return guest, target
 
 
+@_converter
+def listen_address(text: str) -> tuple[str, int]:
+    """``PORT``, ``:PORT``, ``HOST:PORT`` or ``[V6]:PORT``; the host defaults to 127.0.0.1."""
+    host, colon, port = text.rpartition(":")
+    if not colon:
+        host, port = "", text
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
+        host = host[1:-1]
+    if not port.isdigit() or int(port) > 65535 or (":" in host and not bracketed):
+        raise ValueError(f"expected [HOST:]PORT (8080, 127.0.0.1:8080, [::1]:8080; port 0 picks a free one), "
+                         f"got {text!r}")
+    return host or "127.0.0.1", int(port)
+
+
 def add_vm_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory", type=memory, default="512M", help="guest memory, e.g. 512M or 2G (default 512M)")
     p.add_argument("--cpus", type=cpus, default=1, help=f"virtual CPUs, 1-{MAX_CPUS} (default 1)")

@@ -25,6 +25,7 @@ from ._cli_options import (
     first_mount,
     guest_dir,
     key_value,
+    listen_address,
     open_network_log,
     seconds,
     vm_options,
@@ -83,10 +84,34 @@ async def _bash(args: argparse.Namespace) -> int:
         def starting(options: VMOptions) -> Awaitable[Any]:
             return resume_for_shell(args.resume, options)
     if sys.stdin.isatty():
-        return await _in_vm(args, lambda vm: interactive_shell(vm, command, user=args.user, cwd=cwd), starting)
+        return await _in_vm(args, _listening(args, lambda vm: interactive_shell(vm, command, user=args.user,
+                                                                               cwd=cwd)), starting)
     # Not a terminal (a pipe, a file, /dev/null): the shell reads its commands from our stdin
     # and exits at its end, like `bash < script`; its exit code is ours.
-    return await _in_vm(args, lambda vm: piped_command(vm, command, user=args.user, cwd=cwd), starting)
+    return await _in_vm(args, _listening(args, lambda vm: piped_command(vm, command, user=args.user, cwd=cwd)),
+                        starting)
+
+
+def _listening(args: argparse.Namespace, run: Callable[[Any], Awaitable[Any]]) -> Callable[[Any], Awaitable[Any]]:
+    """``run``, after starting the ingress gateway that ``--listen`` asks for (routes from the
+    guest's /etc/gondolin/listeners)."""
+    if args.listen is None:
+        return run
+    from .streams import is_loopback
+
+    host, port = args.listen
+    if not is_loopback(host) and not args.listen_remote:
+        raise UsageError(f"--listen {host}:{port} would let anyone who can reach {host} reach the guest's "
+                         "servers; add --listen-remote to mean it, or listen on 127.0.0.1")
+
+    async def with_gateway(vm: Any) -> Any:
+        await vm.fs.mkdir("/etc/gondolin")
+        gateway = await vm.expose_http(host=host, listen_port=port, allow_remote=args.listen_remote)
+        print(f"Ingress enabled: {gateway.url} (routes: /etc/gondolin/listeners in the guest, "
+              "one '<prefix> :<port>' per line)", file=sys.stderr)
+        return await run(vm)
+
+    return with_gateway
 
 
 # -- doctor -------------------------------------------------------------------
@@ -180,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", "-u", help="guest user name or uid")
     p.add_argument("--resume", metavar="CHECKPOINT",
                    help="resume a checkpoint (path or name, see gondolin checkpoint list) instead of a fresh VM")
+    p.add_argument("--listen", type=listen_address, metavar="[HOST:]PORT",
+                   help="serve the guest's HTTP servers at http://HOST:PORT (default host 127.0.0.1, port 0: a "
+                        "free one); routes come from /etc/gondolin/listeners in the guest")
+    p.add_argument("--listen-remote", action="store_true",
+                   help="allow --listen on an address other than loopback")
     p.add_argument("command", nargs="*", help="program to run instead of bash -l")
 
     from ._cli_images import add_parsers as add_image_parsers
