@@ -1,7 +1,9 @@
 """``gondolin-mcp`` / ``gondolin mcp``: serve Gondolin sandboxes over MCP (stdio or streamable HTTP).
 
 Operator configuration comes from a TOML file (``--config`` or ``$GONDOLIN_MCP_CONFIG``) and
-flags, which add to it. Secret values are read from this process's environment.
+flags, which add to it. Secret values are read from this process's environment. Over HTTP every
+request needs the bearer token (``--token-file``, ``$GONDOLIN_MCP_TOKEN``, or one generated and
+printed to stderr at start) unless ``--no-auth``, which only a loopback address allows.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ from gondolin.http.secrets import parse_scope
 from gondolin.options import MOUNT_MODES
 from integrations.config import ConfigError, OperatorConfig, load_config
 
+from .http import TOKEN_ENV, check_binding, resolve_token
+
 ENV_CONFIG = "GONDOLIN_MCP_CONFIG"
+log = logging.getLogger("gondolin.mcp")
 
 
 def build_parser(prog: str = "gondolin-mcp") -> argparse.ArgumentParser:
@@ -30,7 +35,21 @@ def build_parser(prog: str = "gondolin-mcp") -> argparse.ArgumentParser:
     p.add_argument("--transport", choices=["stdio", "streamable-http"], default="stdio")
     p.add_argument("--host", default="127.0.0.1", help="streamable-http: address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8765, help="streamable-http: port (default 8765)")
-    p.add_argument("--stateless", action="store_true", help="streamable-http: no MCP sessions (any request, any time)")
+    p.add_argument("--stateless", action="store_true",
+                   help="streamable-http: no MCP sessions (any request, any time); every client shares one pool "
+                        "of sandboxes")
+    p.add_argument("--token-file", metavar="FILE",
+                   help=f"streamable-http: the bearer token clients must send (default ${TOKEN_ENV}, else a new "
+                        "one printed to stderr at start)")
+    p.add_argument("--no-auth", action="store_true",
+                   help="streamable-http: accept requests without a token (refused unless --host is loopback)")
+    p.add_argument("--session-grace", type=float, metavar="S",
+                   help="streamable-http: seconds a session may have no open request (a client gone, or "
+                        "reconnecting) before it ends and its sandboxes close (default 60)")
+    p.add_argument("--share-sandboxes", action="store_true",
+                   help="streamable-http: every session may see and use every sandbox (default: only its own)")
+    p.add_argument("--max-sandboxes-per-session", type=int, metavar="N",
+                   help="live sandboxes one session may own (default: --max-sandboxes)")
     p.add_argument("--tools", help="comma-separated tool names to expose (default: all)")
     p.add_argument("--max-sandboxes", type=int, help="live sandboxes at once")
     p.add_argument("--ttl", type=int, help="default idle seconds before a sandbox is destroyed")
@@ -66,6 +85,8 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
     limits: dict[str, Any] = {}
     if args.max_sandboxes is not None:
         limits["max_sandboxes"] = args.max_sandboxes
+    if args.max_sandboxes_per_session is not None:
+        limits["max_sandboxes_per_session"] = args.max_sandboxes_per_session
     if args.ttl is not None:
         limits["default_ttl_s"] = args.ttl
         limits["max_ttl_s"] = max(args.ttl, 4 * 3600)
@@ -97,10 +118,22 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
         mounts.append({"host_path": path, "mode": mode or "ro"})
     if mounts:
         overrides["mounts"] = mounts
+    http: dict[str, Any] = {}
+    if args.token_file:
+        http["token_file"] = args.token_file
+    if args.no_auth:
+        http["auth"] = False
+    if args.session_grace is not None:
+        http["session_grace_s"] = args.session_grace
+    if args.share_sandboxes:
+        http["share_sandboxes"] = True
+    if http:
+        overrides["http"] = http
     return load_config(args.config, **overrides)
 
 
-async def serve(config: OperatorConfig, tools: list[str] | None, args: argparse.Namespace) -> None:
+async def serve(config: OperatorConfig, tools: list[str] | None, args: argparse.Namespace,
+                token: str | None = None) -> None:
     """Run until the client goes away or a signal arrives; every sandbox is closed either way."""
     from integrations import SandboxManager
 
@@ -131,17 +164,33 @@ async def serve(config: OperatorConfig, tools: list[str] | None, args: argparse.
             if args.transport == "stdio":
                 await server.run_stdio_async()
             else:
-                await server.run_streamable_http_async(host=args.host, port=args.port,
-                                                       stateless_http=args.stateless)
+                await serve_http(server, manager, args, token)
             tg.cancel_scope.cancel()
+
+
+async def serve_http(server: Any, manager: Any, args: argparse.Namespace, token: str | None) -> None:
+    """Streamable HTTP behind :class:`~mcp_server.http.HttpGate` (token, session ends)."""
+    import uvicorn
+
+    from .http import http_app
+
+    gate = http_app(server, manager, token=token, stateless=args.stateless, host=args.host)
+    config = uvicorn.Config(gate, host=args.host, port=args.port, log_level=args.log_level.lower(),
+                            lifespan="on")
+    async with gate.running():
+        await uvicorn.Server(config).serve()
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str = "gondolin-mcp") -> None:
     args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    token: str | None = None
     try:
         config = config_from_args(args)
+        if args.transport == "streamable-http":
+            token, generated = resolve_token(config.http)
+            check_binding(args.host, token)
     except ConfigError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -152,7 +201,17 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "gondolin-mcp") -> No
     if unknown:
         print(f"{prog}: unknown tools: {', '.join(unknown)} (known: {', '.join(TOOL_NAMES)})", file=sys.stderr)
         sys.exit(2)
-    anyio.run(serve, config, tools, args)
+    if args.transport == "streamable-http":
+        url = f"http://{args.host}:{args.port}/mcp"
+        if token is None:
+            print(f"{prog}: serving {url} WITHOUT authentication (--no-auth)", file=sys.stderr)
+        elif generated:
+            print(f"{prog}: serving {url}; clients must send 'Authorization: Bearer {token}' (a token generated "
+                  f"for this run; set ${TOKEN_ENV} or --token-file to choose one)", file=sys.stderr)
+        else:
+            print(f"{prog}: serving {url}; clients must send the configured bearer token", file=sys.stderr)
+        sys.stderr.flush()
+    anyio.run(serve, config, tools, args, token)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,264 @@
+"""The MCP server over real streamable HTTP on loopback, driven by real `mcp` clients.
+
+Without the `vm` marker: ownership, quotas, authentication, session ends and the protocol fixes,
+over fake VMs (tests/unit/integrations/fakes.py) served by uvicorn in this process. With it: a
+`gondolin-mcp` process and real sandboxes, for what needs a guest (a client that vanishes
+mid-exec has its guest command killed; read_file's cap).
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import httpx2
+import pytest
+import uvicorn
+from mcp import Client, MCPError
+from mcp.client.streamable_http import streamable_http_client
+
+from integrations import OperatorConfig, SandboxManager
+from integrations.config import ConfigError, HttpSettings, Limits
+from mcp_server import build_server
+from mcp_server.http import check_binding, http_app, resolve_token
+from tests.unit.integrations.fakes import FakeBackend
+
+pytestmark = pytest.mark.anyio
+TOKEN = "test-token-" + "x" * 24
+ROOT = Path(__file__).parents[2]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@asynccontextmanager
+async def serving(manager, *, token=TOKEN, stateless=False):
+    """The server of `gondolin mcp --transport streamable-http`, on a free loopback port."""
+    server = build_server(manager=manager)
+    gate = http_app(server, manager, token=token, stateless=stateless)
+    port = free_port()
+    userver = uvicorn.Server(uvicorn.Config(gate, host="127.0.0.1", port=port, log_level="warning",
+                                           lifespan="on"))
+    async with gate.running(), anyio.create_task_group() as tg:
+        tg.start_soon(userver.serve)
+        with anyio.fail_after(30):
+            while not userver.started:  # noqa: ASYNC110 - uvicorn exposes a flag only
+                await anyio.sleep(0.02)
+        try:
+            yield f"http://127.0.0.1:{port}/mcp", gate
+        finally:
+            userver.should_exit = True
+
+
+def client(url, *, token=TOKEN, mode="legacy", terminate_on_close=True):
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    http = httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(60, read=300))
+    return Client(streamable_http_client(url, http_client=http, terminate_on_close=terminate_on_close),
+                  mode=mode)
+
+
+def fake_manager(backend=None, **http):
+    limits = Limits(max_sandboxes=3, max_sandboxes_per_session=2)
+    config = OperatorConfig(limits=limits, http=HttpSettings(**http))
+    return SandboxManager(config, backend=backend or FakeBackend(), reap=False)
+
+
+def text(result):
+    return result.content[0].text
+
+
+async def wait_until(predicate, timeout=30):
+    with anyio.fail_after(timeout):
+        while not predicate():  # noqa: ASYNC110 - polling the server's state
+            await anyio.sleep(0.05)
+
+
+async def test_a_session_sees_and_touches_only_its_own_sandboxes():
+    async with fake_manager() as manager, serving(manager) as (url, gate):
+        async with client(url) as a, client(url, mode="auto") as b:  # auto falls back to a session
+            assert len(gate.sessions) == 2
+            made = await a.call_tool("sandbox_create", {"name": "mine"})
+            assert made.is_error is False, text(made)
+            sid = made.structured_content["sandbox_id"]
+            checkpoint = await a.call_tool("checkpoint_create", {"sandbox_id": sid})
+            assert checkpoint.is_error is False, text(checkpoint)
+            cid = checkpoint.structured_content["checkpoint_id"]
+
+            assert (await b.call_tool("sandbox_list", {})).structured_content["sandboxes"] == []
+            assert (await b.call_tool("checkpoint_list", {})).structured_content["checkpoints"] == []
+            for name, arguments in [("exec", {"sandbox_id": sid, "command": "id"}),
+                                    ("read_file", {"sandbox_id": sid, "path": "/etc/hostname"}),
+                                    ("write_file", {"sandbox_id": sid, "path": "/tmp/x", "content": "x"}),
+                                    ("checkpoint_create", {"sandbox_id": sid}),
+                                    ("network_events", {"sandbox_id": sid})]:
+                refused = await b.call_tool(name, arguments)
+                assert refused.is_error and text(refused).startswith("error [sandbox_not_found]"), name
+                assert sid not in text(refused).split("live sandboxes:")[-1], "another session's id leaked"
+            restored = await b.call_tool("checkpoint_restore", {"checkpoint_id": cid})
+            assert restored.is_error and "checkpoint_not_found" in text(restored)
+            with pytest.raises(MCPError):
+                await b.read_resource(f"sandbox://{sid}/info")
+            gone = await b.call_tool("sandbox_destroy", {"sandbox_id": sid})
+            assert gone.structured_content["destroyed"] is False
+
+            mine = (await a.call_tool("sandbox_list", {})).structured_content["sandboxes"]
+            assert [s["sandbox_id"] for s in mine] == [sid]
+            assert json.loads((await a.read_resource(f"sandbox://{sid}/info")).contents[0].text)["name"] == "mine"
+
+            # Quotas: two per session, three in all.
+            assert (await a.call_tool("sandbox_create", {})).is_error is False
+            over = await a.call_tool("sandbox_create", {})
+            assert over.is_error and "at most 2 live sandboxes per session" in text(over)
+            assert (await b.call_tool("sandbox_create", {})).is_error is False
+            full = await b.call_tool("sandbox_create", {})
+            assert full.is_error and "at most 3 live sandboxes" in text(full)
+
+
+async def test_sharing_is_an_operator_choice():
+    async with fake_manager(share_sandboxes=True) as manager, serving(manager) as (url, _gate):
+        async with client(url) as a, client(url) as b:
+            sid = (await a.call_tool("sandbox_create", {})).structured_content["sandbox_id"]
+            listed = (await b.call_tool("sandbox_list", {})).structured_content["sandboxes"]
+            assert [s["sandbox_id"] for s in listed] == [sid]
+            assert (await b.call_tool("sandbox_destroy", {"sandbox_id": sid})).structured_content["destroyed"]
+
+
+async def test_a_session_that_ends_closes_its_sandboxes():
+    backend = FakeBackend()
+    async with fake_manager(backend, session_grace_s=1) as manager, serving(manager) as (url, gate):
+        async with client(url) as a:  # leaves with DELETE
+            await a.call_tool("sandbox_create", {})
+        await wait_until(lambda: backend.booted[0].closed == 1)
+
+        sessions_before = set(gate.sessions)
+        async with client(url, terminate_on_close=False) as b:  # vanishes: no DELETE
+            await b.call_tool("sandbox_create", {})
+            await b.call_tool("checkpoint_create", {"sandbox_id": manager.sandboxes()[0].id})
+            session = (set(gate.sessions) - sessions_before).pop()
+        assert backend.booted[1].closed == 0  # the grace for a reconnect
+        await wait_until(lambda: backend.booted[1].closed == 1)
+        assert manager.sandboxes() == [] and manager.list_checkpoints() == []
+        async with httpx2.AsyncClient() as http:  # the ended session is gone for good
+            r = await http.post(url, json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+                                headers={"Authorization": f"Bearer {TOKEN}", "Mcp-Session-Id": session,
+                                         "Accept": "application/json, text/event-stream",
+                                         "MCP-Protocol-Version": "2025-11-25"})
+            assert r.status_code == 404
+
+
+async def test_every_request_needs_the_token():
+    async with fake_manager() as manager, serving(manager) as (url, _gate):
+        init = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                "params": {"protocolVersion": "2025-11-25", "capabilities": {},
+                           "clientInfo": {"name": "t", "version": "1"}}}
+        accept = {"Accept": "application/json, text/event-stream"}
+        async with httpx2.AsyncClient() as http:
+            for auth in [None, "Bearer wrong-token-xxxxxxxxxxxxxxxxx", f"Basic {TOKEN}", f"Bearer {TOKEN}x"]:
+                headers = accept if auth is None else {**accept, "Authorization": auth}
+                r = await http.post(url, json=init, headers=headers)
+                assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
+                assert TOKEN not in r.text
+            r = await http.get(url, headers=accept)
+            assert r.status_code == 401
+            r = await http.post(url, json=init, headers={**accept, "Authorization": f"Bearer {TOKEN}"})
+            assert r.status_code == 200 and r.headers["mcp-session-id"]
+        with pytest.raises(Exception):  # noqa: B017 - the client reports 401 its own way
+            async with client(url, token=None) as c:
+                await c.list_tools()
+        async with client(url) as c:
+            assert (await c.call_tool("sandbox_list", {})).is_error is False
+
+
+async def test_token_sources_and_binding_rules(tmp_path, monkeypatch):
+    monkeypatch.delenv("GONDOLIN_MCP_TOKEN", raising=False)
+    generated, fresh = resolve_token(HttpSettings())
+    assert fresh and len(generated) >= 32
+    assert resolve_token(HttpSettings(), {"GONDOLIN_MCP_TOKEN": TOKEN}) == (TOKEN, False)
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    assert resolve_token(HttpSettings(token_file=str(token_file))) == (TOKEN, False)
+    with pytest.raises(ConfigError, match="at least 16"):
+        resolve_token(HttpSettings(), {"GONDOLIN_MCP_TOKEN": "short"})
+    assert resolve_token(HttpSettings(auth=False), {"GONDOLIN_MCP_TOKEN": TOKEN}) == (None, False)
+    check_binding("127.0.0.1", None)
+    check_binding("::1", None)
+    check_binding("0.0.0.0", TOKEN)
+    with pytest.raises(ConfigError, match="refusing to listen on 0.0.0.0 without authentication"):
+        check_binding("0.0.0.0", None)
+    p = subprocess.run([sys.executable, "-m", "mcp_server", "--transport", "streamable-http", "--host", "0.0.0.0",
+                        "--no-auth"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert p.returncode == 2 and "refusing to listen on 0.0.0.0 without authentication" in p.stderr
+
+
+async def test_a_generated_token_is_printed_once_and_required(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "GONDOLIN_MCP_TOKEN"}
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mcp_server", "--transport", "streamable-http", "--port",
+                             str(port), "--log-level", "DEBUG"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stderr.readline()
+        token = first.split("Bearer ")[1].split("'")[0]
+        url = f"http://127.0.0.1:{port}/mcp"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                async with client(url, token=token) as c:
+                    assert (await c.call_tool("sandbox_list", {})).is_error is False
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                await anyio.sleep(0.3)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=30)[1]
+    assert token not in rest, "the token must not reach the log"
+
+
+async def test_protocol_errors_are_proper_replies():
+    async with fake_manager() as manager, serving(manager) as (url, _gate):
+        messages = []
+
+        async def on_log(params):
+            messages.append(params)
+
+        async with Client(streamable_http_client(url, http_client=httpx2.AsyncClient(
+                headers={"Authorization": f"Bearer {TOKEN}"})), mode="legacy", logging_callback=on_log) as c:
+            with pytest.raises(MCPError) as caught:
+                await c.get_prompt("nope")
+            assert caught.value.error.code == -32602
+            assert c.server_capabilities.logging is not None
+            bad = await c.call_tool("exec", {"sandbox_id": 3, "bogus": True})
+            assert bad.is_error
+            assert text(bad).startswith("error [invalid_argument]: invalid arguments for exec: sandbox_id:")
+            assert "\nhint: " in text(bad) and "exec_arguments" not in text(bad) and "pydantic" not in text(bad)
+            await c.call_tool("sandbox_list", {})
+            assert messages == []  # nothing is sent before the client sets a level
+            await c.set_logging_level("warning")
+            await c.call_tool("sandbox_list", {})
+            await c.call_tool("exec", {"sandbox_id": "sb_nope", "command": "id"})
+            assert [m.level for m in messages] == ["warning"] and "sandbox_not_found" in messages[0].data
+
+
+def test_malformed_json_on_stdio_gets_a_parse_error():
+    lines = [{"jsonrpc": "2.0", "id": 1, "method": "initialize",
+              "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t",
+                                                                                            "version": "1"}}}]
+    stdin = json.dumps(lines[0]) + "\n{not json\n" + json.dumps({"jsonrpc": "2.0", "x": 1}) + "\n"
+    p = subprocess.run([sys.executable, "-m", "mcp_server"], input=stdin, capture_output=True, text=True,
+                       timeout=60, cwd=ROOT)
+    replies = [json.loads(line) for line in p.stdout.splitlines()]
+    assert replies[0]["id"] == 1 and "result" in replies[0]
+    assert replies[1] == {"jsonrpc": "2.0", "id": None,
+                          "error": {"code": -32700, "message": "Parse error: the line is not valid JSON"}}
+    assert replies[2]["error"]["code"] == -32600
