@@ -178,7 +178,7 @@ async def test_every_request_needs_the_token():
             assert (await c.call_tool("sandbox_list", {})).is_error is False
 
 
-async def test_token_sources_and_binding_rules(tmp_path, monkeypatch):
+def test_token_sources_and_binding_rules(tmp_path, monkeypatch):
     monkeypatch.delenv("GONDOLIN_MCP_TOKEN", raising=False)
     generated, fresh = resolve_token(HttpSettings())
     assert fresh and len(generated) >= 32
@@ -199,7 +199,7 @@ async def test_token_sources_and_binding_rules(tmp_path, monkeypatch):
     assert p.returncode == 2 and "refusing to listen on 0.0.0.0 without authentication" in p.stderr
 
 
-async def test_a_generated_token_is_printed_once_and_required(tmp_path):
+def test_a_generated_token_is_printed_once_and_required():
     env = {k: v for k, v in os.environ.items() if k != "GONDOLIN_MCP_TOKEN"}
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "mcp_server", "--transport", "streamable-http", "--port",
@@ -209,16 +209,19 @@ async def test_a_generated_token_is_printed_once_and_required(tmp_path):
         first = proc.stderr.readline()
         token = first.split("Bearer ")[1].split("'")[0]
         url = f"http://127.0.0.1:{port}/mcp"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                async with client(url, token=token) as c:
-                    assert (await c.call_tool("sandbox_list", {})).is_error is False
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                await anyio.sleep(0.3)
+
+        async def main():
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    async with client(url, token=token) as c:
+                        return await c.call_tool("sandbox_list", {})
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+                    await anyio.sleep(0.3)
+
+        assert anyio.run(main).is_error is False
     finally:
         proc.send_signal(signal.SIGTERM)
         rest = proc.communicate(timeout=30)[1]
