@@ -139,7 +139,6 @@ class SshEgressProxy:
 
     async def _serve(self, flow: FlowInfo, sock: socket.socket) -> None:
         asyncssh = _asyncssh()
-        opts = self.options
         guest = _GuestConnection(self, flow)
         try:
             conn = await asyncssh.run_server(

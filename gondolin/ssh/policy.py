@@ -86,7 +86,7 @@ def parse_git_command(command: str) -> GitCommand | None:
     if not path or not _REPO_RE.match(path) or path.startswith("-"):
         return None
     parts = path.split("/")
-    if any(p in ("", ".", "..") for p in parts):
+    if any(p in ("", ".", "..", "~") for p in parts):
         return None
     return GitCommand(words[0], path)
 
