@@ -138,6 +138,19 @@ def add_net_args(p: argparse.ArgumentParser) -> None:
                    help="guest DNS: synthetic (default, nothing leaves the host), trusted (host resolvers), open")
     p.add_argument("--network-log", metavar="FILE|-",
                    help="write every HTTP(S) request decision as a JSON line to FILE (- for stderr)")
+    p.add_argument("--ssh-allow-host", action="append", default=[], metavar="HOST[:PORT]",
+                   help="SSH egress: the guest's ssh/git may reach HOST (port 22 by default; *.domain allowed) "
+                        "through the host's SSH proxy, which connects with --ssh-credential or --ssh-agent; "
+                        "git fetch/clone only unless --ssh-allow-push (repeatable)")
+    p.add_argument("--ssh-credential", metavar="KEYFILE",
+                   help="private key the host's SSH proxy uses upstream (it never enters the guest)")
+    p.add_argument("--ssh-agent", action="store_true",
+                   help="the host's SSH proxy authenticates with the host's ssh-agent ($SSH_AUTH_SOCK)")
+    p.add_argument("--ssh-known-hosts", action="append", default=[], metavar="FILE",
+                   help="known_hosts file to verify upstream SSH host keys against (repeatable; default "
+                        "~/.ssh/known_hosts and /etc/ssh/ssh_known_hosts)")
+    p.add_argument("--ssh-allow-push", action="append", default=[], metavar="REPO",
+                   help="allow git push over SSH to repositories matching REPO (glob over org/repo; repeatable)")
 
 
 def add_mount_args(p: argparse.ArgumentParser, *, cow: bool = True) -> None:
@@ -196,7 +209,8 @@ class NetworkReport:
         for e in self.events:
             default = {"http": 80, "https": 443}.get(e.scheme)
             where = e.host if e.port in (0, default) else f"{e.host}:{e.port}"
-            print(f"gondolin: {e.decision.value} {e.method or '?'} {e.scheme}://{where}{e.path}: {e.reason}", file=out)
+            path = f" {e.path}" if e.scheme == "ssh" and e.path else e.path
+            print(f"gondolin: {e.decision.value} {e.method or '?'} {e.scheme}://{where}{path}: {e.reason}", file=out)
         if self.more:
             print(f"gondolin: ... and {self.more} more refused requests", file=out)
 
@@ -257,11 +271,31 @@ def vm_options(args: argparse.Namespace, report: NetworkReport | None) -> VMOpti
             raise UsageError(f"gondolin: {', '.join(clash)} given both as --secret and --vm-env")
         env.update(placeholders)
         changes.update(http_hooks=hooks, tcp_hosts=dict(args.tcp_map), dns=args.dns)
+        changes["ssh"] = ssh_options(args)
     changes["env"] = env
     try:
         return VMOptions(**changes).checked()
     except ValueError as exc:
         raise UsageError(f"gondolin: {exc}") from None
+
+
+def ssh_options(args: argparse.Namespace) -> Any:
+    """The SSH egress proxy the ``--ssh-*`` egress flags describe, or None."""
+    hosts = getattr(args, "ssh_allow_host", None) or []
+    others = [flag for flag, value in (("--ssh-credential", getattr(args, "ssh_credential", None)),
+                                       ("--ssh-agent", getattr(args, "ssh_agent", False)),
+                                       ("--ssh-known-hosts", getattr(args, "ssh_known_hosts", None)),
+                                       ("--ssh-allow-push", getattr(args, "ssh_allow_push", None))) if value]
+    if not hosts:
+        if others:
+            raise UsageError(f"gondolin: {others[0]} needs --ssh-allow-host HOST (the hosts the guest may reach over SSH)")
+        return None
+    from .ssh import SshProxyOptions, git_policy
+
+    return SshProxyOptions(
+        allowed_hosts=list(hosts), credential=os.path.expanduser(args.ssh_credential) if args.ssh_credential else None,
+        use_agent=bool(args.ssh_agent), known_hosts=list(args.ssh_known_hosts) or None,
+        exec_policy=git_policy(read=["*"], write=list(args.ssh_allow_push)))
 
 
 def first_mount(args: argparse.Namespace) -> str | None:
