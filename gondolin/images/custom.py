@@ -141,6 +141,7 @@ class CustomImageBuilder(ImageBuilder):
         if out.exists() and not force:
             self.progress(f"Debian {self.config.suite} packages: cached")
             return out
+        self._check_packages()
         self.debs.mkdir(parents=True, exist_ok=True)
         part = self.layers / f".base-{self.base_key()}.{os.getpid()}.tar"
         self.progress(f"installing {len(self.config.packages)} Debian {self.config.suite} packages with mmdebstrap"
@@ -185,6 +186,24 @@ class CustomImageBuilder(ImageBuilder):
             if old != out and old.stat().st_mtime < out.stat().st_mtime - 7 * 86400:
                 old.unlink(missing_ok=True)
         return out
+
+    def _check_packages(self) -> None:
+        """Fail fast on a package name this host's apt lists do not know, when they are lists
+        of the same suite (otherwise mmdebstrap's own error is the check)."""
+        if self.config.mirror or not self.image.packages or not shutil.which("apt-cache"):
+            return
+        try:
+            release = Path("/etc/os-release").read_text()
+        except OSError:
+            return
+        if f"VERSION_CODENAME={self.config.suite}\n" not in release + "\n":
+            return
+        for pkg in self.image.packages:
+            name = pkg.split("=")[0]
+            proc = subprocess.run(["apt-cache", "show", "--no-all-versions", name], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise ImageError(f"unknown package {name!r}: Debian {self.config.suite} has no package of that "
+                                 "name (check [debian] packages in the build file; `apt-cache search` finds names)")
 
     @staticmethod
     def _copy_in(tree: Path, src: Path, dest: str, mode: int | None) -> None:
