@@ -43,6 +43,7 @@ log = logging.getLogger("gondolin.integrations")
 Clock = Callable[[], float]
 CLOSE_TIMEOUT_S = 30.0  # per VM, at shutdown
 RECORD_VERSION = 1  # of Sandbox.record()
+MAX_EXPOSED_PORTS = 8  # expose_port gateways per sandbox
 # The MCP session a tool call acts for (see SandboxManager.acting_as); None: no session scope.
 _OWNER: contextvars.ContextVar[str | None] = contextvars.ContextVar("gondolin_sandbox_owner", default=None)
 
@@ -77,6 +78,7 @@ class Sandbox:
     from_checkpoint: str | None = None
     owner: str | None = None  # the MCP session that created it (None: unscoped, e.g. stdio)
     execs: dict[str, CommandRun] = field(default_factory=dict)
+    exposures: dict[int, Any] = field(default_factory=dict)  # guest port -> IngressGateway (expose_port)
     busy: int = 0
     _exec_counter: int = 0
 
@@ -493,6 +495,7 @@ class SandboxManager:
         with anyio.CancelScope(shield=True):
             for job in sandbox.execs.values():
                 job.cancel()
+            await _close_exposures(sandbox)
             await _stop(sandbox.vm)
 
     # -- running commands ---------------------------------------------------------------------
@@ -523,6 +526,28 @@ class SandboxManager:
             raise ToolError("exec_not_found", f"no command {exec_id!r} in sandbox {sandbox.id}",
                             "exec_id values come from exec; finished commands are forgotten after a while.")
         return job
+
+    # -- access ------------------------------------------------------------------------------
+    async def expose_port(self, sandbox: Sandbox, port: int) -> tuple[str, bool]:
+        """The URL of an ingress gateway on host loopback to guest ``port`` (one per port, closed
+        with the sandbox), and whether something accepts connections on that port now."""
+        if not isinstance(sandbox.vm, VM):
+            raise ToolError("not_allowed", "expose_port works only for sandboxes running on this host")
+        gateway = sandbox.exposures.get(port)
+        if gateway is None:
+            if len(sandbox.exposures) >= MAX_EXPOSED_PORTS:
+                raise ToolError("sandbox_limit", f"at most {MAX_EXPOSED_PORTS} ports can be exposed per sandbox")
+            try:
+                gateway = await sandbox.vm.expose_http(port, listeners_file=False)
+            except (GondolinError, ValueError) as exc:
+                raise translate(exc) from exc
+            sandbox.exposures[port] = gateway
+        try:
+            stream = await sandbox.vm.open_tcp(port)
+        except GondolinError:
+            return gateway.url, False
+        await stream.aclose()
+        return gateway.url, True
 
     # -- checkpoints -----------------------------------------------------------------------
     def _checkpoint_root(self) -> str:
@@ -588,10 +613,19 @@ class SandboxManager:
             for job in old.execs.values():
                 job.cancel()
             old.execs.clear()
+            await _close_exposures(old)
             previous, old.vm = old.vm, vm
             old.from_checkpoint = checkpoint_id
             await _stop(previous)
         return old
+
+
+async def _close_exposures(sandbox: Sandbox) -> None:
+    """Close the sandbox's expose_port gateways (the caller shields it; the VM's close would too)."""
+    gateways, sandbox.exposures = list(sandbox.exposures.values()), {}
+    for gateway in gateways:
+        with anyio.move_on_after(CLOSE_TIMEOUT_S):
+            await gateway.close()
 
 
 async def _stop(vm: VM) -> None:

@@ -303,3 +303,18 @@ class NetworkEventsOutput(_Output):
     network: str
     allowed_hosts: list[str]
     events: list[NetworkEvent]
+
+
+# -- access ----------------------------------------------------------------------------------------
+class ExposePortInput(_Input):
+    sandbox_id: SandboxId
+    port: int = Field(ge=1, le=65535, description="TCP port of an HTTP server in the sandbox (it must listen on "
+                                                  "127.0.0.1 or 0.0.0.0).")
+
+
+class ExposePortOutput(_Output):
+    sandbox_id: str
+    port: int
+    url: str = Field(description="Address on the host that reaches the server; give it to the user.")
+    listening: bool = Field(description="Whether a server accepted a connection on the port just now; requests "
+                                        "get 502 Bad Gateway until one does.")

@@ -505,6 +505,13 @@ async def network_events(ctx: ToolContext, inp: m.NetworkEventsInput) -> m.Netwo
                                      events=out[-limit:])
 
 
+# -- access --------------------------------------------------------------------------------------
+async def expose_port(ctx: ToolContext, inp: m.ExposePortInput) -> m.ExposePortOutput:
+    async with ctx.manager.using(inp.sandbox_id) as sandbox:
+        url, listening = await ctx.manager.expose_port(sandbox, inp.port)
+        return m.ExposePortOutput(sandbox_id=sandbox.id, port=inp.port, url=url, listening=listening)
+
+
 # -- the table -----------------------------------------------------------------------------------
 _SID = "Every sandbox tool takes the sandbox_id returned by sandbox_create."
 
@@ -611,6 +618,14 @@ TOOLS: tuple[ToolSpec, ...] = (
         "Use it when a download or API call from the sandbox fails, to learn which host was blocked.",
         m.NetworkEventsInput, m.NetworkEventsOutput, network_events,
         read_only=True, destructive=False, idempotent=True, open_world=False),
+    ToolSpec(
+        "expose_port", "Expose a web server",
+        "Give the user a link to an HTTP server running in a sandbox (a web app, a notebook, an API): returns a "
+        "URL on the user's machine that forwards HTTP and WebSocket requests to the port. Start the server first "
+        "(in the background with exec; it must listen on 127.0.0.1 or 0.0.0.0); the link works until the sandbox "
+        "is destroyed. Calling it again for the same port returns the same URL.",
+        m.ExposePortInput, m.ExposePortOutput, expose_port,
+        read_only=False, destructive=False, idempotent=True, open_world=False),
 )
 
 TOOL_NAMES: tuple[str, ...] = tuple(spec.name for spec in TOOLS)

@@ -9,6 +9,7 @@ import websockets.asyncio.client
 
 from gondolin import VM
 from gondolin.ingress import IngressHooks, IngressLimits, Route, deny
+from integrations import OperatorConfig, SandboxManager, ToolRegistry
 
 from ..unit.ingress.servers import SERVER_SCRIPT, pattern_bytes
 
@@ -158,6 +159,34 @@ async def test_the_gateway_closes_with_its_vm(no_leaks):
             assert (await http.get("/")).status_code == 502  # nothing listens on 9000
     with pytest.raises(OSError):
         await anyio.connect_tcp("127.0.0.1", gw.port)
+
+
+async def test_expose_port_tool_returns_a_working_url_closed_with_the_sandbox(no_leaks):
+    async with SandboxManager(OperatorConfig(), reap=False) as manager:
+        tools = ToolRegistry(manager)
+        created = await tools.call("sandbox_create", {})
+        sandbox_id = created.data()["sandbox_id"]
+        early = await tools.call("expose_port", {"sandbox_id": sandbox_id, "port": 8000})
+        assert not early.is_error and early.data()["listening"] is False
+        await tools.call("exec", {"sandbox_id": sandbox_id, "command":
+                                  "mkdir -p /tmp/site && echo hello from the sandbox > /tmp/site/index.html && "
+                                  "cd /tmp/site && (python3 -m http.server 8000 >/dev/null 2>&1 &)"})
+        outcome = await tools.call("expose_port", {"sandbox_id": sandbox_id, "port": 8000})
+        data = outcome.data()
+        assert data["url"] == early.data()["url"] and data["url"] in outcome.text
+        async with httpx.AsyncClient(timeout=120, trust_env=False) as http:
+            await wait_for_status(http, data["url"], 200)
+            assert (await http.get(data["url"] + "index.html")).text == "hello from the sandbox\n"
+        await tools.call("sandbox_destroy", {"sandbox_id": sandbox_id})
+        port = int(data["url"].rsplit(":", 1)[1].strip("/"))
+        with pytest.raises(OSError):
+            await anyio.connect_tcp("127.0.0.1", port)
+
+
+async def wait_for_status(http, url, status, timeout=60):
+    with anyio.fail_after(timeout):
+        while (await http.get(url)).status_code != status:  # noqa: ASYNC110 (waits for the guest server)
+            await anyio.sleep(0.2)
 
 
 async def wait_for(predicate, timeout=60):

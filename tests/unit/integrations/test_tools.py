@@ -29,7 +29,7 @@ SANDBOX_TOOLS = [name for name in TOOL_NAMES if name not in
 MINIMAL_ARGS = {
     "exec": {"command": "true"}, "exec_poll": {"exec_id": "ex_1"}, "exec_write": {"exec_id": "ex_1", "stdin": "x"},
     "exec_kill": {"exec_id": "ex_1"}, "read_file": {"path": "/x"}, "write_file": {"path": "/x", "content": ""},
-    "edit_file": {"path": "/x", "old_string": "a", "new_string": "b"},
+    "edit_file": {"path": "/x", "old_string": "a", "new_string": "b"}, "expose_port": {"port": 8000},
 }
 
 
