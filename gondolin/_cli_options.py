@@ -109,6 +109,16 @@ def listen_address(text: str) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
+@_converter
+def forward_spec(text: str) -> tuple[int, int]:
+    """``GUEST_PORT[:HOST_PORT]`` of ``--forward``; the host port defaults to 0 (a free one)."""
+    guest, colon, host = text.partition(":")
+    if (not guest.isdigit() or not 0 < int(guest) < 65536 or (colon and not host.isdigit())
+            or (host and int(host) > 65535)):
+        raise ValueError(f"expected GUEST_PORT[:HOST_PORT] (8000, 8000:18000), got {text!r}")
+    return int(guest), int(host or 0)
+
+
 def add_vm_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory", type=memory, default="512M", help="guest memory, e.g. 512M or 2G (default 512M)")
     p.add_argument("--cpus", type=cpus, default=1, help=f"virtual CPUs, 1-{MAX_CPUS} (default 1)")

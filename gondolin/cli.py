@@ -23,6 +23,7 @@ from ._cli_options import (
     check_cow_flags,
     finish_cow,
     first_mount,
+    forward_spec,
     guest_dir,
     key_value,
     listen_address,
@@ -84,12 +85,33 @@ async def _bash(args: argparse.Namespace) -> int:
         def starting(options: VMOptions) -> Awaitable[Any]:
             return resume_for_shell(args.resume, options)
     if sys.stdin.isatty():
-        return await _in_vm(args, _listening(args, lambda vm: interactive_shell(vm, command, user=args.user,
-                                                                               cwd=cwd)), starting)
+        return await _in_vm(args, _reaching(args, _listening(args, lambda vm: interactive_shell(
+            vm, command, user=args.user, cwd=cwd))), starting)
     # Not a terminal (a pipe, a file, /dev/null): the shell reads its commands from our stdin
     # and exits at its end, like `bash < script`; its exit code is ours.
-    return await _in_vm(args, _listening(args, lambda vm: piped_command(vm, command, user=args.user, cwd=cwd)),
-                        starting)
+    return await _in_vm(args, _reaching(args, _listening(args, lambda vm: piped_command(
+        vm, command, user=args.user, cwd=cwd))), starting)
+
+
+def _reaching(args: argparse.Namespace, run: Callable[[Any], Awaitable[Any]]) -> Callable[[Any], Awaitable[Any]]:
+    """``run``, after the port forwards (``--forward``) and SSH access (``--ssh``) are up; each
+    prints where to reach it (stderr, so the shell's output stays its own)."""
+    if not args.forward and not args.ssh:
+        return run
+
+    async def with_access(vm: Any) -> Any:
+        for guest_port, host_port in args.forward:
+            try:
+                fwd = await vm.forward_tcp(guest_port, host_port=host_port)
+            except GondolinError as exc:
+                raise UsageError(f"--forward {guest_port}:{host_port}: {exc.message}") from None
+            print(f"Forwarding {fwd.address} -> guest port {guest_port}", file=sys.stderr)
+        if args.ssh:
+            access = await vm.enable_ssh(user=args.user if args.user and not args.user.isdigit() else "agent")
+            print(f"SSH: {access}", file=sys.stderr)
+        return await run(vm)
+
+    return with_access
 
 
 def _listening(args: argparse.Namespace, run: Callable[[Any], Awaitable[Any]]) -> Callable[[Any], Awaitable[Any]]:
@@ -210,6 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "free one); routes come from /etc/gondolin/listeners in the guest")
     p.add_argument("--listen-remote", action="store_true",
                    help="allow --listen on an address other than loopback")
+    p.add_argument("--forward", action="append", type=forward_spec, default=[], metavar="GUEST_PORT[:HOST_PORT]",
+                   help="relay 127.0.0.1:HOST_PORT on this machine (default a free port, printed) to the guest's "
+                        "loopback GUEST_PORT (repeatable)")
+    p.add_argument("--ssh", action="store_true",
+                   help="start sshd in the guest (guest loopback, key login only) and print the ssh command that "
+                        "logs in as --user (default agent)")
     p.add_argument("command", nargs="*", help="program to run instead of bash -l")
 
     from ._cli_images import add_parsers as add_image_parsers
