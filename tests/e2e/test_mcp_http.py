@@ -265,3 +265,156 @@ def test_malformed_json_on_stdio_gets_a_parse_error():
     assert replies[1] == {"jsonrpc": "2.0", "id": None,
                           "error": {"code": -32700, "message": "Parse error: the line is not valid JSON"}}
     assert replies[2]["error"]["code"] == -32600
+
+
+# -- with real sandboxes ---------------------------------------------------------------------------
+LAUNCH = ("import os, sys; open(sys.argv[1], 'w').write(str(os.getpid())); "
+          "from mcp_server.__main__ import main; main(sys.argv[2:])")
+
+
+@asynccontextmanager
+async def server_process(tmp_path, *flags):
+    """`gondolin-mcp --transport streamable-http` as a process; yields (url, pid)."""
+    port = free_port()
+    pidfile = tmp_path / f"server-{port}.pid"
+    proc = await anyio.open_process([sys.executable, "-c", LAUNCH, str(pidfile), "--transport", "streamable-http",
+                                     "--port", str(port), *flags], cwd=ROOT,
+                                    env={**os.environ, "GONDOLIN_MCP_TOKEN": TOKEN}, stdout=None, stderr=None)
+    url = f"http://127.0.0.1:{port}/mcp"
+    try:
+        with anyio.fail_after(60):
+            while True:
+                try:
+                    async with httpx2.AsyncClient() as http:
+                        await http.get(url)
+                    break
+                except httpx2.TransportError:
+                    await anyio.sleep(0.2)
+        yield url, int(pidfile.read_text())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        with anyio.fail_after(60):
+            await proc.wait()
+
+
+async def rpc(url, session, method, params, *, id=1):
+    """One JSON-RPC request in an existing session, as a client reconnecting would send it."""
+    headers = {"Authorization": f"Bearer {TOKEN}", "Accept": "application/json, text/event-stream",
+               "MCP-Protocol-Version": "2025-11-25"}
+    if session:
+        headers["Mcp-Session-Id"] = session
+    async with httpx2.AsyncClient(timeout=120) as http:
+        r = await http.post(url, headers=headers, json={"jsonrpc": "2.0", "id": id, "method": method,
+                                                          "params": params})
+    if r.status_code >= 400:
+        return {"status": r.status_code}
+    if r.headers["content-type"].startswith("application/json"):
+        return r.json()
+    for line in r.text.splitlines():
+        if line.startswith("data:") and '"id"' in line:
+            return json.loads(line[5:])
+    raise AssertionError(f"no response in {r.text!r}")
+
+
+async def guest_running(url, session, sandbox_id, pattern):
+    """Whether a process matching `pattern` runs in the sandbox (asked in `session`)."""
+    reply = await rpc(url, session, "tools/call", {"name": "exec", "arguments": {
+        "sandbox_id": sandbox_id, "command": f"pgrep -f '{pattern}' >/dev/null && echo yes || echo no"}})
+    return reply["result"]["structuredContent"]["stdout"].strip() == "yes"
+
+
+def children(pid):
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.vm
+async def test_a_client_gone_mid_exec_kills_the_command_and_its_session_closes_the_sandbox(tmp_path):
+    async with server_process(tmp_path, "--session-grace", "8") as (url, pid):
+        sessions = []
+
+        async def remember(response):
+            if "mcp-session-id" in response.headers and not sessions:
+                sessions.append(response.headers["mcp-session-id"])
+
+        http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {TOKEN}"}, timeout=httpx2.Timeout(60, read=600),
+                                  event_hooks={"response": [remember]})
+        a = Client(streamable_http_client(url, http_client=http, terminate_on_close=False), mode="legacy")
+        async with anyio.create_task_group() as tg:
+            async def first_client():
+                async with a:
+                    made = await a.call_tool("sandbox_create", {})
+                    assert made.is_error is False, text(made)
+                    sid = made.structured_content["sandbox_id"]
+                    # read_file's cap: ~32 KB of a 100 KB file, then on from next_offset.
+                    body = "".join(f"line {i:05d} " + "x" * 90 + "\n" for i in range(1000))
+                    await a.call_tool("write_file", {"sandbox_id": sid, "path": "/workspace/big.txt", "content": body})
+                    part = await a.call_tool("read_file", {"sandbox_id": sid, "path": "/workspace/big.txt"})
+                    s = part.structured_content
+                    assert s["truncated"] and len(s["content"]) <= 32 * 1024 and s["content"].endswith("\n")
+                    assert text(part).endswith(f"[truncated: the file continues; continue with "
+                                               f"offset={s['next_offset']}]")
+                    rest = await a.call_tool("read_file", {"sandbox_id": sid, "path": "/workspace/big.txt",
+                                                           "offset": s["next_offset"], "limit": 3})
+                    assert rest.structured_content["content"].startswith(f"line {s['next_offset'] - 1:05d} ")
+                    async with client(url) as b:  # another session sees none of it
+                        assert (await b.call_tool("sandbox_list", {})).structured_content["sandboxes"] == []
+                    ran.append(sid)
+                    await a.call_tool("exec", {"sandbox_id": sid, "command": "exec sleep 777", "yield_s": 500})
+
+            ran = []
+            tg.start_soon(first_client)
+            with anyio.fail_after(120):
+                while not ran or not await guest_running(url, sessions[0], ran[0], "sleep 77[7]"):  # noqa: ASYNC110
+                    await anyio.sleep(0.5)
+            qemus = children(pid)
+            assert qemus, "the sandbox VM should be a child of the server"
+            tg.cancel_scope.cancel()  # the client vanishes mid-call: no cancellation, no DELETE
+        await http.aclose()
+        # Reconnecting within the grace, in the same session: the guest command is gone.
+        with anyio.fail_after(60):
+            while await guest_running(url, sessions[0], ran[0], "sleep 77[7]"):  # noqa: ASYNC110
+                await anyio.sleep(0.5)
+        # Then nothing: after the grace the session ends and its sandbox's VM with it.
+        with anyio.fail_after(90):
+            while any(p in children(pid) for p in qemus):  # noqa: ASYNC110 - polling other processes
+                await anyio.sleep(0.5)
+        assert await rpc(url, sessions[0], "tools/list", {}) == {"status": 404}  # the session ended
+
+
+@pytest.mark.vm
+async def test_stateless_http_cancellation_kills_the_command(tmp_path):
+    async with server_process(tmp_path, "--stateless") as (url, _pid):
+        async with client(url) as c:
+            made = await c.call_tool("sandbox_create", {})
+            assert made.is_error is False, text(made)
+            sid = made.structured_content["sandbox_id"]
+            for pattern, how in [("sleep 88[8]", "timeout"), ("sleep 99[9]", "disconnect")]:
+                command = "exec " + pattern.replace("[", "").replace("]", "")
+                async with anyio.create_task_group() as tg:
+                    async def call(how=how, command=command):
+                        async with client(url) as gone:
+                            if how == "timeout":  # the client gives up: notifications/cancelled
+                                with pytest.raises(MCPError):
+                                    await gone.call_tool("exec", {"sandbox_id": sid, "command": command,
+                                                                  "yield_s": 500}, read_timeout_seconds=8)
+                            else:
+                                await gone.call_tool("exec", {"sandbox_id": sid, "command": command,
+                                                              "yield_s": 500})
+
+                    tg.start_soon(call)
+                    with anyio.fail_after(60):
+                        while not await guest_running(url, None, sid, pattern):  # noqa: ASYNC110
+                            await anyio.sleep(0.3)
+                    if how == "disconnect":
+                        tg.cancel_scope.cancel()
+                with anyio.fail_after(60):
+                    while await guest_running(url, None, sid, pattern):  # noqa: ASYNC110
+                        await anyio.sleep(0.5)
