@@ -1,0 +1,184 @@
+"""The OpenAI Agents SDK sandbox client on real VMs: a ``SandboxAgent`` driven by a scripted
+``Model`` runs its shell tool in a VM that has the client's secrets (placeholders), egress
+policy and mounts; the session's serialized state resumes in a second run from the checkpoint
+its first run persisted (files and a background process survive); the session API (read,
+write, exec, timeouts, users, errors); tar persistence. Three VM boots plus two resumes."""
+
+import io
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("agents")
+
+from agents import Runner, set_tracing_disabled  # noqa: E402
+from agents.items import ModelResponse  # noqa: E402
+from agents.models.interface import Model  # noqa: E402
+from agents.run import RunConfig  # noqa: E402
+from agents.sandbox import LocalSnapshotSpec, Manifest, SandboxAgent, SandboxRunConfig  # noqa: E402
+from agents.sandbox.errors import (  # noqa: E402
+    ExecTimeoutError,
+    WorkspaceArchiveWriteError,
+    WorkspaceReadNotFoundError,
+)
+from agents.usage import Usage  # noqa: E402
+from openai.types.responses import (  # noqa: E402
+    ResponseFunctionToolCall,
+    ResponseOutputMessage,
+    ResponseOutputText,
+)
+
+from gondolin import VMOptions  # noqa: E402
+from gondolin.http import Secret, create_http_hooks  # noqa: E402
+from gondolin.vfs import RealFSProvider  # noqa: E402
+from integrations.openai_agents_sandbox import (  # noqa: E402
+    REF_MAGIC,
+    GondolinSandboxClient,
+    GondolinSandboxClientOptions,
+    GondolinSandboxSessionState,
+)
+
+from .conftest import qemu_pids  # noqa: E402
+
+pytestmark = [pytest.mark.vm, pytest.mark.anyio]
+TOKEN = "sk-live-value-never-in-the-guest"
+
+
+class ScriptedModel(Model):
+    """Replays scripted turns and records what the SDK sent (inputs and tool names)."""
+
+    def __init__(self, turns):
+        self.turns = list(turns)
+        self.inputs = []
+        self.tools = []
+
+    async def get_response(self, system_instructions, input, model_settings, tools, output_schema, handoffs,
+                           tracing, *, previous_response_id=None, conversation_id=None, prompt=None):
+        self.inputs.append(input)
+        self.tools = [t.name for t in tools]
+        return ModelResponse(output=self.turns.pop(0), usage=Usage(), response_id=None)
+
+    def stream_response(self, *args, **kwargs):
+        raise NotImplementedError("the scripted model does not stream")
+
+
+def shell(cmd, n):
+    return [ResponseFunctionToolCall(type="function_call", call_id=f"call_{n}", name="exec_command",
+                                     arguments=json.dumps({"cmd": cmd, "yield_time_ms": 60_000}), id=f"fc_{n}",
+                                     status="completed")]
+
+
+def say(text):
+    return [ResponseOutputMessage(id="msg_1", type="message", role="assistant", status="completed",
+                                  content=[ResponseOutputText(type="output_text", text=text, annotations=[])])]
+
+
+def tool_outputs(result):
+    return [str(item.output) for item in result.new_items if type(item).__name__ == "ToolCallOutputItem"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    set_tracing_disabled(True)
+    data = tmp_path_factory.mktemp("data")
+    (data / "in.txt").write_text("from the host\n")
+    hooks, secret_env = create_http_hooks(allowed_hosts=["api.example.com"],
+                                          secrets={"API_TOKEN": Secret(TOKEN, hosts=["api.example.com"])})
+    options = VMOptions(env=dict(secret_env), http_hooks=hooks, mounts={"/data": RealFSProvider(str(data))})
+    before = qemu_pids()
+    yield {"client": GondolinSandboxClient(options, checkpoint_dir=tmp_path_factory.mktemp("ckpt")),
+           "snapshots": tmp_path_factory.mktemp("snapshots")}
+    assert qemu_pids() <= before, "a session left its QEMU process behind"
+
+
+async def test_sandbox_agent_runs_in_vm_and_resumes_from_serialized_state(env):
+    client, snapshots = env["client"], env["snapshots"]
+    session = await client.create(manifest=Manifest(), snapshot=LocalSnapshotSpec(base_path=snapshots))
+    async with session:  # stop() persists the workspace (a checkpoint), shutdown() closes the VM
+        model = ScriptedModel([
+            shell("printf 'print(6 * 7)\\n' > answer.py && python3 answer.py && pwd", 1),
+            shell("printenv API_TOKEN; cat /data/in.txt; "
+                  "curl -s -o /dev/null -w 'egress %{http_code}\\n' http://example.com/", 2),
+            shell("setsid sh -c 'echo $$ > bg.pid; exec sleep 10000' >/dev/null 2>&1 < /dev/null & sleep 1; "
+                  "cat bg.pid", 3),
+            say("6 * 7 = 42"),
+        ])
+        agent = SandboxAgent(name="coder", instructions="Work in the sandbox.", model=model)
+        result = await Runner.run(agent, "compute 6*7", run_config=RunConfig(sandbox=SandboxRunConfig(session=session)))
+        assert result.final_output == "6 * 7 = 42"
+        assert {"exec_command", "apply_patch", "view_image"} <= set(model.tools)
+        first, second, third = tool_outputs(result)
+        assert "Process exited with code 0" in first and "42\n/workspace" in first
+        assert "GONDOLIN_SECRET_" in second and TOKEN not in second  # the guest sees a placeholder
+        assert "from the host" in second and "egress 403" in second  # mount; example.com is not allowed
+        bg_pid = third.strip().splitlines()[-1]
+        assert bg_pid.isdigit()
+        payload = json.loads(json.dumps(client.serialize_session_state(session.state)))
+        assert payload["type"] == "gondolin" and payload["vm_id"] == session.state.vm_id
+    await client.delete(session)
+    assert session.state.vm_id is not None
+    assert list(client.checkpoint_dir.glob("openai-agents-*.ckpt"))
+
+    state = client.deserialize_session_state(payload)
+    assert isinstance(state, GondolinSandboxSessionState)
+    model = ScriptedModel([shell(f"python3 answer.py && kill -0 {bg_pid} && echo still running", 1),
+                           say("resumed")])
+    agent = SandboxAgent(name="coder", instructions="Work in the sandbox.", model=model)
+    result = await Runner.run(agent, "again", run_config=RunConfig(
+        sandbox=SandboxRunConfig(client=client, session_state=state)))
+    [out] = tool_outputs(result)
+    assert "42" in out and "still running" in out, out  # the VM resumed, processes and all
+    assert result.final_output == "resumed"
+
+
+async def test_session_files_exec_users_and_errors(env):
+    client = env["client"]
+    session = await client.create(manifest=Manifest(), snapshot=None)  # no snapshot: nothing persisted
+    try:
+        await session.start()
+        vm_id = session.state.vm_id
+        await session.write(Path("sub/bytes.bin"), io.BytesIO(bytes(range(256)) * 100))
+        assert (await session.read(Path("/workspace/sub/bytes.bin"))).read() == bytes(range(256)) * 100
+        assert await session.read_bounded(Path("sub/bytes.bin"), max_bytes=10) == bytes(range(10))
+        with pytest.raises(WorkspaceReadNotFoundError):
+            await session.read(Path("missing.txt"))
+        r = await session.exec("echo out; echo err >&2; exit 4")
+        assert (r.stdout, r.stderr, r.exit_code) == (b"out\n", b"err\n", 4)
+        assert (await session.exec("id -un", user="nobody")).stdout == b"nobody\n"
+        with pytest.raises(ExecTimeoutError):
+            await session.exec("sleep 60", timeout=1)
+        await session.mkdir("made/deep", parents=True)
+        assert [e.path for e in await session.ls(".") if e.path.endswith("made")]
+        assert session.state.vm_id == vm_id and await session.running()
+    finally:
+        await session.aclose()
+        await client.delete(session)
+    assert not await session.running()
+
+
+async def test_tar_persistence_restores_files_into_a_fresh_vm(env):
+    client, snapshots = env["client"], env["snapshots"]
+    session = await client.create(manifest=Manifest(), snapshot=LocalSnapshotSpec(base_path=snapshots),
+                                  options=GondolinSandboxClientOptions(workspace_persistence="tar"))
+    async with session:
+        await session.exec("mkdir -p src && echo 'kept' > src/note.txt && ln -s src/note.txt link")
+        first_vm = session.state.vm_id
+    await client.delete(session)
+    assert (snapshots / f"{session.state.snapshot.id}.tar").is_file()
+
+    resumed = await client.resume(client.deserialize_session_state(client.serialize_session_state(session.state)))
+    async with resumed:
+        assert resumed.state.vm_id != first_vm  # a new VM, hydrated from the tar
+        assert (await resumed.exec("cat link")).stdout == b"kept\n"
+    await client.delete(resumed)
+
+
+async def test_forged_checkpoint_reference_is_refused(env):
+    client = env["client"]
+    session = await client.create(manifest=Manifest(), snapshot=None)  # never started: no VM
+    for name in ["../../etc/passwd", "/tmp/x.ckpt", f"openai-agents-{uuid.uuid4().hex}.ckpt/../x"]:
+        with pytest.raises(WorkspaceArchiveWriteError):
+            await session.hydrate_workspace(io.BytesIO(REF_MAGIC + json.dumps({"checkpoint": name}).encode()))
+    await client.delete(session)
