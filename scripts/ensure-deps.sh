@@ -6,6 +6,9 @@ missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# npm (for the MCP conformance suite in tests/e2e/test_mcp_conformance.py) may come with a nodejs
+# package from elsewhere: ask apt for it only when there is no npm command at all.
+command -v npm >/dev/null || missing+=(npm)
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi

@@ -10,8 +10,10 @@ import time
 from pathlib import Path
 
 import anyio
+import httpx2
 import pytest
 from mcp import Client, StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
 
 pytestmark = [pytest.mark.anyio, pytest.mark.vm]
 GONDOLIN = str(Path(sys.executable).parent / "gondolin")
@@ -112,14 +114,17 @@ def test_streamable_http_server_process(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    token = "stdio-test-token-" + "y" * 20
     proc = subprocess.Popen([sys.executable, "-m", "mcp_server", "--transport", "streamable-http", "--port",
-                             str(port), "--stateless"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             str(port), "--stateless"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "GONDOLIN_MCP_TOKEN": token})
     try:
         async def main():
             deadline = time.monotonic() + 30
             while True:
                 try:
-                    async with Client(f"http://127.0.0.1:{port}/mcp") as c:
+                    http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"})
+                    async with Client(streamable_http_client(f"http://127.0.0.1:{port}/mcp", http_client=http)) as c:
                         return [t.name for t in (await c.list_tools()).tools]
                 except Exception:
                     if time.monotonic() > deadline:
