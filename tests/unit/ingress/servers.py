@@ -1,7 +1,7 @@
 """A small stdlib HTTP + WebSocket echo server for the ingress tests (host loopback and guest).
 
-``SERVER_SCRIPT`` runs with ``python3 - PORT`` (the script on stdin, or ``-c``), binds
-127.0.0.1:PORT, prints ``ready`` and serves until killed:
+``SERVER_SCRIPT`` runs with ``python3 SCRIPT PORT [ADDRESS]``, binds ADDRESS (default
+127.0.0.1) and PORT, prints ``ready`` and serves until killed:
 
 - ``GET /bytes/N``: N bytes (``bytes(range(256))`` repeated), Content-Length, sent in 1 MiB writes
 - ``GET /chunked/N``: N pieces ``piece-i\\n`` with chunked transfer encoding
@@ -155,7 +155,7 @@ class Server(ThreadingHTTPServer):
     allow_reuse_address = True
 
 
-server = Server(("127.0.0.1", PORT), Handler)
+server = Server((sys.argv[2] if len(sys.argv) > 2 else "127.0.0.1", PORT), Handler)
 print("ready", flush=True)
 server.serve_forever()
 '''
