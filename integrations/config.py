@@ -86,6 +86,8 @@ class NetworkProfile(_Strict):
     tcp_hosts: dict[str, str] = Field(default_factory=dict)
     dns: DnsMode = "synthetic"
     description: str = ""
+    image: str | None = Field(default=None, description="image of this profile's sandboxes when sandbox_create "
+                                                        "names none (one of allowed_images)")
 
     @model_validator(mode="after")
     def _consistent(self) -> NetworkProfile:
@@ -189,6 +191,10 @@ class OperatorConfig(_Strict):
             raise ValueError(f"default_network {self.default_network!r} is not a configured network profile")
         if self.default_image not in self.allowed_images:
             raise ValueError(f"default_image {self.default_image!r} is not in allowed_images")
+        for name, profile in self.network_profiles.items():
+            if profile.image is not None and profile.image not in self.allowed_images:
+                raise ValueError(f"network profile {name!r} names image {profile.image!r}, which is not in "
+                                 "allowed_images")
         return self
 
     def profiles(self) -> dict[str, NetworkProfile]:

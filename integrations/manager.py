@@ -342,7 +342,8 @@ class SandboxManager:
         """Check the model's choices against the operator's configuration."""
         cfg = self.config
         limits = cfg.limits
-        image = request.image or cfg.default_image
+        profile = cfg.profiles().get(request.network or cfg.default_network)
+        image = request.image or (profile.image if profile is not None else None) or cfg.default_image
         if image not in cfg.allowed_images:
             raise ToolError("not_allowed", f"image {image!r} is not allowed",
                             f"Allowed images: {', '.join(cfg.allowed_images)} (or omit image).")
