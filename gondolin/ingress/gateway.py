@@ -30,7 +30,7 @@ from ..http.server_h1 import serve_http1
 from ..streams import is_loopback
 from .hooks import IngressContext, IngressEvent, IngressEventLog, IngressHooks
 from .routes import ListenersError, Route, RouteTable, parse_listeners
-from .upstream import UpstreamTimeouts, exchange
+from .upstream import Pool, UpstreamTimeouts, exchange
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class IngressGateway:
     def __init__(self, connector: Connector, *, routes: RouteTable | Mapping[str, int] | Iterable[Route] | None = None,
                  hooks: IngressHooks | None = None, listeners: ListenersSource | None = None,
                  limits: IngressLimits | None = None) -> None:
-        self._connector = connector
+        self._pool = Pool(connector)
         self._host_routes = RouteTable.of(routes)
         self._file_routes = RouteTable()
         self._table = self._host_routes
@@ -174,6 +174,7 @@ class IngressGateway:
         finally:
             with anyio.CancelScope(shield=True):
                 await listener.aclose()
+                await self._pool.aclose()
             self._stopped.set()
 
     async def close(self) -> None:
@@ -185,6 +186,7 @@ class IngressGateway:
                 await self._stopped.wait()
         elif self._listener is not None:
             await self._listener.aclose()
+            await self._pool.aclose()
 
     async def __aenter__(self) -> IngressGateway:
         return self
@@ -291,11 +293,9 @@ class IngressGateway:
         return self._answer(request, client, route, response, "forwarded")
 
     async def _exchange(self, port: int, request: HttpRequest, target: str) -> HttpResponse:
-        with anyio.fail_after(self.limits.connect_timeout):
-            stream = await self._connector(port)
         timeouts = UpstreamTimeouts(response=self.limits.response_timeout, send=self.limits.idle_timeout)
-        return await exchange(stream, request, target, max_header_bytes=self.limits.max_header_bytes,
-                              timeouts=timeouts)
+        return await exchange(self._pool, port, request, target, max_header_bytes=self.limits.max_header_bytes,
+                              connect_timeout=self.limits.connect_timeout, timeouts=timeouts)
 
     def _answer(self, request: HttpRequest, client: str, route: Route | None, response: HttpResponse,
                 reason: str) -> HttpResponse:

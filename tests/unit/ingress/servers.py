@@ -5,6 +5,7 @@
 
 - ``GET /bytes/N``: N bytes (``bytes(range(256))`` repeated), Content-Length, sent in 1 MiB writes
 - ``GET /chunked/N``: N pieces ``piece-i\\n`` with chunked transfer encoding
+- ``HEAD`` anything: 200 with ``Content-Length: 123`` and no body
 - ``POST /upload``: reads a Content-Length or chunked body; answers its length and sha256 (JSON)
 - ``GET /ws``: WebSocket echo (text and binary, ping -> pong, close)
 - anything else: JSON with the server's port, method, path and request headers
@@ -90,6 +91,11 @@ class Handler(BaseHTTPRequestHandler):
         if self.path == "/ws" and self.headers.get("Upgrade", "").lower() == "websocket":
             return self._websocket()
         self._echo()
+
+    def do_HEAD(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "123")
+        self.end_headers()
 
     def do_POST(self):
         if self.path == "/upload":

@@ -256,3 +256,38 @@ async def wait_for(predicate: Any, timeout: float = 30) -> None:
     with anyio.fail_after(timeout):
         while not predicate():  # noqa: ASYNC110 (polls state the gateway owns)
             await anyio.sleep(0.02)
+
+
+async def test_guest_connections_are_reused_and_a_stale_one_is_retried(servers):
+    a, _ = servers
+    opened: list[int] = []
+
+    async def counting(port: int) -> Any:
+        opened.append(port)
+        return await anyio.connect_tcp("127.0.0.1", port)
+
+    async with gateway(routes={"/": a}, connector=counting) as gw, client(gw) as http:
+        for i in range(10):
+            assert (await http.get(f"/n/{i}")).json()["path"] == f"/n/{i}"
+        assert (await http.head("/n/h")).status_code == 200
+        assert len(opened) == 1  # one guest connection carried all of them
+
+    async def one_shot(stream: Any) -> None:
+        # answers one request, then closes without saying so (an idle timeout on the server side)
+        async with stream:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += await stream.receive()
+            await stream.send(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+
+    opened.clear()
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, one_shot)
+        async with gateway(routes={"/": port}, connector=counting) as gw, client(gw) as http:
+            for _ in range(3):
+                r = await http.get("/x")
+                assert (r.status_code, r.text) == (200, "ok")
+        assert len(opened) == 3  # each reuse found the connection closed and retried on a new one
+        tg.cancel_scope.cancel()
