@@ -261,6 +261,13 @@ class GondolinSandboxSession(BaseSandboxSession):
         ref = {"checkpoint": path.name, "vm_id": vm.id}
         return io.BytesIO(REF_MAGIC + json.dumps(ref).encode())
 
+    def _should_compute_snapshot_fingerprint_on_persist(self) -> bool:
+        # The fingerprint lets a resume skip the restore when it reattaches to a still-running
+        # backend whose workspace is unchanged. A resumed session here always starts a VM of
+        # its own (from the checkpoint, or fresh for a tar), so the guest-side hashing of the
+        # whole workspace on every persist would buy nothing.
+        return False
+
     async def _persist_tar(self, vm: VM) -> io.IOBase:
         tmp = f"/tmp/openai-agents-persist-{uuid.uuid4().hex}.tar"
         excludes = " ".join(shell_tar_exclude_args(self._persist_workspace_skip_relpaths()))
