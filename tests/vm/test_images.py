@@ -47,7 +47,7 @@ def tools_image():
 
 async def test_custom_image_packages_pip_files_env_workdir_and_disk_size(tools_image):
     base_mb = tools_image.rootfs.stat().st_size >> 20
-    disk_mb = base_mb + 256
+    disk_mb = base_mb + 64
     async with await VM.create(image=TOOLS_TAG, warm=False, disk_size=f"{disk_mb}M") as vm:
         r = await vm.exec("python3 -c 'import numpy, tomli_w; print(int(numpy.arange(4).sum()), tomli_w.dumps({\"a\": 1}).strip())'")
         assert r.exit_code == 0, r.stderr
@@ -83,7 +83,7 @@ def test_unknown_package_and_failing_command_name_the_problem(tools_image, tmp_p
                     "gondolin-test-bad", progress=None)
     # Same packages as the tools image: its Debian layer is cached, only the command runs.
     config = load_config(FILES / "image.toml")
-    bad = config_from_dict({"debian": {"packages": list(config.packages)}, "rootfs": {"free_space": "256M"},
+    bad = config_from_dict({"debian": {"packages": list(config.packages)}, "rootfs": {"free_space": "64M"},
                             "build": {"commands": ["echo preparing; echo broken >&2; exit 3"]}}, tmp_path)
     with pytest.raises(ImageError) as info:
         build_image(bad, "gondolin-test-bad", progress=None)
