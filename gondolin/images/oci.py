@@ -307,7 +307,8 @@ class OciImporter(ImageBuilder):
         super().__init__(store, progress=progress)
         self.source_path = Path(path).resolve()
         self.free_space_mb = free_space_mb
-        self._digest: str | None = None
+        self._digest: str | None = None  # identity of the input (the cache key)
+        self._manifest_digest: str | None = None  # the image manifest's digest, once read
         self._defaults: dict[str, Any] = {}
 
     def _source_digest(self) -> str:
@@ -332,7 +333,7 @@ class OciImporter(ImageBuilder):
                               f"{super().inputs_key()}".encode()).hexdigest()[:16]
 
     def manifest_extra(self) -> dict[str, object]:
-        return {"kind": "oci", "oci_source": {"path": str(self.source_path), "digest": self._digest},
+        return {"kind": "oci", "oci_source": {"path": str(self.source_path), "digest": self._manifest_digest},
                 "defaults": self._defaults, "packages": []}
 
     def _rootfs(self, kdir: Path, kver: str, force: bool) -> Path:
@@ -343,7 +344,7 @@ class OciImporter(ImageBuilder):
         try:
             source = _Source(self.source_path, tmp)
             layers, config, digest = read_image(source)
-            self._digest = digest
+            self._manifest_digest = digest
             self._defaults = image_defaults(config)
             if out.exists() and not force:
                 return out

@@ -146,7 +146,8 @@ def oci_image():
 
 async def test_oci_layout_imports_and_boots_with_its_env_and_workdir(oci_image):
     image = oci_image
-    assert image.manifest["kind"] == "oci"
+    assert image.manifest["kind"] == "oci" and image.manifest["oci_source"]["digest"].startswith("sha256:")
+    assert import_oci(oci_layout(), OCI_TAG, progress=None).build_id == image.build_id  # cached
     assert image.defaults["workdir"] == "/srv/app" and image.defaults["env"]["APP_GREETING"] == "from-oci"
     async with await VM.create(image=OCI_TAG, warm=False) as vm:
         r = await vm.exec("pwd; echo $APP_GREETING; cat hello.txt; stat -c %u hello.txt; ls /opt/hidden; "
