@@ -220,7 +220,8 @@ class CustomImageBuilder(ImageBuilder):
 
     def _chroot(self, tree: Path, command: str, index: int) -> None:
         """Run one command in the new root: its own mount namespace (the /proc and /dev mounts
-        vanish with it), the host's resolver and CA bundle for the length of the build only."""
+        vanish with it) and PID namespace (a daemon a command leaves behind dies with it), the host's
+        resolver and CA bundle for the length of the build only."""
         unshare = require("unshare", "util-linux", "run post-build commands")
         resolv = tree / "etc" / "resolv.conf"
         saved = resolv.read_bytes() if resolv.is_file() and not resolv.is_symlink() else None
@@ -242,7 +243,7 @@ class CustomImageBuilder(ImageBuilder):
                     env[name] = value
             script = ('mount -t proc proc "$0/proc" && mount --rbind /dev "$0/dev" && '
                       'exec chroot "$0" /bin/sh -ec "$1"')
-            argv = [unshare, "--mount", "--propagation", "private", "--fork", "/bin/sh", "-ec", script,
+            argv = [unshare, "--mount", "--pid", "--propagation", "private", "--fork", "/bin/sh", "-ec", script,
                     str(tree), command]
             lines: deque[str] = deque(maxlen=MAX_OUTPUT_LINES)
             proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
