@@ -25,6 +25,9 @@ OFFLINE_ENV = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY"
                                  "[REDACTED:DEMO_API_TOKEN]", "example.com answered 403",
                                  "the API received the real token: True", "the token appeared in a tool result: False"]),
         ("data_task.py", ["uploaded", "downloaded", "north  orders="]),
+        ("deepagents_sandbox.py", ["-> edit_file", "[exit_code=1]", "[exit_code=0]", "sandbox says: 4.5 (exit_code 0)"]),
+        ("openai_agents_sandbox.py", ["token seen by the guest: GONDOLIN_SECRET_", "checkpoints: ['openai-agents-",
+                                      "hits=2 | server.py"]),
     ],
 )
 def test_recipe_runs_offline(recipe, expected):
