@@ -23,6 +23,7 @@ from gondolin.ingress import (
 )
 from gondolin.ingress.routes import MAX_LISTENERS_BYTES
 
+from ...support import BOTH_BACKENDS
 from .servers import free_port, host_server, pattern_bytes
 
 pytestmark = pytest.mark.anyio
@@ -95,6 +96,7 @@ async def test_routes_by_longest_prefix_with_and_without_stripping(servers):
         assert (await http.get("/only/z")).json()["path"] == "/z"
 
 
+@BOTH_BACKENDS
 async def test_keep_alive_chunked_and_large_bodies_stream_both_ways(servers):
     a, _ = servers
     async with gateway(routes={"/": a}) as gw, client(gw) as http:
@@ -162,6 +164,7 @@ async def test_hooks_deny_and_edit_headers(servers):
     assert [e.reason for e in gw.events()][:2] == ["answered by on_request"] * 2
 
 
+@BOTH_BACKENDS
 async def test_a_dead_upstream_is_a_plain_502_without_detail():
     dead = free_port()
     async with gateway(routes={"/": dead}) as gw, client(gw) as http:
@@ -234,6 +237,7 @@ async def test_connections_and_header_sizes_are_bounded(servers):
             assert r.status_code == 431
 
 
+@BOTH_BACKENDS
 async def test_under_load_200_requests_20_at_a_time(servers):
     a, b = servers
     async with gateway(routes=[Route("/", a), Route("/b", b)]) as gw, client(gw) as http:
