@@ -295,3 +295,19 @@ async def test_guest_connections_are_reused_and_a_stale_one_is_retried(servers):
                 assert (r.status_code, r.text) == (200, "ok")
         assert len(opened) == 3  # each reuse found the connection closed and retried on a new one
         tg.cancel_scope.cancel()
+
+
+async def test_a_guest_response_head_over_the_limit_is_a_502():
+    async def huge_head(stream: Any) -> None:
+        async with stream:
+            await stream.receive()
+            await stream.send(b"HTTP/1.1 200 OK\r\nx-junk: " + b"a" * (200 << 10) + b"\r\n\r\n")
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, huge_head)
+        async with gateway(routes={"/": port}) as gw, client(gw) as http:
+            r = await http.get("/x")
+            assert (r.status_code, r.text) == (502, "502 Bad Gateway: bad gateway\n")
+        tg.cancel_scope.cancel()
