@@ -82,6 +82,22 @@ class SshEgressProxy:
 
     def __init__(self, options: SshProxyOptions, events: EventLog | None = None) -> None:
         asyncssh = _asyncssh()
+        try:
+            backend = sniffio.current_async_library()
+        except sniffio.AsyncLibraryNotFoundError:
+            backend = "none"
+        if backend != "asyncio":
+            raise SshProxyError(f"SSH egress (asyncssh) runs on asyncio only, not {backend}: start this VM "
+                                "from an asyncio event loop, or leave out the ssh option")
+        self.client_key = None
+        if options.credential is not None:
+            path = str(Path(os.fspath(options.credential)).expanduser())
+            try:
+                self.client_key = asyncssh.read_private_key(path, options.passphrase)
+            except (OSError, ValueError, asyncssh.KeyImportError) as exc:
+                detail = ("it is encrypted: pass its passphrase" if "assphrase must be" in str(exc)
+                          else f"{type(exc).__name__}: {exc}")
+                raise SshProxyError(f"the SSH credential {path} could not be loaded ({detail})") from None
         self.options = options
         self.events = events if events is not None else EventLog()
         self.policy = options.exec_policy if options.exec_policy is not None else git_policy()
@@ -100,31 +116,35 @@ class SshEgressProxy:
         return ",".join(["*", *negated]) + f" {key[0]} {key[1]}\n"
 
     async def __call__(self, flow: FlowInfo, stream: anyio.abc.ByteStream) -> None:
+        """Serve one guest SSH connection until either side ends it; closes ``stream``."""
         try:
-            backend = sniffio.current_async_library()
-        except sniffio.AsyncLibraryNotFoundError:
-            backend = "unknown"
-        if backend != "asyncio":
-            self._record(flow, "connect", "", Decision.ERROR, "the SSH proxy runs on asyncio only (asyncssh)")
-            return
-        self.connections += 1
-        mine, theirs = socket.socketpair()
-        try:
-            bridge = await anyio.abc.SocketStream.from_socket(mine)
-        except BaseException:
-            mine.close()
-            theirs.close()
-            raise
-        activity = [anyio.current_time()]
-        async with bridge, anyio.create_task_group() as tg:
-            tg.start_soon(_pump, stream, bridge, activity)
-            tg.start_soon(_pump, bridge, stream, activity)
-            tg.start_soon(self._idle_watch, activity, tg.cancel_scope)
+            if sniffio.current_async_library() != "asyncio":  # the constructor already refuses this
+                self._record(flow, "connect", "", Decision.ERROR, "the SSH proxy runs on asyncio only (asyncssh)")
+                return
+            self.connections += 1
+            mine, theirs = socket.socketpair()
             try:
-                await self._serve(flow, theirs)
-            finally:
+                bridge = await anyio.abc.SocketStream.from_socket(mine)
+            except BaseException:
+                mine.close()
                 theirs.close()
-                tg.cancel_scope.cancel()
+                raise
+            activity = [anyio.current_time()]
+            async with bridge, anyio.create_task_group() as tg:
+                tg.start_soon(_pump, stream, bridge, activity)
+                tg.start_soon(_pump, bridge, stream, activity)
+                tg.start_soon(self._idle_watch, activity, tg.cancel_scope)
+                try:
+                    await self._serve(flow, theirs)
+                finally:
+                    theirs.close()
+                    tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(1):
+                try:
+                    await stream.aclose()
+                except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    pass
 
     async def _idle_watch(self, activity: list[float], scope: anyio.CancelScope) -> None:
         """Close a guest connection (and its relays) after ``idle_timeout`` s without traffic."""
@@ -204,9 +224,8 @@ class SshEgressProxy:
             keepalive_interval=opts.keepalive_interval, keepalive_count_max=3,
             agent_path=None, client_version=PROXY_VERSION)
         agent = None
-        if opts.credential is not None:
-            path = str(Path(os.fspath(opts.credential)).expanduser())
-            kwargs["client_keys"] = [asyncssh.read_private_key(path, opts.passphrase)]
+        if self.client_key is not None:
+            kwargs["client_keys"] = [self.client_key]
         else:
             agent_path = opts.agent_path()
             try:
@@ -482,7 +501,7 @@ def _make_session(server: Any) -> Any:
             except _Refused as refused:
                 proxy._record(flow, method, command, refused.decision, refused.reason)
                 self.refuse(refused.message, refused.exit_code)
-            except (OSError, asyncssh.Error) as exc:
+            except Exception as exc:  # noqa: BLE001 - asyncssh.Error, OSError, anything: the guest gets an answer
                 proxy._record(flow, method, command, Decision.ERROR, f"relay failed: {type(exc).__name__}")
                 try:
                     self.refuse(f"the SSH relay failed ({type(exc).__name__})", EXIT_NO_UPSTREAM)

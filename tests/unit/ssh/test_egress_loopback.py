@@ -175,10 +175,59 @@ async def test_host_key_verifier_callback(sshd, tmp_path):
 
 
 @pytest.mark.parametrize("anyio_backend", ["trio"])
-async def test_trio_refuses_the_flow_with_an_event(sshd, anyio_backend):
-    proxy = SshEgressProxy(options(sshd).checked())
-    info = FlowInfo(FlowProtocol.SSH, "192.168.127.3", 1, "198.19.0.1", 22, "git.test")
-    await proxy(info, None)  # type: ignore[arg-type]  # refused before the stream is touched
-    event = proxy.events.events()[-1]
-    assert event.decision is Decision.ERROR and "asyncio" in event.reason
+async def test_trio_is_refused_at_start(sshd, anyio_backend):
+    with pytest.raises(SshProxyError, match="asyncio only"):
+        SshEgressProxy(options(sshd).checked())
     assert issubclass(SshProxyError, gondolin.GondolinError)
+
+
+async def test_an_encrypted_key_without_passphrase_is_a_clear_error(sshd, tmp_path):
+    key = tmp_path / "enc"
+    await anyio.run_process(["ssh-keygen", "-q", "-t", "ed25519", "-N", "secret-pass", "-f", str(key)])
+    with pytest.raises(SshProxyError, match="encrypted") as err:
+        SshEgressProxy(options(sshd, credential=str(key)).checked())
+    assert "secret-pass" not in str(err.value)
+    SshEgressProxy(options(sshd, credential=str(key), passphrase="secret-pass").checked())
+
+
+async def serve_proxy(proxy: SshEgressProxy, host: str = "git.test"):
+    """A loopback listener whose connections are served by ``proxy`` as guest flows to host:22."""
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+
+    async def serve(stream):
+        await proxy(FlowInfo(FlowProtocol.SSH, "192.168.127.3", 1, "198.19.0.1", 22, host), stream)
+
+    return listener, serve
+
+
+async def test_upstream_limits_and_idle_timeout(sshd, tmp_path):
+    import asyncssh
+
+    policy = lambda host, port, user, cmd: True  # noqa: E731
+    proxy = SshEgressProxy(options(sshd, exec_policy=policy, max_upstream_per_connection=1,
+                                   max_upstream_total=2, idle_timeout=3).checked())
+    listener, serve = await serve_proxy(proxy)
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+
+    def client():
+        return asyncssh.connect("127.0.0.1", port, username="git", known_hosts=None, client_keys=None,
+                                agent_path=None, config=None)
+
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, serve)
+        with anyio.fail_after(90):
+            async with client() as one, client() as two, client() as three:
+                first = await one.create_process("sleep 60")
+                await anyio.sleep(0.5)
+                second = await one.run("echo second", check=False)  # same connection: over the per-connection limit
+                assert second.exit_status == 1 and "too many concurrent commands" in second.stderr
+                other = await two.create_process("sleep 60")
+                await anyio.sleep(0.5)
+                third = await three.run("echo third", check=False)  # the VM-wide limit of 2
+                assert third.exit_status == 1 and "too many SSH upstream connections" in third.stderr
+                # Idle for idle_timeout: the proxy closes the guest connections and their upstreams.
+                await first.wait_closed()
+                await other.wait_closed()
+                assert first.exit_status is None or first.exit_status != 0
+        assert proxy.upstream_total == 0
+        tg.cancel_scope.cancel()
