@@ -71,6 +71,7 @@ MAX_EXECUTE_OUTPUT = 1024 * 1024  # bytes of combined output an execute() return
 # Files up to this size are read whole over the file channel and paged on the host; larger
 # ones are paged in the guest by the base class's script (only the page crosses the channel).
 HOST_PAGING_LIMIT = 4 * 1024 * 1024
+MAX_DOWNLOAD_BYTES = 256 * 1024 * 1024  # download_files returns bytes in memory: larger files are refused
 CLOSE_TIMEOUT_S = 30.0
 KILL_GRACE_S = 5.0
 
@@ -227,7 +228,11 @@ class GondolinSandbox(BaseSandbox):
                 if st.is_dir:
                     out.append(FileDownloadResponse(path=path, error=IS_DIRECTORY))
                     continue
-                out.append(FileDownloadResponse(path=path, content=await vm.fs.read_bytes(path)))
+                if st.size > MAX_DOWNLOAD_BYTES:
+                    out.append(FileDownloadResponse(path=path, error=f"file_too_large: over {MAX_DOWNLOAD_BYTES} bytes"))
+                    continue
+                content = await vm.fs.read_bytes(path, max_size=MAX_DOWNLOAD_BYTES)
+                out.append(FileDownloadResponse(path=path, content=content))
             except GondolinError as exc:
                 out.append(FileDownloadResponse(path=path, error=_fs_error(exc)))
         return out
@@ -320,22 +325,28 @@ class GondolinSandbox(BaseSandbox):
     def edit(self, file_path: str, old_string: str, new_string: str, replace_all: bool = False) -> EditResult:  # noqa: FBT001, FBT002
         if not old_string:
             return EditResult(error=EMPTY_OLD_STRING_ERROR)
-        return self.call(lambda vm: self._edit(vm, file_path, old_string, new_string, replace_all))
+        result = self.call(lambda vm: self._edit(vm, file_path, old_string, new_string, replace_all))
+        return result if result is not None else super().edit(file_path, old_string, new_string, replace_all)
 
     async def aedit(self, file_path: str, old_string: str, new_string: str,
                     replace_all: bool = False) -> EditResult:  # noqa: FBT001, FBT002
         if not old_string:
             return EditResult(error=EMPTY_OLD_STRING_ERROR)
-        return await self.acall(lambda vm: self._edit(vm, file_path, old_string, new_string, replace_all))
+        result = await self.acall(lambda vm: self._edit(vm, file_path, old_string, new_string, replace_all))
+        return result if result is not None else await super().aedit(file_path, old_string, new_string, replace_all)
 
-    async def _edit(self, vm: VM, file_path: str, old: str, new: str, replace_all: bool) -> EditResult:
+    async def _edit(self, vm: VM, file_path: str, old: str, new: str, replace_all: bool) -> EditResult | None:
+        """The edit on the host for files up to ``HOST_PAGING_LIMIT``; None hands larger ones
+        to the base class (which edits in the guest)."""
         if not _valid_path(file_path):
             return EditResult(error=f"Error editing file '{file_path}': {INVALID_PATH}")
         try:
             st = await vm.fs.stat(file_path)
             if not st.is_file:
                 return EditResult(error=f"Error: '{file_path}' is not a regular file")
-            raw = await vm.fs.read_bytes(file_path)
+            if st.size > HOST_PAGING_LIMIT:
+                return None
+            raw = await vm.fs.read_bytes(file_path, max_size=HOST_PAGING_LIMIT)
         except GuestFileError as exc:
             if exc.errno in (_errno.ENOENT, _errno.ENOTDIR):
                 return EditResult(error=f"Error: File '{file_path}' not found")
