@@ -92,17 +92,24 @@ class Message:
 
 
 class MessageReader:
-    """Frames vhost-user messages from stream bytes; fds are attached to the message they came with."""
+    """Frames vhost-user messages from stream bytes.
+
+    File descriptors belong to the message holding the last byte of the read they came with:
+    the frontend sends each message with one ``sendmsg``, and a unix stream socket ends a read
+    right after the data that carried ``SCM_RIGHTS`` (data before it may be glued on).
+    """
 
     def __init__(self) -> None:
         self._buf = bytearray()
-        self._fds: list[int] = []
+        self._consumed = 0  # stream offset of self._buf[0]
+        self._fds: list[tuple[int, list[int]]] = []  # (stream offset, fds)
 
     def feed(self, data: bytes, fds: Sequence[int] = ()) -> list[Message]:
+        if fds:
+            self._fds.append((self._consumed + len(self._buf) + max(len(data) - 1, 0), list(fds)))
+            if sum(len(f) for _, f in self._fds) > MAX_FDS:
+                raise VhostUserError(f"more than {MAX_FDS} file descriptors pending")
         self._buf += data
-        self._fds.extend(fds)
-        if len(self._fds) > MAX_FDS:
-            raise VhostUserError(f"more than {MAX_FDS} file descriptors sent with one message")
         out: list[Message] = []
         while len(self._buf) >= HEADER.size:
             request, flags, size = HEADER.unpack_from(self._buf)
@@ -113,14 +120,18 @@ class MessageReader:
             if len(self._buf) < HEADER.size + size:
                 break
             payload = bytes(self._buf[HEADER.size:HEADER.size + size])
+            start, end = self._consumed, self._consumed + HEADER.size + size
+            mine = [fd for offset, group in self._fds if start <= offset < end for fd in group]
+            self._fds = [(offset, group) for offset, group in self._fds if not start <= offset < end]
             del self._buf[:HEADER.size + size]
-            out.append(Message(request, flags, payload, self._fds))
-            self._fds = []
+            self._consumed = end
+            out.append(Message(request, flags, payload, mine))
         return out
 
     def take_fds(self) -> list[int]:
         """File descriptors received but not attached to a message (for the caller to close)."""
-        fds, self._fds = self._fds, []
+        fds = [fd for _, group in self._fds for fd in group]
+        self._fds = []
         return fds
 
 

@@ -161,3 +161,15 @@ def test_memory_table_mapping_is_shared_with_the_frontend() -> None:
         memory.close()
     finally:
         os.close(fd)
+
+
+def test_fds_attach_to_the_message_they_arrived_with() -> None:
+    reader = MessageReader()
+    first = encode(Request.SET_OWNER, reply=False)
+    second = encode(Request.SET_VRING_KICK, u64(0), reply=False)
+    out = reader.feed(first[:4]) + reader.feed(first[4:]) + reader.feed(second, [7])
+    assert [(m.request, m.fds) for m in out] == [(Request.SET_OWNER, []), (Request.SET_VRING_KICK, [7])]
+    # data without fds glued before the message that carried them, in one read
+    out = reader.feed(first + second, [8])
+    assert [(m.request, m.fds) for m in out] == [(Request.SET_OWNER, []), (Request.SET_VRING_KICK, [8])]
+    assert reader.take_fds() == []

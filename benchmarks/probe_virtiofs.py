@@ -1,0 +1,78 @@
+"""Experiment for the shared-memory file path (docs/filesystem.md, "Next: virtiofs"): one raw
+guest with two shares side by side — our vhost-user-fs device (gondolin.vhost.fs_device) over a
+RealFSProvider, and QEMU's virtio-9p over another host directory — running the same workloads
+as benchmarks/bench_vfs.py. Not part of `make bench` yet: the device is not wired into VMs.
+
+    .venv/bin/python -m benchmarks.probe_virtiofs [REPEATS]
+
+Prints one JSON line per share and repeat (seconds; lower is better).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import tempfile
+
+import anyio
+
+from gondolin.images import ensure_image
+from gondolin.vfs.port import VfsServer
+from gondolin.vfs.realfs import RealFSProvider
+from gondolin.vhost.fs_device import serve_virtiofs
+
+from ._raw import raw_guest
+from .bench_vfs import GUEST_SCRIPT, NINEP_OPTS
+
+MAKE_TAR = ("import io, os, tarfile\n"
+            "with tarfile.open('/tmp/small.tar', 'w') as t:\n"
+            "    for i in range(1000):\n"
+            "        ti = tarfile.TarInfo(f'd{i % 20}/f{i}'); ti.size = 512\n"
+            "        t.addfile(ti, io.BytesIO(os.urandom(512)))\n")
+
+
+def _stat_tree(root: str) -> None:
+    os.mkdir(f"{root}/stat")
+    for i in range(2000):
+        with open(f"{root}/stat/f{i}", "w") as f:
+            f.write("x")
+
+
+async def main(repeats: int) -> None:
+    image = ensure_image()
+    with tempfile.TemporaryDirectory() as vdir, tempfile.TemporaryDirectory() as pdir, \
+            tempfile.TemporaryDirectory() as sockdir:
+        for d in (vdir, pdir):
+            _stat_tree(d)
+        vfs = VfsServer({"/v": RealFSProvider(vdir)})
+        path = os.path.join(sockdir, "vfs.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(1)
+        extra = ["-object", "memory-backend-memfd,id=mem,size=512M,share=on", "-machine", "memory-backend=mem",
+                 "-chardev", f"socket,id=vfs,path={path}",
+                 "-device", "vhost-user-fs-pci,chardev=vfs,tag=gondolin,queue-size=1024",
+                 "-virtfs", f"local,path={pdir},mount_tag=p9,security_model=none,id=p9"]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(serve_virtiofs, listener, vfs)
+            async with raw_guest(image, accel="tcg", extra_args=extra) as guest:
+                setup = ("modprobe virtiofs && mkdir -p /tmp/vf /tmp/p9 && mount -t virtiofs gondolin /tmp/vf && "
+                         f"modprobe 9pnet_virtio && mount -t 9p -o {NINEP_OPTS} p9 /tmp/p9 && "
+                         f"cat > /tmp/s.py <<'EOF'\n{GUEST_SCRIPT}\nEOF\n"
+                         f"python3 -c \"$(cat <<'EOF'\n{MAKE_TAR}\nEOF\n)\"")
+                await guest.check(["bash", "-c", setup])
+                for rep in range(repeats):
+                    for name, root in (("virtiofs", "/tmp/vf/v"), ("9p", "/tmp/p9")):
+                        res = {}
+                        for what, args in (("write", ["0", "64"]), ("read", []), ("stat", []),
+                                           ("tar", [str(rep)])):
+                            out = await guest.check(["python3", "/tmp/s.py", what, root, *args], timeout=600)
+                            res[what] = json.loads(out)
+                        print(json.dumps({"share": name, "repeat": rep, **res}), flush=True)
+            tg.cancel_scope.cancel()
+
+
+if __name__ == "__main__":
+    anyio.run(main, int(sys.argv[1]) if len(sys.argv) > 1 else 2)
