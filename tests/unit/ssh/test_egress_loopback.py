@@ -4,6 +4,7 @@ and the proxy relays to a real sshd on 127.0.0.1 with a key only it holds."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 from pathlib import Path
@@ -49,6 +50,7 @@ class Harness:
         listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
         self.port = listener.extra(anyio.abc.SocketAttribute.local_port)
         env["GIT_SSH_COMMAND"] = self.ssh_command()
+        argv = [a.replace("{ssh}", self.ssh_command()) for a in argv]  # "{ssh}": the ssh command line
         flow_port = 22
 
         async def serve(stream: anyio.abc.ByteStream) -> None:
@@ -231,3 +233,37 @@ async def test_upstream_limits_and_idle_timeout(sshd, tmp_path):
                 assert first.exit_status is None or first.exit_status != 0
         assert proxy.upstream_total == 0
         tg.cancel_scope.cancel()
+
+
+async def test_ssh_agent_credential(sshd, tmp_path):
+    sock = tmp_path / "agent.sock"
+    agent = await anyio.open_process(["ssh-agent", "-D", "-a", str(sock)])
+    try:
+        for _ in range(400):  # ssh-agent -D creates its socket at once; up to 20 s on a busy machine
+            if sock.exists():
+                break
+            await anyio.sleep(0.05)
+        await anyio.run_process(["ssh-add", "-q", str(sshd.client_key)], env={**os.environ, "SSH_AUTH_SOCK": str(sock)})
+        h = Harness(sshd, tmp_path, options(sshd, credential=None, use_agent=str(sock)))
+        r = await h.run(["git", "ls-remote", repo_url(sshd).replace("git.test", "127.0.0.1")])
+        assert r.returncode == 0 and "refs/heads/main" in r.stdout, r.stderr
+    finally:
+        agent.kill()
+        await agent.wait()
+        await agent.aclose()
+
+
+async def test_bulk_stdin_and_stdout_with_eof_and_exit_status(sshd, tmp_path):
+    h = Harness(sshd, tmp_path, options(sshd, exec_policy=lambda host, port, user, cmd: True))
+    size = 8 * 1024 * 1024
+    payload = os.urandom(size)
+    (tmp_path / "payload").write_bytes(payload)
+
+    script = (f"{{ssh}} git@127.0.0.1 sha256sum < {tmp_path / 'payload'} && "
+              f"{{ssh}} git@127.0.0.1 'head -c {size} /dev/zero' | wc -c && "
+              "{ssh} git@127.0.0.1 'exit 42'; echo status=$?")
+    # One shell runs three ssh commands; each is its own guest connection to the proxy.
+    r = await h.run(["bash", "-c", script])
+    assert hashlib.sha256(payload).hexdigest() in r.stdout, r.stderr
+    assert f"\n{size}\n" in "\n" + r.stdout
+    assert r.stdout.strip().endswith("status=42"), r.stdout
