@@ -50,6 +50,7 @@ LOGIN_TIMEOUT = 60.0  # the guest's key exchange must finish by then (TCG guests
 COPY_CHUNK = 65536
 HIGH_WATER = 256 * 1024  # bytes queued on a channel before the other side stops being read
 EXIT_NO_UPSTREAM = 255  # ssh's own code for "connection failed"
+POLICY_TIMEOUT = 30.0  # seconds an exec_policy callback may take before the command is refused
 
 
 class SshProxyError(GondolinError):
@@ -194,7 +195,11 @@ class SshEgressProxy:
             raise _Refused(f"SSH to {host}:{port} is not allowed: it is not one of this VM's SSH allowed hosts "
                            "(ssh allowed_hosts / --ssh-allow-host)", 1, "host not allowed")
         try:
-            answer = await maybe_await(self.policy(host, port, user, command))
+            with anyio.fail_after(POLICY_TIMEOUT):
+                answer = await maybe_await(self.policy(host, port, user, command))
+        except TimeoutError:
+            raise _Refused(f"the VM's SSH policy did not decide within {POLICY_TIMEOUT:g} s", 1,
+                           "exec_policy timed out", Decision.ERROR) from None
         except Exception as exc:  # a broken policy denies, it never allows
             log.exception("ssh exec_policy raised")
             raise _Refused(f"the VM's SSH policy failed on this command ({type(exc).__name__})", 1,
@@ -461,8 +466,9 @@ def _make_session(server: Any) -> Any:
                 counted = True
                 conn = await proxy.connect_upstream(flow, server.user)
                 try:
-                    self.upstream = await conn.create_process(command, encoding=None)
-                except Exception as exc:  # noqa: BLE001 - asyncssh.Error, OSError
+                    with anyio.fail_after(proxy.options.connect_timeout):
+                        self.upstream = await conn.create_process(command, encoding=None)
+                except Exception as exc:  # noqa: BLE001 - asyncssh.Error, OSError, TimeoutError
                     raise _Refused(f"the server refused the command: {exc}", EXIT_NO_UPSTREAM,
                                    "upstream refused the channel", Decision.ERROR) from None
                 for data, datatype in self.pending:
