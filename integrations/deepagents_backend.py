@@ -114,12 +114,17 @@ class GondolinSandbox(BaseSandbox):
         self.max_output_bytes = max_output_bytes
         self._stack = contextlib.ExitStack()
         portal: BlockingPortal = self._stack.enter_context(start_blocking_portal())
+        vm: VM | None = None
         try:
             vm = portal.call(lambda: VM.create(options, **changes))
             if cwd is not None:
                 portal.call(lambda: vm.fs.mkdir(cwd, parents=True, exist_ok=True))
         except BaseException:
-            self._stack.close()
+            try:
+                if vm is not None:
+                    portal.call(vm.discard)
+            finally:
+                self._stack.close()
             raise
         self._portal = portal
         self._vm = vm
