@@ -357,7 +357,8 @@ def _make_session(server: Any) -> Any:
             self.upstream: Any = None  # the SSHClientProcess once running
             self.guest_writable = asyncio.Event()
             self.guest_writable.set()
-            self.pending: list[tuple[bytes | None, int | None]] = []  # guest input before upstream is up
+            self.pending: list[tuple[bytes, int | None]] = []  # guest input before upstream is up
+            self.pending_bytes = 0
             self.eof = False
             self.draining = False
 
@@ -391,7 +392,8 @@ def _make_session(server: Any) -> Any:
         def data_received(self, data: bytes, datatype: int | None) -> None:
             if self.upstream is None:
                 self.pending.append((data, datatype))
-                if sum(len(d or b"") for d, _ in self.pending) > HIGH_WATER:
+                self.pending_bytes += len(data)
+                if self.pending_bytes > HIGH_WATER:
                     self.chan.pause_reading()
                 return
             if datatype is None:
@@ -475,6 +477,7 @@ def _make_session(server: Any) -> Any:
                     if datatype is None and data:
                         self.upstream.stdin.write(data)
                 self.pending.clear()
+                self.pending_bytes = 0
                 self.chan.resume_reading()
                 if self.eof:
                     self.upstream.stdin.write_eof()
