@@ -21,7 +21,7 @@ from anyio.abc import ByteStream, SocketAttribute, SocketListener, SocketStream
 
 from ._log import get_logger
 from .channel import ControlLink, Inbox
-from .errors import GondolinError, GuestConnectionError
+from .errors import GondolinError, GuestConnectionError, ProtocolError
 from .protocol import DATA_CHUNK, Message, T
 
 log = get_logger("streams")
@@ -207,7 +207,11 @@ async def open_stream(link: ControlLink, port: int, host: str = "127.0.0.1", *,
         else:
             text = f"the guest could not connect to {host} port {port}: {text}"
         raise GuestConnectionError(text, code=code)
-    inbox.add_credit(max(0, int(msg.p.get("window") or 0)))
+    granted = msg.p.get("window")
+    if not isinstance(granted, int) or isinstance(granted, bool) or granted < 0:
+        await GuestStream(link, inbox, host, port, window).aclose()
+        raise ProtocolError(f"the guest answered the connection to port {port} with a bad window {granted!r:.40}")
+    inbox.add_credit(granted)
     return GuestStream(link, inbox, host, port, window)
 
 
