@@ -15,6 +15,8 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import sniffio
+
 from ..http.policy import HostPattern, normalize_host, parse_ip
 
 DEFAULT_PORT = 22
@@ -255,6 +257,13 @@ class SshProxyOptions:
 
     def checked(self, *, dns: str = "synthetic") -> SshProxyOptions:
         """Validate (``ValueError`` saying what to change); returns self."""
+        try:
+            backend = sniffio.current_async_library()
+        except sniffio.AsyncLibraryNotFoundError:
+            backend = "asyncio"  # checked outside an event loop (the CLI): the VM's loop decides later
+        if backend != "asyncio":
+            raise ValueError(f"SSH egress (asyncssh) runs on asyncio only, not {backend}: start this VM from "
+                             "an asyncio event loop, or leave out the ssh option")
         if isinstance(self.allowed_hosts, str):
             raise ValueError("ssh allowed_hosts must be a list of 'HOST[:PORT]', not one string")
         rules = self.rules()

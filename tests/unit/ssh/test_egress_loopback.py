@@ -178,8 +178,10 @@ async def test_host_key_verifier_callback(sshd, tmp_path):
 
 @pytest.mark.parametrize("anyio_backend", ["trio"])
 async def test_trio_is_refused_at_start(sshd, anyio_backend):
+    with pytest.raises(ValueError, match="asyncio only"):
+        options(sshd).checked()  # VMOptions.checked() says so before any VM starts
     with pytest.raises(SshProxyError, match="asyncio only"):
-        SshEgressProxy(options(sshd).checked())
+        SshEgressProxy(options(sshd))
     assert issubclass(SshProxyError, gondolin.GondolinError)
 
 
