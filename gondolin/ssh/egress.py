@@ -13,7 +13,7 @@ Shells, subsystems (sftp), port forwarding and agent forwarding are refused with
 the guest's stderr. Every decision is an audit event in the VM's network event log (scheme
 ``"ssh"``, method the git service or ``"exec"``, path a summary of the command).
 
-asyncssh runs on asyncio only: under trio the proxy refuses each flow with an error event.
+asyncssh runs on asyncio only: under trio the options check and the proxy refuse to start (SshProxyError).
 """
 
 from __future__ import annotations
