@@ -25,15 +25,19 @@ workspace instead (portable between backends; the VM starts fresh on resume).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
 import re
 import shlex
 import tempfile
+import time
 import uuid
 import weakref
+from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -56,13 +60,22 @@ from agents.sandbox.session import (
     SandboxSession,
     SandboxSessionState,
 )
+from agents.sandbox.session.pty_output import collect_pty_output
+from agents.sandbox.session.pty_types import (
+    PTY_PROCESSES_MAX,
+    PtyExecUpdate,
+    allocate_pty_process_id,
+    clamp_pty_yield_time_ms,
+    process_id_to_prune_from_meta,
+    resolve_pty_write_yield_time_ms,
+)
 from agents.sandbox.session.tar_workspace import shell_tar_exclude_args
 from agents.sandbox.snapshot import SnapshotBase, SnapshotSpec, resolve_snapshot
 from agents.sandbox.types import ExecResult, User
 from agents.sandbox.util.tar_utils import UnsafeTarMemberError, validate_tarfile
 from agents.sandbox.workspace_paths import sandbox_path_str
 
-from gondolin import VM, Checkpoint, GondolinError, GuestFileError, VMOptions
+from gondolin import VM, Checkpoint, ExecProcess, GondolinError, GuestFileError, VMOptions
 from gondolin.machine.checkpoint import default_dir
 
 Persistence = Literal["checkpoint", "tar"]
@@ -73,6 +86,68 @@ MAX_EXEC_OUTPUT = 16 * 1024 * 1024  # bytes kept per stream of one command; the 
 SPOOL_BYTES = 8 * 1024 * 1024  # file contents larger than this are spooled to a host temp file
 CHUNK = 1024 * 1024
 KILL_GRACE_S = 5.0
+MAX_UNREAD_OUTPUT = 4 * 1024 * 1024  # unread bytes kept per interactive process; the oldest are dropped
+
+
+class _OutputQueue(deque[bytes]):
+    """The SDK's PTY output queue, counting its bytes so the oldest can be dropped past a cap."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.size = 0
+
+    def append(self, chunk: bytes) -> None:
+        super().append(chunk)
+        self.size += len(chunk)
+        while self.size > MAX_UNREAD_OUTPUT and len(self) > 1:
+            self.size -= len(super().popleft())
+
+    def appendleft(self, chunk: bytes) -> None:
+        super().appendleft(chunk)
+        self.size += len(chunk)
+
+    def popleft(self) -> bytes:
+        chunk = super().popleft()
+        self.size -= len(chunk)
+        return chunk
+
+
+@dataclass(eq=False)
+class _Interactive:
+    """A command started by ``exec_command`` that may outlive the tool call."""
+
+    proc: ExecProcess
+    tty: bool
+    chunks: _OutputQueue = field(default_factory=_OutputQueue)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    notify: asyncio.Event = field(default_factory=asyncio.Event)
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+    exit_code: int | None = None
+    last_used: float = field(default_factory=time.monotonic)
+    pump: asyncio.Task[None] | None = None
+
+    async def run_pump(self) -> None:
+        try:
+            async for chunk in self.proc:
+                async with self.lock:
+                    self.chunks.append(chunk.data)
+                self.notify.set()
+            self.exit_code = (await self.proc.wait()).exit_code
+        except GondolinError:
+            self.exit_code = -1  # the VM went away under the command
+        finally:
+            self.closed.set()
+            self.notify.set()
+
+    async def terminate(self) -> None:
+        if not self.closed.is_set():
+            with anyio.CancelScope(shield=True), anyio.move_on_after(KILL_GRACE_S), \
+                    contextlib.suppress(GondolinError):
+                await self.proc.kill()
+        if self.pump is not None and not self.pump.done():
+            self.pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.pump
 
 
 class GondolinSandboxClientOptions(BaseSandboxClientOptions):
@@ -109,6 +184,7 @@ class GondolinSandboxSession(BaseSandboxSession):
         self._checkpoint_dir = checkpoint_dir
         self._vm: VM | None = None
         self._resumed_from: Path | None = None  # the checkpoint this start resumed the VM from
+        self._interactive: dict[int, _Interactive] = {}
 
     # -- the VM ------------------------------------------------------------------------------
     @property
@@ -148,6 +224,7 @@ class GondolinSandboxSession(BaseSandboxSession):
         self.state.vm_id = self._vm.id
 
     async def _close_vm(self) -> None:
+        await self.pty_terminate_all()
         vm, self._vm = self._vm, None
         if vm is not None:
             with anyio.CancelScope(shield=True):
@@ -189,6 +266,71 @@ class GondolinSandboxSession(BaseSandboxSession):
         if timed_out:
             raise ExecTimeoutError(command=argv, timeout_s=timeout)
         return ExecResult(stdout=out, stderr=err, exit_code=exit_code)
+
+    # -- interactive commands (the SDK's unified exec: exec_command / write_stdin) -------------
+    def supports_pty(self) -> bool:
+        return True
+
+    async def pty_exec_start(self, *command: str | Path, timeout: float | None = None,
+                             shell: bool | list[str] = True, user: str | User | None = None, tty: bool = False,
+                             yield_time_s: float | None = None, max_output_tokens: int | None = None) -> PtyExecUpdate:
+        vm = self._require_vm()
+        argv = self._prepare_exec_command(*command, shell=shell, user=user)
+        env = await self.state.manifest.environment.resolve()
+        try:
+            proc = await vm.start(argv, cwd=self._root(), env=env or None, pty=tty, stdin=True if tty else None,
+                                  timeout=timeout)
+        except GondolinError as exc:
+            raise ExecTransportError(command=argv, cause=exc, message=f"exec failed: {exc}") from exc
+        entry = _Interactive(proc=proc, tty=tty)
+        entry.pump = asyncio.get_running_loop().create_task(entry.run_pump())
+        process_id = allocate_pty_process_id(set(self._interactive))
+        pruned = self._prune_interactive()
+        self._interactive[process_id] = entry
+        if pruned is not None:
+            await pruned.terminate()
+        wait_ms = 10_000 if yield_time_s is None else int(yield_time_s * 1000)
+        return await self._collect(process_id, entry, clamp_pty_yield_time_ms(wait_ms), max_output_tokens)
+
+    async def pty_write_stdin(self, *, session_id: int, chars: str, yield_time_s: float | None = None,
+                              max_output_tokens: int | None = None) -> PtyExecUpdate:
+        entry = self._resolve_pty_session_entry(pty_processes=self._interactive, session_id=session_id)
+        if chars:
+            if not entry.tty:
+                raise RuntimeError("stdin is not available for this process (start it with tty=true)")
+            with contextlib.suppress(GondolinError):  # it may have just exited: its output says so
+                await entry.proc.write(chars.encode("utf-8"))
+            await asyncio.sleep(0.1)
+        wait_ms = 250 if yield_time_s is None else int(yield_time_s * 1000)
+        wait_ms = resolve_pty_write_yield_time_ms(yield_time_ms=wait_ms, input_empty=chars == "")
+        entry.last_used = time.monotonic()
+        return await self._collect(session_id, entry, wait_ms, max_output_tokens)
+
+    async def _collect(self, process_id: int, entry: _Interactive, wait_ms: int,
+                       max_output_tokens: int | None) -> PtyExecUpdate:
+        output, token_count, closed = await collect_pty_output(
+            output_chunks=entry.chunks, output_lock=entry.lock, output_notify=entry.notify,
+            is_done=entry.closed.is_set, yield_time_ms=wait_ms, max_output_tokens=max_output_tokens)
+        if not closed:
+            return PtyExecUpdate(process_id=process_id, output=output, exit_code=None,
+                                 original_token_count=token_count)
+        if self._interactive.pop(process_id, None) is not None:
+            await entry.terminate()
+        return PtyExecUpdate(process_id=None, output=output, exit_code=entry.exit_code,
+                             original_token_count=token_count)
+
+    def _prune_interactive(self) -> _Interactive | None:
+        if len(self._interactive) < PTY_PROCESSES_MAX:
+            return None
+        meta = [(pid, e.last_used, e.closed.is_set()) for pid, e in self._interactive.items()]
+        victim = process_id_to_prune_from_meta(meta)
+        return self._interactive.pop(victim, None) if victim is not None else None
+
+    async def pty_terminate_all(self) -> None:
+        entries = list(self._interactive.values())
+        self._interactive.clear()
+        for entry in entries:
+            await entry.terminate()
 
     # -- files -------------------------------------------------------------------------------
     async def read(self, path: Path, *, user: str | User | None = None) -> io.IOBase:

@@ -1,12 +1,13 @@
 """The OpenAI Agents SDK sandbox client on real VMs: a ``SandboxAgent`` driven by a scripted
 ``Model`` runs its shell tool in a VM that has the client's secrets (placeholders) and egress
 policy; the session's serialized state resumes in a second run from the checkpoint
-its first run persisted (files and a background process survive); the session API (read,
-write, exec, timeouts, users, errors); tar persistence. Three VM boots and one resume."""
+its first run persisted (files and a background process survive); commands that outlive a
+tool call (polled with write_stdin) and terminal input; the session API (read, write, exec,
+timeouts, users, errors); tar persistence. Three VM boots and one resume."""
 
 import io
 import json
-import uuid
+import re
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,6 @@ from agents.run import RunConfig  # noqa: E402
 from agents.sandbox import LocalSnapshotSpec, Manifest, SandboxAgent, SandboxRunConfig  # noqa: E402
 from agents.sandbox.errors import (  # noqa: E402
     ExecTimeoutError,
-    WorkspaceArchiveWriteError,
     WorkspaceReadNotFoundError,
 )
 from agents.usage import Usage  # noqa: E402
@@ -33,7 +33,6 @@ from openai.types.responses import (  # noqa: E402
 from gondolin import VMOptions  # noqa: E402
 from gondolin.http import Secret, create_http_hooks  # noqa: E402
 from integrations.openai_agents_sandbox import (  # noqa: E402
-    REF_MAGIC,
     GondolinSandboxClient,
     GondolinSandboxClientOptions,
     GondolinSandboxSessionState,
@@ -57,16 +56,29 @@ class ScriptedModel(Model):
                            tracing, *, previous_response_id=None, conversation_id=None, prompt=None):
         self.inputs.append(input)
         self.tools = [t.name for t in tools]
-        return ModelResponse(output=self.turns.pop(0), usage=Usage(), response_id=None)
+        turn = self.turns.pop(0)
+        return ModelResponse(output=turn(input) if callable(turn) else turn, usage=Usage(), response_id=None)
 
     def stream_response(self, *args, **kwargs):
         raise NotImplementedError("the scripted model does not stream")
 
 
-def shell(cmd, n):
-    return [ResponseFunctionToolCall(type="function_call", call_id=f"call_{n}", name="exec_command",
-                                     arguments=json.dumps({"cmd": cmd, "yield_time_ms": 60_000}), id=f"fc_{n}",
-                                     status="completed")]
+def tool(name, args, n):
+    return [ResponseFunctionToolCall(type="function_call", call_id=f"call_{n}", name=name,
+                                     arguments=json.dumps(args), id=f"fc_{n}", status="completed")]
+
+
+def shell(cmd, n, **args):
+    return tool("exec_command", {"cmd": cmd, "yield_time_ms": 30_000, **args}, n)
+
+
+def write_stdin(chars, n):
+    """A turn that answers the session id the previous tool output named."""
+    def turn(input):
+        last = [i for i in input if isinstance(i, dict) and i.get("type") == "function_call_output"][-1]
+        session_id = int(re.search(r"session ID (\d+)", str(last["output"])).group(1))
+        return tool("write_stdin", {"session_id": session_id, "chars": chars, "yield_time_ms": 10_000}, n)
+    return turn
 
 
 def say(text):
@@ -118,13 +130,21 @@ async def test_sandbox_agent_runs_in_vm_and_resumes_from_serialized_state(env):
             shell("printenv API_TOKEN; curl -s -o /dev/null -w 'egress %{http_code}\\n' http://example.com/", 2),
             shell("setsid sh -c 'echo $$ > bg.pid; exec sleep 10000' >/dev/null 2>&1 < /dev/null & sleep 1; "
                   "cat bg.pid", 3),
+            shell("sleep 3; echo late", 4, yield_time_ms=250),  # outlives the call: polled below
+            write_stdin("", 5),
+            shell("read line; echo got:$line", 6, tty=True, yield_time_ms=250),  # a terminal, fed below
+            write_stdin("abc\n", 7),
             say("6 * 7 = 42"),
         ])
         agent = SandboxAgent(name="coder", instructions="Work in the sandbox.", model=model)
         result = await Runner.run(agent, "compute 6*7", run_config=RunConfig(sandbox=SandboxRunConfig(session=session)))
         assert result.final_output == "6 * 7 = 42"
         assert {"exec_command", "apply_patch", "view_image"} <= set(model.tools)
-        first, second, third = tool_outputs(result)
+        first, second, third, started, polled, prompt, answered = tool_outputs(result)
+        assert "Process running with session ID" in started and "late" not in started
+        assert "late" in polled and "Process exited with code 0" in polled
+        assert "Process running with session ID" in prompt
+        assert "got:abc" in answered and "Process exited with code 0" in answered
         assert "Process exited with code 0" in first and "42\n/workspace" in first
         assert "GONDOLIN_SECRET_" in second and TOKEN not in second  # the guest sees a placeholder
         assert "egress 403" in second  # example.com is not an allowed host
@@ -164,12 +184,3 @@ async def test_tar_persistence_restores_files_into_a_fresh_vm(env):
         assert resumed.state.vm_id != first_vm  # a new VM, hydrated from the tar
         assert (await resumed.exec("cat link")).stdout == b"kept\n"
     await client.delete(resumed)
-
-
-async def test_forged_checkpoint_reference_is_refused(env):
-    client = env["client"]
-    session = await client.create(manifest=Manifest(), snapshot=None)  # never started: no VM
-    for name in ["../../etc/passwd", "/tmp/x.ckpt", f"openai-agents-{uuid.uuid4().hex}.ckpt/../x"]:
-        with pytest.raises(WorkspaceArchiveWriteError):
-            await session.hydrate_workspace(io.BytesIO(REF_MAGIC + json.dumps({"checkpoint": name}).encode()))
-    await client.delete(session)
