@@ -105,3 +105,23 @@ async def test_warm_restore_and_checkpoint_resume_get_their_own_keys(access, tmp
         with anyio.fail_after(120):
             r = await anyio.run_process([*stale[:-1], *BATCH, stale[-1], "true"], check=False)
         assert r.returncode == 255 and b"Permission denied" in r.stderr
+
+
+def test_the_sync_facade_forwards_and_enables_ssh():
+    import socket
+    import subprocess
+
+    from gondolin.sync import VM as SyncVM
+
+    with SyncVM.create() as vm:
+        vm.exec("nohup python3 -c \"import socket\ns=socket.create_server(('127.0.0.1',7300))\n"
+                "c,_=s.accept();c.sendall(b'sync hello');c.close()\" >/dev/null 2>&1 &")
+        access = vm.enable_ssh()  # sshd's own start gives the server above time to listen
+        fwd = vm.forward_tcp(7300)
+        with socket.create_connection((fwd.host, fwd.port), timeout=60) as client:
+            assert client.recv(100) == b"sync hello"
+        fwd.close()
+        r = subprocess.run([*access.command[:-1], *BATCH, access.command[-1], "echo over ssh"],
+                           capture_output=True, stdin=subprocess.DEVNULL, timeout=120)
+        assert r.returncode == 0 and r.stdout == b"over ssh\n", r.stderr
+    assert not access.key_path.exists()
