@@ -9,11 +9,12 @@ printed to stderr at start) unless ``--no-auth``, which only a loopback address 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import anyio
@@ -25,6 +26,7 @@ from integrations.config import ConfigError, OperatorConfig, load_config
 from .http import TOKEN_ENV, check_binding, resolve_token
 
 ENV_CONFIG = "GONDOLIN_MCP_CONFIG"
+HTTP_SHUTDOWN_S = 3  # after a signal, how long open HTTP streams may take to finish
 log = logging.getLogger("gondolin.mcp")
 
 
@@ -146,6 +148,7 @@ async def serve(config: OperatorConfig, tools: list[str] | None, args: argparse.
         backend = RayBackend(connect(args.ray_address))
     async with SandboxManager(config, backend=backend) as manager:  # type: ignore[arg-type]
         server = build_server(manager=manager, tools=tools)
+        http = None if args.transport == "stdio" else http_server(server, manager, args, token)
         async with anyio.create_task_group() as tg:
             async def on_signal() -> None:
                 with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP, signal.SIGINT) as signals:
@@ -157,28 +160,40 @@ async def serve(config: OperatorConfig, tools: list[str] | None, args: argparse.
                             # the client keeps the pipe open; the sandboxes are closed, so leave now.
                             sys.stderr.flush()
                             os._exit(128 + signum)
-                        tg.cancel_scope.cancel()
+                        if http is not None:
+                            http.gate.close_streams()
+                            http.should_exit = True  # stop accepting, let open requests end, then stop
+                        else:
+                            tg.cancel_scope.cancel()
                         return
 
             tg.start_soon(on_signal)
-            if args.transport == "stdio":
+            if http is None:
                 await server.run_stdio_async()
             else:
-                await serve_http(server, manager, args, token)
+                async with http.gate.running():
+                    await http.serve()
             tg.cancel_scope.cancel()
 
 
-async def serve_http(server: Any, manager: Any, args: argparse.Namespace, token: str | None) -> None:
-    """Streamable HTTP behind :class:`~mcp_server.http.HttpGate` (token, session ends)."""
+def http_server(server: Any, manager: Any, args: argparse.Namespace, token: str | None) -> Any:
+    """A uvicorn server for streamable HTTP behind :class:`~mcp_server.http.HttpGate` (token,
+    session ends). Signals stay with :func:`serve`, which closes the sandboxes first."""
     import uvicorn
 
     from .http import http_app
 
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
     gate = http_app(server, manager, token=token, stateless=args.stateless, host=args.host)
     config = uvicorn.Config(gate, host=args.host, port=args.port, log_level=args.log_level.lower(),
-                            lifespan="on")
-    async with gate.running():
-        await uvicorn.Server(config).serve()
+                            lifespan="on", timeout_graceful_shutdown=HTTP_SHUTDOWN_S)
+    http = Server(config)
+    http.gate = gate  # type: ignore[attr-defined]
+    return http
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str = "gondolin-mcp") -> None:

@@ -124,6 +124,7 @@ class HttpGate:
     _sessions: dict[str, _Session] = field(default_factory=dict)
     _ended: OrderedDict[str, None] = field(default_factory=OrderedDict)
     _tg: TaskGroup | None = None
+    _closing: anyio.Event = field(default_factory=anyio.Event)
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[HttpGate]:
@@ -134,6 +135,29 @@ class HttpGate:
             finally:
                 self._tg = None
                 tg.cancel_scope.cancel()
+
+    def close_streams(self) -> None:
+        """End every open request as if its client had disconnected (at shutdown: the SSE streams
+        clients hold open would otherwise keep the server waiting)."""
+        self._closing.set()
+
+    async def _receive_until_closing(self, receive: Receive) -> Message:
+        if self._closing.is_set():
+            return {"type": "http.disconnect"}
+        message: Message = {"type": "http.disconnect"}
+        async with anyio.create_task_group() as tg:
+            async def read() -> None:
+                nonlocal message
+                message = await receive()
+                tg.cancel_scope.cancel()
+
+            async def closing() -> None:
+                await self._closing.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(read)
+            tg.start_soon(closing)
+        return message
 
     @property
     def sessions(self) -> list[str]:
@@ -150,6 +174,23 @@ class HttpGate:
         if scope["type"] != "http":  # lifespan
             await self.app(scope, receive, send)
             return
+        state = {"started": False, "complete": False}
+
+        async def until_closing() -> Message:
+            return await self._receive_until_closing(receive)
+
+        async def tracking(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                state["started"] = True
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                state["complete"] = True
+            await send(message)
+
+        await self._handle(scope, until_closing, tracking)
+        if self._closing.is_set() and state["started"] and not state["complete"]:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})  # a stream cut at shutdown
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = {k.lower(): v for k, v in scope.get("headers", [])}
         if not self._authorized(headers):
             log.warning("refused an HTTP request without a valid bearer token from %s", scope.get("client"))
