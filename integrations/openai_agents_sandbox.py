@@ -185,6 +185,8 @@ class GondolinSandboxSession(BaseSandboxSession):
         self._vm: VM | None = None
         self._resumed_from: Path | None = None  # the checkpoint this start resumed the VM from
         self._interactive: dict[int, _Interactive] = {}
+        self._reattached = False  # started with the VM of a live session of the same id
+        self._handed_over = False  # gave its VM to such a session
 
     # -- the VM ------------------------------------------------------------------------------
     @property
@@ -198,7 +200,9 @@ class GondolinSandboxSession(BaseSandboxSession):
 
     def _require_vm(self) -> VM:
         if self._vm is None:
-            raise ExecTransportError(command=("<vm>",), message="the sandbox session has no running VM: start it first",
+            why = ("its VM was taken over by a resumed session of the same id" if self._handed_over
+                   else "start it first")
+            raise ExecTransportError(command=("<vm>",), message=f"the sandbox session has no running VM: {why}",
                                      retryable=False)
         return self._vm
 
@@ -214,6 +218,22 @@ class GondolinSandboxSession(BaseSandboxSession):
             self._vm = await VM.create(self._options())
             self.state.vm_id = self._vm.id
         await self._vm_mkdir_root()
+
+    def hand_over_to(self, other: GondolinSandboxSession) -> None:
+        """Give this session's running VM to ``other`` (a resume of the same session in this
+        process); this session is left without one."""
+        vm, self._vm = self._vm, None
+        if vm is None or not vm.running or vm.id != other.state.vm_id:
+            self._vm = vm
+            return
+        other._vm = vm
+        other._set_start_state_preserved(True)
+        other._reattached = True
+        self._handed_over = True
+
+    async def _can_skip_snapshot_restore_on_resume(self, *, is_running: bool) -> bool:
+        # A VM taken over from the live session is newer than any snapshot of it.
+        return is_running and self._reattached
 
     async def _vm_mkdir_root(self) -> None:
         await self._require_vm().fs.mkdir(self._root(), parents=True, exist_ok=True)
@@ -550,8 +570,11 @@ class GondolinSandboxClient(BaseSandboxClient[GondolinSandboxClientOptions | Non
             raise TypeError("GondolinSandboxClient.resume expects a GondolinSandboxSessionState "
                             "(from GondolinSandboxClient.deserialize_session_state)")
         state.assert_path_grants_rebound()
-        return self._wrap(GondolinSandboxSession(state=state, vm_options=self._vm_options,
-                                                 checkpoint_dir=self._checkpoint_dir))
+        session = GondolinSandboxSession(state=state, vm_options=self._vm_options, checkpoint_dir=self._checkpoint_dir)
+        live = self._sessions.get(state.session_id)
+        if live is not None and live is not session:
+            live.hand_over_to(session)  # its VM still runs in this process: the resumed session takes it over
+        return self._wrap(session)
 
     async def delete(self, session: SandboxSession) -> SandboxSession:
         """Close the session's VM if it still runs (its checkpoint, if any, stays for resume)."""

@@ -169,17 +169,24 @@ async def test_sandbox_agent_runs_in_vm_and_resumes_from_serialized_state(env):
     assert result.final_output == "resumed"
 
 
-async def test_tar_persistence_restores_files_into_a_fresh_vm(env):
+async def test_resume_takes_over_a_live_vm_and_tar_persistence_restores_into_a_fresh_one(env):
     client, snapshots = env["client"], env["snapshots"]
     session = await client.create(manifest=Manifest(), snapshot=LocalSnapshotSpec(base_path=snapshots),
                                   options=GondolinSandboxClientOptions(workspace_persistence="tar"))
-    async with session:
-        await session.exec("mkdir -p src && echo 'kept' > src/note.txt && ln -s src/note.txt link")
-        first_vm = session.state.vm_id
-    await client.delete(session)
-    assert (snapshots / f"{session.state.snapshot.id}.tar").is_file()
+    await session.start()
+    await session.exec("mkdir -p src && echo 'kept' > src/note.txt && ln -s src/note.txt link")
+    first_vm = session.state.vm_id
 
-    resumed = await client.resume(client.deserialize_session_state(client.serialize_session_state(session.state)))
+    # Resumed while its VM still runs in this process: the resumed session takes that VM over.
+    taken = await client.resume(client.deserialize_session_state(client.serialize_session_state(session.state)))
+    async with taken:  # stopping it persists a tar of the workspace
+        assert taken.state.vm_id == first_vm
+        assert (await taken.exec("cat link")).stdout == b"kept\n"
+        assert not await session.running()
+    await client.delete(taken)
+    assert (snapshots / f"{taken.state.snapshot.id}.tar").is_file()
+
+    resumed = await client.resume(client.deserialize_session_state(client.serialize_session_state(taken.state)))
     async with resumed:
         assert resumed.state.vm_id != first_vm  # a new VM, hydrated from the tar
         assert (await resumed.exec("cat link")).stdout == b"kept\n"
