@@ -215,9 +215,15 @@ def test_a_generated_token_is_printed_once_and_required():
             while True:
                 try:
                     async with client(url, token=token) as c:
-                        return await c.call_tool("sandbox_list", {})
+                        listed = await c.call_tool("sandbox_list", {})
+                        # SIGTERM while a client holds its GET stream open: the server still stops.
+                        proc.send_signal(signal.SIGTERM)
+                        with anyio.fail_after(30):
+                            while proc.poll() is None:  # noqa: ASYNC110 - polling another process
+                                await anyio.sleep(0.1)
+                        return listed
                 except Exception:
-                    if time.monotonic() > deadline:
+                    if time.monotonic() > deadline or proc.poll() is not None:
                         raise
                     await anyio.sleep(0.3)
 
