@@ -10,7 +10,8 @@
 
 Adapters generated from the same registry: :mod:`integrations.openai_tools`,
 :mod:`integrations.anthropic_tools`, :mod:`integrations.langchain_tools` and the MCP server in
-:mod:`mcp_server`.
+:mod:`mcp_server`. Sandbox backends for agent frameworks (optional extras, imported only by
+name): :mod:`integrations.deepagents_backend` and :mod:`integrations.openai_agents_sandbox`.
 """
 
 from .config import ConfigError, MountRoot, NetworkProfile, OperatorConfig, SecretSpec, load_config

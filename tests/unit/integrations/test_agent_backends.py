@@ -26,6 +26,7 @@ from deepagents.backends.sandbox import MAX_OUTPUT_BYTES, TRUNCATION_MSG, BaseSa
 
 from integrations.deepagents_backend import page_text, replace_text  # noqa: E402
 from integrations.openai_agents_sandbox import (  # noqa: E402
+    MAX_UNREAD_OUTPUT,
     REF_MAGIC,
     GondolinSandboxClient,
     GondolinSandboxClientOptions,
@@ -138,3 +139,16 @@ async def test_checkpoint_reference_names_only_own_files(tmp_path):
     with pytest.raises(WorkspaceArchiveWriteError):
         await session.hydrate_workspace(io.BytesIO(REF_MAGIC + b"not json"))
     await client.delete(session)
+
+
+def test_unread_output_of_an_interactive_command_is_capped():
+    from integrations.openai_agents_sandbox import _OutputQueue
+
+    queue = _OutputQueue()
+    for i in range(100):
+        queue.append(bytes([i % 256]) * (256 * 1024))  # 25 MiB in all
+    assert queue.size == sum(map(len, queue)) <= MAX_UNREAD_OUTPUT
+    assert queue[-1][0] == 99  # the newest output is kept
+    first = queue.popleft()
+    queue.appendleft(first[:10])
+    assert queue.size == sum(map(len, queue))
