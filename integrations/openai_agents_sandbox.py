@@ -75,7 +75,15 @@ from agents.sandbox.types import ExecResult, User
 from agents.sandbox.util.tar_utils import UnsafeTarMemberError, validate_tarfile
 from agents.sandbox.workspace_paths import sandbox_path_str
 
-from gondolin import VM, Checkpoint, ExecProcess, GondolinError, GuestFileError, VMOptions
+from gondolin import (
+    VM,
+    Checkpoint,
+    ExecProcess,
+    ExecTimeout,
+    GondolinError,
+    GuestFileError,
+    VMOptions,
+)
 from gondolin.machine.checkpoint import default_dir
 
 Persistence = Literal["checkpoint", "tar"]
@@ -281,6 +289,8 @@ class GondolinSandboxSession(BaseSandboxSession):
         env = await self.state.manifest.environment.resolve()
         try:
             exit_code, timed_out, out, err = await run_bounded(vm, argv, cwd=self._root(), env=env, timeout=timeout)
+        except ExecTimeout as exc:  # the guest did not even report the kill in time
+            raise ExecTimeoutError(command=argv, timeout_s=timeout, cause=exc) from exc
         except GondolinError as exc:
             raise ExecTransportError(command=argv, cause=exc, message=f"exec failed: {exc}") from exc
         if timed_out:
