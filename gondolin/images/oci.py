@@ -10,8 +10,9 @@ attributes are not kept.
 
 Gondolin's customisation (the ``agent`` user, ``/workspace``, kernel modules) is then applied
 to the unpacked tree, and the default image's kernel and initramfs (with the guest agent) are
-added. The guest agent runs on the image's own ``python3``: an image without one is refused
-with a message saying so. The image config's ``Env``, ``WorkingDir`` and ``User`` become the
+added. The guest agent runs on the image's own ``python3`` (``/usr/bin/python3``, or
+``/usr/local/bin/python3`` as in the official python images, linked from there): an image
+without one is refused with a message saying so. The image config's ``Env``, ``WorkingDir`` and ``User`` become the
 image's defaults.
 """
 
@@ -355,12 +356,7 @@ class OciImporter(ImageBuilder):
                 with _open_layer(path, media_type) as f:
                     unpack_layer(f, tree)
             os.chmod(tree, 0o755)
-            python = confined(tree, "/usr/bin/python3")
-            if not (python.is_file() or python.is_symlink()) or not _resolves(tree, "/usr/bin/python3"):
-                raise ImageError(
-                    f"{self.source_path}: the image has no /usr/bin/python3, and the Gondolin guest agent runs on "
-                    "the image's python3; add it to the image (Debian/Ubuntu: apt-get install -y python3-minimal; "
-                    "Alpine: apk add python3) and import it again")
+            ensure_python(tree, self.source_path)
             for guest in ("/etc", "/etc/passwd", "/etc/group", "/etc/shadow", "/etc/hostname", "/etc/hosts",
                           "/etc/resolv.conf", "/etc/pip.conf", "/etc/skel", "/etc/ssh", "/home", "/workspace",
                           "/usr", "/usr/lib", "/lib", "/lib/modules", "/usr/share", "/var", "/var/cache",
@@ -373,6 +369,22 @@ class OciImporter(ImageBuilder):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return out
+
+
+def ensure_python(tree: Path, origin: Path) -> None:
+    """The guest agent starts as ``/usr/bin/python3``: link it to ``/usr/local/bin/python3`` when
+    only that exists (the official python images); refuse an image with neither."""
+    python = confined(tree, "/usr/bin/python3")
+    if not python.exists() and not python.is_symlink() and _resolves(tree, "/usr/local/bin/python3"):
+        # the official python images install into /usr/local; the initramfs starts /usr/bin/python3
+        _must_stay_inside(tree, "/usr/bin")
+        python.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink("/usr/local/bin/python3", python)
+    if not (python.is_file() or python.is_symlink()) or not _resolves(tree, "/usr/bin/python3"):
+        raise ImageError(
+            f"{origin}: the image has no /usr/bin/python3, and the Gondolin guest agent runs on "
+            "the image's python3; add it to the image (Debian/Ubuntu: apt-get install -y python3-minimal; "
+            "Alpine: apk add python3) and import it again")
 
 
 def _resolves(tree: Path, guest: str) -> bool:

@@ -159,3 +159,27 @@ def test_not_an_image(tmp_path):
         read_image(_Source(tmp_path / "empty", tmp_path))
     with pytest.raises(ImageError, match="no OCI image at"):
         _Source(tmp_path / "missing", tmp_path)
+
+
+def test_python3_is_required_and_found_where_images_put_it(tmp_path):
+    from gondolin.images.oci import ensure_python
+
+    empty = tmp_path / "empty"
+    (empty / "usr" / "bin").mkdir(parents=True)
+    with pytest.raises(ImageError, match="no /usr/bin/python3.*apt-get install -y python3-minimal"):
+        ensure_python(empty, tmp_path / "img")
+    debian = tmp_path / "debian"
+    (debian / "usr" / "bin").mkdir(parents=True)
+    (debian / "usr" / "bin" / "python3.11").write_text("elf")
+    (debian / "usr" / "bin" / "python3").symlink_to("/usr/bin/python3.11")  # absolute: inside the tree
+    ensure_python(debian, tmp_path / "img")
+    official = tmp_path / "official"
+    (official / "usr" / "local" / "bin").mkdir(parents=True)
+    (official / "usr" / "local" / "bin" / "python3").write_text("elf")
+    ensure_python(official, tmp_path / "img")
+    assert os.readlink(official / "usr" / "bin" / "python3") == "/usr/local/bin/python3"
+    dangling = tmp_path / "dangling"
+    (dangling / "usr" / "bin").mkdir(parents=True)
+    (dangling / "usr" / "bin" / "python3").symlink_to("/nowhere/python3")
+    with pytest.raises(ImageError, match="no /usr/bin/python3"):
+        ensure_python(dangling, tmp_path / "img")
