@@ -424,3 +424,57 @@ async def test_stateless_http_cancellation_kills_the_command(tmp_path):
                 with anyio.fail_after(60):
                     while await guest_running(url, None, sid, pattern):  # noqa: ASYNC110
                         await anyio.sleep(0.5)
+
+
+class FilesFS:
+    """A guest file system holding a few files, for read_file without a VM."""
+
+    def __init__(self, files):
+        self.files = files
+
+    async def stat(self, path, follow_symlinks=True):
+        from gondolin import FileStat
+
+        return FileStat(mode=0o100644, size=len(self.files[path]), uid=0, gid=0, mtime_ns=0, atime_ns=0,
+                        ctime_ns=0, nlink=1, ino=1)
+
+    async def open_read(self, path, *, offset=0, length=None):
+        data = self.files[path][offset:None if length is None else offset + length]
+
+        async def chunks():
+            yield data
+
+        return chunks()
+
+
+async def test_read_file_returns_at_most_32_kb_and_where_to_go_on():
+    from integrations import ToolRegistry
+
+    lines = "".join(f"{i:04d} " + "y" * 95 + "\n" for i in range(1, 1001)).encode()  # 100 KB, 1000 lines
+    long_line = b"z" * 50_000 + b"\nend\n"
+    async with fake_manager() as manager:
+        registry = ToolRegistry(manager)
+        sid = (await registry.call("sandbox_create", {})).output.sandbox_id
+        manager.get(sid).vm.fs = FilesFS({"/w/lines.txt": lines, "/w/long.txt": long_line})
+
+        first = await registry.call("read_file", {"sandbox_id": sid, "path": "/w/lines.txt"})
+        out = first.output
+        assert out.truncated and out.next_offset == out.end_line + 1 and out.next_byte_offset is None
+        assert len(out.content.encode()) <= 32 * 1024 and out.content.endswith("\n")
+        assert first.text.endswith(f"\n[truncated: the file continues; continue with offset={out.next_offset}]")
+        seen, offset = out.content, out.next_offset
+        while offset is not None:
+            out = (await registry.call("read_file", {"sandbox_id": sid, "path": "/w/lines.txt",
+                                                     "offset": offset})).output
+            seen, offset = seen + out.content, out.next_offset
+        assert seen.encode() == lines and not out.truncated
+
+        long = (await registry.call("read_file", {"sandbox_id": sid, "path": "/w/long.txt"})).output
+        assert long.truncated and long.next_offset is None and long.next_byte_offset == len(long.content)
+        rest = (await registry.call("read_file", {"sandbox_id": sid, "path": "/w/long.txt",
+                                                  "byte_offset": long.next_byte_offset})).output
+        assert long.content.encode() + rest.content.encode() == long_line and not rest.truncated
+
+        window = (await registry.call("read_file", {"sandbox_id": sid, "path": "/w/lines.txt", "byte_offset": 0,
+                                                    "encoding": "text"})).output
+        assert window.bytes_returned == 32 * 1024 and window.next_byte_offset == 32 * 1024
