@@ -15,20 +15,14 @@ import pytest
 pytest.importorskip("agents")
 
 from agents import Runner, set_tracing_disabled  # noqa: E402
-from agents.items import ModelResponse  # noqa: E402
-from agents.models.interface import Model  # noqa: E402
 from agents.run import RunConfig  # noqa: E402
 from agents.sandbox import LocalSnapshotSpec, Manifest, SandboxAgent, SandboxRunConfig  # noqa: E402
 from agents.sandbox.errors import (  # noqa: E402
     ExecTimeoutError,
     WorkspaceReadNotFoundError,
 )
-from agents.usage import Usage  # noqa: E402
-from openai.types.responses import (  # noqa: E402
-    ResponseFunctionToolCall,
-    ResponseOutputMessage,
-    ResponseOutputText,
-)
+from agents.testing import ModelStep, ScriptedModel, assistant_message, function_call  # noqa: E402
+from openai.types.responses import ResponseCustomToolCall  # noqa: E402
 
 from gondolin import VMOptions  # noqa: E402
 from gondolin.http import Secret, create_http_hooks  # noqa: E402
@@ -44,46 +38,28 @@ pytestmark = [pytest.mark.vm, pytest.mark.anyio]
 TOKEN = "sk-live-value-never-in-the-guest"
 
 
-class ScriptedModel(Model):
-    """Replays scripted turns and records what the SDK sent (inputs and tool names)."""
-
-    def __init__(self, turns):
-        self.turns = list(turns)
-        self.inputs = []
-        self.tools = []
-
-    async def get_response(self, system_instructions, input, model_settings, tools, output_schema, handoffs,
-                           tracing, *, previous_response_id=None, conversation_id=None, prompt=None):
-        self.inputs.append(input)
-        self.tools = [t.name for t in tools]
-        turn = self.turns.pop(0)
-        return ModelResponse(output=turn(input) if callable(turn) else turn, usage=Usage(), response_id=None)
-
-    def stream_response(self, *args, **kwargs):
-        raise NotImplementedError("the scripted model does not stream")
-
-
-def tool(name, args, n):
-    return [ResponseFunctionToolCall(type="function_call", call_id=f"call_{n}", name=name,
-                                     arguments=json.dumps(args), id=f"fc_{n}", status="completed")]
-
-
 def shell(cmd, n, **args):
-    return tool("exec_command", {"cmd": cmd, "yield_time_ms": 30_000, **args}, n)
+    return [function_call("exec_command", {"cmd": cmd, "yield_time_ms": 30_000, **args}, call_id=f"call_{n}")]
+
+
+def patch(operation, n):
+    """The SDK offers the sandbox apply_patch tool as a custom tool; its input may be JSON."""
+    return [ResponseCustomToolCall(type="custom_tool_call", call_id=f"call_{n}", id=f"ct_{n}", name="apply_patch",
+                                   input=json.dumps({"operation": operation}))]
 
 
 def write_stdin(chars, n):
-    """A turn that answers the session id the previous tool output named."""
-    def turn(input):
-        last = [i for i in input if isinstance(i, dict) and i.get("type") == "function_call_output"][-1]
+    """A step that answers the session id the previous tool output named."""
+    def respond(call):
+        last = [i for i in call.input if isinstance(i, dict) and i.get("type") == "function_call_output"][-1]
         session_id = int(re.search(r"session ID (\d+)", str(last["output"])).group(1))
-        return tool("write_stdin", {"session_id": session_id, "chars": chars, "yield_time_ms": 10_000}, n)
-    return turn
+        return [function_call("write_stdin", {"session_id": session_id, "chars": chars, "yield_time_ms": 10_000},
+                              call_id=f"call_{n}")]
+    return ModelStep.respond(respond)
 
 
 def say(text):
-    return [ResponseOutputMessage(id="msg_1", type="message", role="assistant", status="completed",
-                                  content=[ResponseOutputText(type="output_text", text=text, annotations=[])])]
+    return [assistant_message(text)]
 
 
 def tool_outputs(result):
@@ -134,13 +110,17 @@ async def test_sandbox_agent_runs_in_vm_and_resumes_from_serialized_state(env):
             write_stdin("", 5),
             shell("read line; echo got:$line", 6, tty=True, yield_time_ms=250),  # a terminal, fed below
             write_stdin("abc\n", 7),
+            patch({"type": "create_file", "path": "notes/plan.md", "diff": "+step one\n+step two\n"}, 8),
+            patch({"type": "update_file", "path": "answer.py", "diff": "@@\n-print(6 * 7)\n+print(6 * 7 + 1)\n"}, 9),
             say("6 * 7 = 42"),
         ])
         agent = SandboxAgent(name="coder", instructions="Work in the sandbox.", model=model)
         result = await Runner.run(agent, "compute 6*7", run_config=RunConfig(sandbox=SandboxRunConfig(session=session)))
-        assert result.final_output == "6 * 7 = 42"
-        assert {"exec_command", "apply_patch", "view_image"} <= set(model.tools)
-        first, second, third, started, polled, prompt, answered = tool_outputs(result)
+        assert result.final_output == "6 * 7 = 42" and model.remaining_steps == 0
+        assert {"exec_command", "write_stdin", "apply_patch", "view_image"} <= {t.name for t in model.last_call.tools}
+        assert (await session.read(Path("notes/plan.md"))).read() == b"step one\nstep two"  # V4A: no final newline
+        assert (await session.exec("python3 answer.py")).stdout == b"43\n"
+        first, second, third, started, polled, prompt, answered, *patches = tool_outputs(result)
         assert "Process running with session ID" in started and "late" not in started
         assert "late" in polled and "Process exited with code 0" in polled
         assert "Process running with session ID" in prompt
@@ -159,13 +139,13 @@ async def test_sandbox_agent_runs_in_vm_and_resumes_from_serialized_state(env):
 
     state = client.deserialize_session_state(payload)
     assert isinstance(state, GondolinSandboxSessionState)
-    model = ScriptedModel([shell(f"python3 answer.py && kill -0 {bg_pid} && echo still running && ls sub made", 1),
+    model = ScriptedModel([shell(f"python3 answer.py && kill -0 {bg_pid} && echo still running && ls sub made notes", 1),
                            say("resumed")])
     agent = SandboxAgent(name="coder", instructions="Work in the sandbox.", model=model)
     result = await Runner.run(agent, "again", run_config=RunConfig(
         sandbox=SandboxRunConfig(client=client, session_state=state)))
     [out] = tool_outputs(result)
-    assert "42" in out and "still running" in out and "bytes.bin" in out, out  # resumed, processes and all
+    assert "43" in out and "still running" in out and "bytes.bin" in out and "plan.md" in out, out  # resumed, processes and all
     assert result.final_output == "resumed"
 
 
