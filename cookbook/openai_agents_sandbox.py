@@ -19,16 +19,9 @@ import tempfile
 from typing import Any
 
 from agents import Runner, set_tracing_disabled
-from agents.items import ModelResponse
-from agents.models.interface import Model
 from agents.run import RunConfig
 from agents.sandbox import LocalSnapshotSpec, Manifest, SandboxAgent, SandboxRunConfig
-from agents.usage import Usage
-from openai.types.responses import (
-    ResponseFunctionToolCall,
-    ResponseOutputMessage,
-    ResponseOutputText,
-)
+from agents.testing import ScriptedModel, assistant_message, function_call
 
 from gondolin import VMOptions
 from gondolin.http import Secret, create_http_hooks
@@ -43,31 +36,16 @@ SERVER = ("import http.server, socketserver\n"
           "socketserver.TCPServer(('127.0.0.1', 8000), H).serve_forever()\n")
 
 
-class ScriptedModel(Model):
-    """Stands in for the model without an API key: replays scripted turns."""
-
-    def __init__(self, turns: list[list[Any]]) -> None:
-        self.turns = turns
-
-    async def get_response(self, system_instructions: Any, input: Any, model_settings: Any, tools: Any,
-                           output_schema: Any, handoffs: Any, tracing: Any, **kwargs: Any) -> ModelResponse:
-        return ModelResponse(output=self.turns.pop(0), usage=Usage(), response_id=None)
-
-    def stream_response(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError("the scripted model does not stream")
-
-
 def shell(cmd: str, n: int) -> list[Any]:
-    return [ResponseFunctionToolCall(type="function_call", call_id=f"call_{n}", name="exec_command", id=f"fc_{n}",
-                                     arguments=json.dumps({"cmd": cmd, "yield_time_ms": 60_000}), status="completed")]
+    return [function_call("exec_command", {"cmd": cmd, "yield_time_ms": 30_000}, call_id=f"call_{n}")]
 
 
 def say(text: str) -> list[Any]:
-    return [ResponseOutputMessage(id="msg_1", type="message", role="assistant", status="completed",
-                                  content=[ResponseOutputText(type="output_text", text=text, annotations=[])])]
+    return [assistant_message(text)]
 
 
-def model(turns: list[list[Any]]) -> Model | str:
+def model(turns: list[list[Any]]) -> ScriptedModel | str:
+    """The real model with an API key; otherwise the SDK's scripted test model replays ``turns``."""
     return os.environ.get("OPENAI_MODEL", "gpt-4.1") if os.environ.get("OPENAI_API_KEY") else ScriptedModel(turns)
 
 
