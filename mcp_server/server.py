@@ -138,6 +138,17 @@ class GondolinMCPServer(MCPServer[AppState]):
             raise MCPError(code=INVALID_PARAMS, message=f"Unknown prompt: {name!r} (prompts/list shows them)")
         return await super().get_prompt(name, arguments, context)
 
+    async def run_streamable_http_async(self, **_kwargs: Any) -> None:
+        """Refused: the SDK's plain HTTP server would serve every sandbox to anyone who can
+        connect, without a token or sessions."""
+        raise NotImplementedError(
+            "serve Gondolin over HTTP with `gondolin mcp --transport streamable-http` (bearer token, "
+            "sandboxes per session), or mcp_server.http.http_app(server, manager, token=...) under uvicorn")
+
+    async def run_sse_async(self, *_args: Any, **_kwargs: Any) -> None:
+        """Refused, as :meth:`run_streamable_http_async` (the legacy SSE transport)."""
+        await self.run_streamable_http_async()
+
     # -- stdio -------------------------------------------------------------------------------
     async def run_stdio_async(self) -> None:
         """As the SDK's, but a line that is not JSON (or not JSON-RPC) gets an error reply
