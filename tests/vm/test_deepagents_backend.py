@@ -159,3 +159,13 @@ def test_relative_and_missing_paths_are_typed_errors(backend):
     assert backend.read("/nope/missing").error == "File '/nope/missing': file_not_found"
     assert backend.ls("/nope").error == "Path '/nope': path_not_found"
     assert backend.delete("/").error
+
+
+def test_capture_offload_leaves_large_output_in_the_guest(backend):
+    """enable_capture_offload: the base class's capture wrapper works with the guest's tools."""
+    r = backend.execute_with_offload("seq 1 200000; exit 3", "/tmp/capture/out.txt", max_inline_bytes=2000)
+    assert r.offloaded and r.response.exit_code == 3 and r.preview_has_truncation_marker
+    assert "200000" in r.response.output and len(r.response.output) < 5000
+    assert backend.execute("wc -l < /tmp/capture/out.txt").output.strip() == "200000"
+    small = backend.execute_with_offload("echo small", "/tmp/capture/small.txt", max_inline_bytes=2000)
+    assert not small.offloaded and small.response.output == "small\n"
