@@ -97,8 +97,9 @@ class GondolinSandbox(BaseSandbox):
     :meth:`gondolin.VM.create`: ``http_hooks`` for egress policy and secrets, ``mounts``,
     ``memory``, ...). ``timeout``: seconds an ``execute`` may run when the caller gives no
     timeout (``0`` from a caller means no limit). ``cwd``: where commands start.
-    ``max_output_bytes``: combined output an ``execute`` returns (the rest is counted, not kept). Close it with
-    :meth:`close` or a ``with`` block; one left open is closed at garbage collection or exit.
+    ``max_output_bytes``: combined output an ``execute`` returns (the rest is counted, not
+    kept). Close it with :meth:`close` or a ``with`` block; one left open is closed at garbage
+    collection or exit.
     """
 
     enable_capture_offload = True  # the guest has sh, head, tail and wc (the wrapper's needs)
