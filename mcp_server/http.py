@@ -124,7 +124,8 @@ class HttpGate:
     _sessions: dict[str, _Session] = field(default_factory=dict)
     _ended: OrderedDict[str, None] = field(default_factory=OrderedDict)
     _tg: TaskGroup | None = None
-    _closing: anyio.Event = field(default_factory=anyio.Event)
+    _closing: bool = False
+    _receivers: set[anyio.CancelScope] = field(default_factory=set)  # requests waiting for the client
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[HttpGate]:
@@ -139,25 +140,20 @@ class HttpGate:
     def close_streams(self) -> None:
         """End every open request as if its client had disconnected (at shutdown: the SSE streams
         clients hold open would otherwise keep the server waiting)."""
-        self._closing.set()
+        self._closing = True
+        for scope in list(self._receivers):
+            scope.cancel()
 
     async def _receive_until_closing(self, receive: Receive) -> Message:
-        if self._closing.is_set():
+        if self._closing:
             return {"type": "http.disconnect"}
-        message: Message = {"type": "http.disconnect"}
-        async with anyio.create_task_group() as tg:
-            async def read() -> None:
-                nonlocal message
-                message = await receive()
-                tg.cancel_scope.cancel()
-
-            async def closing() -> None:
-                await self._closing.wait()
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(read)
-            tg.start_soon(closing)
-        return message
+        with anyio.CancelScope() as scope:  # cancelled by close_streams only
+            self._receivers.add(scope)
+            try:
+                return await receive()
+            finally:
+                self._receivers.discard(scope)
+        return {"type": "http.disconnect"}
 
     @property
     def sessions(self) -> list[str]:
@@ -187,7 +183,7 @@ class HttpGate:
             await send(message)
 
         await self._handle(scope, until_closing, tracking)
-        if self._closing.is_set() and state["started"] and not state["complete"]:
+        if self._closing and state["started"] and not state["complete"]:
             await send({"type": "http.response.body", "body": b"", "more_body": False})  # a stream cut at shutdown
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -343,7 +343,7 @@ def children(pid):
 
 @pytest.mark.vm
 async def test_a_client_gone_mid_exec_kills_the_command_and_its_session_closes_the_sandbox(tmp_path):
-    async with server_process(tmp_path, "--session-grace", "8") as (url, pid):
+    async with server_process(tmp_path, "--session-grace", "8", "--log-level", "INFO") as (url, pid):
         sessions = []
 
         async def remember(response):
@@ -397,7 +397,7 @@ async def test_a_client_gone_mid_exec_kills_the_command_and_its_session_closes_t
 
 @pytest.mark.vm
 async def test_stateless_http_cancellation_kills_the_command(tmp_path):
-    async with server_process(tmp_path, "--stateless") as (url, _pid):
+    async with server_process(tmp_path, "--stateless", "--log-level", "INFO") as (url, _pid):
         async with client(url) as c:
             made = await c.call_tool("sandbox_create", {})
             assert made.is_error is False, text(made)
