@@ -65,6 +65,8 @@ class Limits(_Strict):
     max_walk_entries: int = Field(default=50_000, ge=1, description="entries visited by one recursive list")
     max_execs_per_sandbox: int = Field(default=16, ge=1, description="commands tracked per sandbox")
     max_checkpoints: int = Field(default=16, ge=0)
+    max_checkpoints_per_session: int | None = Field(
+        default=None, ge=0, description="checkpoints one MCP session may keep (default: max_checkpoints)")
 
     @model_validator(mode="after")
     def _ordered(self) -> Limits:

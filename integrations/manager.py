@@ -569,6 +569,10 @@ class SandboxManager:
         cap = self.config.limits.max_checkpoints
         if len(self._checkpoints) >= cap:
             raise ToolError("not_allowed", f"the server keeps at most {cap} checkpoints")
+        owner, own_cap = _OWNER.get(), self.config.limits.max_checkpoints_per_session
+        if owner is not None and own_cap is not None and \
+                sum(1 for c in self._checkpoints.values() if c.owner == owner) >= own_cap:
+            raise ToolError("not_allowed", f"the server keeps at most {own_cap} checkpoints per session")
         checkpoint_id = _new_id("cp")
         path = os.path.join(self._checkpoint_root(), checkpoint_id + ".ckpt")
         try:

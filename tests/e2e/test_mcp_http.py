@@ -67,7 +67,7 @@ def client(url, *, token=TOKEN, mode="legacy", terminate_on_close=True):
 
 
 def fake_manager(backend=None, **http):
-    limits = Limits(max_sandboxes=3, max_sandboxes_per_session=2)
+    limits = Limits(max_sandboxes=3, max_sandboxes_per_session=2, max_checkpoints_per_session=1)
     config = OperatorConfig(limits=limits, http=HttpSettings(**http))
     return SandboxManager(config, backend=backend or FakeBackend(), reap=False)
 
@@ -92,6 +92,8 @@ async def test_a_session_sees_and_touches_only_its_own_sandboxes():
             checkpoint = await a.call_tool("checkpoint_create", {"sandbox_id": sid})
             assert checkpoint.is_error is False, text(checkpoint)
             cid = checkpoint.structured_content["checkpoint_id"]
+            second = await a.call_tool("checkpoint_create", {"sandbox_id": sid})
+            assert second.is_error and "at most 1 checkpoints per session" in text(second)
 
             assert (await b.call_tool("sandbox_list", {})).structured_content["sandboxes"] == []
             assert (await b.call_tool("checkpoint_list", {})).structured_content["checkpoints"] == []
@@ -267,10 +269,11 @@ def test_malformed_json_on_stdio_gets_a_parse_error():
     p = subprocess.run([sys.executable, "-m", "mcp_server"], input=stdin, capture_output=True, text=True,
                        timeout=60, cwd=ROOT)
     replies = [json.loads(line) for line in p.stdout.splitlines()]
-    assert replies[0]["id"] == 1 and "result" in replies[0]
-    assert replies[1] == {"jsonrpc": "2.0", "id": None,
-                          "error": {"code": -32700, "message": "Parse error: the line is not valid JSON"}}
-    assert replies[2]["error"]["code"] == -32600
+    assert [r for r in replies if r["id"] == 1 and "result" in r]  # the errors may come before it
+    errors = [r for r in replies if r["id"] is None]
+    assert errors[0] == {"jsonrpc": "2.0", "id": None,
+                         "error": {"code": -32700, "message": "Parse error: the line is not valid JSON"}}
+    assert errors[1]["error"]["code"] == -32600 and len(replies) == 3
 
 
 # -- with real sandboxes ---------------------------------------------------------------------------
