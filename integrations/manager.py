@@ -21,6 +21,7 @@ import secrets as _random
 import shutil
 import tempfile
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,7 @@ log = logging.getLogger("gondolin.integrations")
 Clock = Callable[[], float]
 CLOSE_TIMEOUT_S = 30.0  # per VM, at shutdown
 RECORD_VERSION = 1  # of Sandbox.record()
+ENDED_OWNERS_KEPT = 10_000  # ended sessions remembered, so a late create cannot outlive its session
 MAX_EXPOSED_PORTS = 8  # expose_port gateways per sandbox
 # The MCP session a tool call acts for (see SandboxManager.acting_as); None: no session scope.
 _OWNER: contextvars.ContextVar[str | None] = contextvars.ContextVar("gondolin_sandbox_owner", default=None)
@@ -160,6 +162,7 @@ class SandboxManager:
         self._reap = reap
         self._sandboxes: dict[str, Sandbox] = {}
         self._pending: dict[str | None, int] = {}  # sandboxes being started, per owner
+        self._ended_owners: OrderedDict[str, None] = OrderedDict()  # sessions closed by close_owner
         self._checkpoints: dict[str, CheckpointRecord] = {}
         self._checkpoint_dir: str | None = None
         self._own_checkpoint_dir = False
@@ -238,6 +241,9 @@ class SandboxManager:
         ended). With ``share_sandboxes`` they stay: other sessions may be using them."""
         if self.config.http.share_sandboxes:
             return []
+        self._ended_owners[owner] = None  # a create still in flight for it is undone when it lands
+        while len(self._ended_owners) > ENDED_OWNERS_KEPT:
+            self._ended_owners.popitem(last=False)
         closed = [s.id for s in self._sandboxes.values() if s.owner == owner]
         with anyio.CancelScope(shield=True):
             for sandbox_id in closed:
@@ -475,6 +481,9 @@ class SandboxManager:
             sandbox.vm = vm
             sandbox.created_at = sandbox.last_used = self._clock()
             self._sandboxes[sandbox.id] = sandbox  # owned from here on, even if the next await is cancelled
+            if sandbox.owner is not None and sandbox.owner in self._ended_owners:
+                await self._close(sandbox.id)
+                raise ToolError("sandbox_not_found", "this MCP session ended while its sandbox was starting")
             sandbox.default_cwd = await runtime.default_cwd(vm)
             return sandbox
         finally:

@@ -481,3 +481,35 @@ async def test_read_file_returns_at_most_32_kb_and_where_to_go_on():
         window = (await registry.call("read_file", {"sandbox_id": sid, "path": "/w/lines.txt", "byte_offset": 0,
                                                     "encoding": "text"})).output
         assert window.bytes_returned == 32 * 1024 and window.next_byte_offset == 32 * 1024
+
+
+async def test_a_sandbox_that_finishes_booting_after_its_session_ended_is_closed():
+    from integrations import ToolError
+    from integrations.models import SandboxCreateInput
+
+    class SlowBackend(FakeBackend):
+        def __init__(self):
+            super().__init__()
+            self.release = anyio.Event()
+
+        async def create(self, options):
+            await self.release.wait()
+            return await super().create(options)
+
+    backend = SlowBackend()
+    async with fake_manager(backend) as manager, anyio.create_task_group() as tg:
+        failures = []
+
+        async def create():
+            with manager.acting_as("session-1"):
+                try:
+                    await manager.create(SandboxCreateInput())
+                except ToolError as exc:
+                    failures.append(exc.code)
+
+        tg.start_soon(create)
+        await anyio.sleep(0.1)
+        assert await manager.close_owner("session-1") == []  # nothing live yet: it is still booting
+        backend.release.set()
+        await wait_until(lambda: failures)
+        assert failures == ["sandbox_not_found"] and backend.booted[0].closed == 1 and manager.sandboxes() == []
