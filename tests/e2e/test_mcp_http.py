@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import pytest
 import uvicorn
 from mcp import Client, MCPError
 from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPDeprecationWarning
 
 from integrations import OperatorConfig, SandboxManager
 from integrations.config import ConfigError, HttpSettings, Limits
@@ -255,7 +257,9 @@ async def test_protocol_errors_are_proper_replies():
             assert "\nhint: " in text(bad) and "exec_arguments" not in text(bad) and "pydantic" not in text(bad)
             await c.call_tool("sandbox_list", {})
             assert messages == []  # nothing is sent before the client sets a level
-            await c.set_logging_level("warning")
+            with warnings.catch_warnings():  # logging is deprecated in the 2026 era, still served for 2025 clients
+                warnings.simplefilter("ignore", MCPDeprecationWarning)
+                await c.set_logging_level("warning")
             await c.call_tool("sandbox_list", {})
             await c.call_tool("exec", {"sandbox_id": "sb_nope", "command": "id"})
             assert [m.level for m in messages] == ["warning"] and "sandbox_not_found" in messages[0].data
