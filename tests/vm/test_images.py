@@ -3,8 +3,10 @@ post-build ``pip install``; an OCI image layout made here; bad build files; ``di
 
 The slow builds are cached by content in the real image store (and the OCI layout under the
 build cache), so only the first run of the suite on a machine pays for them: about 90 s for the
-custom image (mmdebstrap of numpy + nodejs, a pip install) and 40 s for the OCI layout and its
-import. A warm run of this module costs about a minute, mostly three cold VM boots under TCG.
+custom image (mmdebstrap of numpy + nodejs with downloads, a pip install) and 25 s for the OCI
+layout and its import (measured on a busy 2-core machine). A warm run of this module takes about
+a minute: three cold VM boots under TCG, filling a small disk, and the failing build (which
+unpacks the cached Debian layer before its command fails).
 """
 
 from __future__ import annotations
