@@ -157,3 +157,16 @@ async def test_oci_layout_imports_and_boots_with_its_env_and_workdir(oci_image):
         assert r.exit_code == 0, r.stderr
         assert r.stdout.split("\n")[:6] == ["/srv/app", "from-oci", "hello from the upper layer", "1000",
                                             "new.txt", "whiteout-applied"]
+
+
+async def test_disk_size_survives_a_warm_start_and_is_a_template_shape_of_its_own(tmp_path, monkeypatch):
+    monkeypatch.setenv("GONDOLIN_TEMPLATE_DIR", str(tmp_path / "templates"))  # none of the shared templates
+    base_mb = ImageStore().resolve("default").rootfs.stat().st_size >> 20
+    size = f"{base_mb + 512}M"
+    sizes = []
+    for _ in range(2):  # the first boots and saves the template, the second is restored from it
+        async with await VM.create(memory="384M", network=False, disk_size=size) as vm:
+            sizes.append((vm.restored_from, (await vm.exec("df -BM --output=size / | tail -1")).stdout.strip()))
+    assert sizes[0][0] is None and sizes[1][0] is not None, sizes
+    grown = int(sizes[1][1].rstrip("M"))
+    assert sizes[0][1] == sizes[1][1] and grown > base_mb + 256, sizes
