@@ -114,7 +114,7 @@ class FakeMachine:
         self.timeouts = timeouts or Timeouts()
         self.options = VMOptions(label=label, mounts=dict(mounts or {}), timeouts=self.timeouts)
         self.id = "f00dfeed0001"
-        self.image = SimpleNamespace(build_id="fake-image")
+        self.image = SimpleNamespace(build_id="fake-image", defaults={})
         self.memory_mb = self.options.memory_mb
         self.accel = "tcg"
         self.network = None
