@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -170,3 +172,19 @@ async def test_disk_size_survives_a_warm_start_and_is_a_template_shape_of_its_ow
     assert sizes[0][0] is None and sizes[1][0] is not None, sizes
     grown = int(sizes[1][1].rstrip("M"))
     assert sizes[0][1] == sizes[1][1] and grown > base_mb + 256, sizes
+
+
+def test_the_cli_finds_the_cached_build_and_inspects_it(tools_image):
+    cli = [sys.executable, "-m", "gondolin.cli", "image"]
+    build = subprocess.run([*cli, "build", "--config", str(FILES / "image.toml"), "--tag", TOOLS_TAG],
+                           capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr
+    assert f"{TOOLS_TAG} -> {tools_image.build_id}" in build.stdout and "up to date" in build.stderr
+    inspect = subprocess.run([*cli, "inspect", TOOLS_TAG], capture_output=True, text=True, timeout=60)
+    manifest = json.loads(inspect.stdout)
+    assert manifest["kind"] == "custom" and TOOLS_TAG in manifest["refs"]
+    assert manifest["extra_packages"] == ["python3-numpy", "nodejs"] and "openssh-server" in manifest["packages"]
+    assert manifest["config"]["files"][0]["dest"] == "/usr/local/bin/greet"
+    assert len(manifest["config"]["files"][0]["sha256"]) == 64
+    assert manifest["defaults"]["workdir"] == "/srv"
+    assert set(manifest["assets"]) == {"vmlinux", "initrd.img", "rootfs.ext4"}
