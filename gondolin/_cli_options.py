@@ -125,6 +125,7 @@ def add_vm_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rootfs", choices=ROOTFS_MODES, default="cow",
                    help="root filesystem mode (default cow: writes are discarded with the VM)")
     p.add_argument("--image", default="default", help="image ref, build id or directory")
+    p.add_argument("--disk-size", metavar="SIZE", help="grow the guest's root disk to SIZE, e.g. 4G (rootfs cow)")
     p.add_argument("--vm-env", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                    help="environment for every command in the VM (repeatable)")
 
@@ -248,6 +249,8 @@ def vm_options(args: argparse.Namespace, report: NetworkReport | None) -> VMOpti
 
     env = dict(getattr(args, "vm_env", []) or [])
     changes: dict[str, Any] = {"memory": args.memory, "cpus": args.cpus, "rootfs": args.rootfs, "image": args.image}
+    if getattr(args, "disk_size", None):
+        changes["disk_size"] = args.disk_size
     if getattr(args, "mount", None):
         try:
             changes["mounts"] = mounts_from_specs(args.mount)

@@ -176,7 +176,10 @@ class VMOptions:
             raise ValueError(f"pids_max must be an integer of at least 8, or None for no limit; not {self.pids_max!r}")
         disk_size = None
         if self.disk_size is not None:
-            disk_size = parse_memory(self.disk_size)
+            try:
+                disk_size = parse_memory(self.disk_size)
+            except ValueError:
+                raise ValueError(f"invalid disk_size {self.disk_size!r}: use MiB as an int, or '4G'") from None
             if self.rootfs != "cow":
                 raise ValueError("disk_size needs rootfs='cow' (the other modes never write to the disk)")
         env = {}

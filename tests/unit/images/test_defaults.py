@@ -23,7 +23,7 @@ def test_disk_size_is_checked():
     assert VMOptions(disk_size=2048).checked().disk_size == 2048
     with pytest.raises(ValueError, match="disk_size needs rootfs='cow'"):
         VMOptions(disk_size="4G", rootfs="readonly").checked()
-    with pytest.raises(ValueError, match="invalid memory size"):
+    with pytest.raises(ValueError, match="invalid disk_size 'lots'"):
         VMOptions(disk_size="lots").checked()
 
 
