@@ -15,7 +15,7 @@ OFFLINE_ENV = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY"
 @pytest.mark.parametrize(
     ("recipe", "expected"),
     [
-        ("mcp_client.py", ["server offers 15 tools", "progress: /workspace/count.sh: running",
+        ("mcp_client.py", ["server offers 16 tools", "progress: /workspace/count.sh: running",
                            "exit_code: 0", "via the resource template: for i in 1 2 3"]),
         ("langchain_agent.py", ["[exit_code=0]", "sandbox says: 2 3 5 7 11 13 17 19 23 29 31 37 41 43 47"]),
         ("openai_loop.py", ["-> sandbox_create", "Kernel and Python: 6.", "sandboxes left running: 0"]),

@@ -72,6 +72,7 @@ def example(name):
         "checkpoint_restore": {"checkpoint_id": STATE.get("checkpoint")},
         "checkpoint_list": {},
         "network_events": {"sandbox_id": sid},
+        "expose_port": {"sandbox_id": sid, "port": 8000},
     }[name]
 
 
