@@ -30,7 +30,7 @@ SECRET = "host secret outside the mount\n"
 
 
 def vm_fds() -> dict[str, int]:
-    """How many descriptors of the kinds a virtiofs device holds this process has open."""
+    """How many descriptors and mappings of the kinds a virtiofs device holds this process has."""
     counts = {"memfd": 0, "eventfd": 0}
     for fd in os.listdir("/proc/self/fd"):
         try:
@@ -41,6 +41,8 @@ def vm_fds() -> dict[str, int]:
             counts["memfd"] += 1
         elif "eventfd" in target:
             counts["eventfd"] += 1
+    with open("/proc/self/maps") as f:  # guest RAM the device mapped
+        counts["memfd mappings"] = sum("/memfd:" in line for line in f)
     return counts
 
 
