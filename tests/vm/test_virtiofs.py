@@ -21,7 +21,7 @@ import anyio
 import pytest
 
 from gondolin import VM, CheckpointError, GondolinError, VMOptions
-from gondolin.vfs import MemoryProvider, OpenMode, RealFSProvider
+from gondolin.vfs import MemoryProvider, OpenMode, ReadonlyProvider, RealFSProvider
 
 from .conftest import own_run_dirs, qemu_pids
 
@@ -66,7 +66,10 @@ async def env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
     os.symlink(str(base / "secret.txt"), work / "abs-out")
     scratch = MemoryProvider()
     fds, pids, dirs = vm_fds(), qemu_pids(), set(own_run_dirs())
-    mounts = {"/workspace": RealFSProvider(work, inline_metadata=True), "/scratch": scratch}
+    (base / "ro").mkdir()
+    (base / "ro" / "readme.txt").write_text("read only\n")
+    mounts = {"/workspace": RealFSProvider(work, inline_metadata=True), "/scratch": scratch,
+              "/ro": ReadonlyProvider(RealFSProvider(base / "ro"))}
     vm = await VM.create(memory="512M", mounts=mounts, fs_transport="virtiofs")
     try:
         yield Env(vm, work, scratch, fds, pids, dirs)
@@ -89,7 +92,7 @@ async def test_option_is_checked() -> None:
 async def test_mounts_are_virtiofs_bind_mounts(env: Env) -> None:
     out = await sh(env, "grep ' virtiofs ' /proc/mounts | cut -d' ' -f2,4 | sort")
     lines = out.splitlines()
-    assert [line.split()[0] for line in lines] == ["/run/gondolin/fs", "/scratch", "/workspace"]
+    assert [line.split()[0] for line in lines] == ["/ro", "/run/gondolin/fs", "/scratch", "/workspace"]
     assert all("nosuid" in line and "nodev" in line for line in lines)
     assert "fuse.py" not in await sh(env, "ps -eo args")  # no guest daemon
     assert env.vm.restored_from is None  # always a cold boot
@@ -187,6 +190,13 @@ async def test_memory_mount(env: Env) -> None:
     assert r.exit_code == 0 and (env.work / "g").read_text() == "hello"
 
 
+async def test_readonly_mount_refuses_writes(env: Env) -> None:
+    assert await sh(env, "cat /ro/readme.txt") == "read only\n"
+    for cmd in ("echo x > /ro/new", "touch /ro/readme.txt", "rm /ro/readme.txt", "mkdir /ro/d"):
+        r = await env.vm.exec(["bash", "-c", cmd])
+        assert r.exit_code != 0 and "Read-only file system" in r.stderr, (cmd, r.stderr)
+
+
 async def test_host_side_changes_reach_the_guest_after_the_ttl(env: Env) -> None:
     (env.work / "note.txt").write_text("v1\n")
     assert await sh(env, "cat /workspace/note.txt") == "v1\n"
@@ -236,6 +246,11 @@ async def test_checkpoint_and_fork_are_refused(env: Env, tmp_path: Path) -> None
     with pytest.raises(CheckpointError, match="fs_transport='port'"):
         await env.vm.fork()
     assert (await env.vm.exec("true")).exit_code == 0  # still running
+    saved = await env.vm.checkpoint(tmp_path / "disk.ckpt", disk_only=True)  # no device state in it
+    assert saved.header.kind == "disk"
+    # The VM was paused and resumed for it: the device stopped its rings and took them up again.
+    assert await sh(env, "echo after > /workspace/after.txt && cat /workspace/after.txt /workspace/py/b") == \
+        "after\nalpha"
 
 
 async def test_a_failed_device_start_leaves_nothing_behind(monkeypatch: pytest.MonkeyPatch,
