@@ -9,6 +9,11 @@ against QEMU's virtio-9p (``-virtfs``) with the same kernel, same data, same run
 | git status in a 5,000-file repository           | the same repository through 9p                     |
 | tar -x of 1,000 small files                     | the same archive through 9p                        |
 
+A third guest serves the same workloads over the opt-in virtiofs transport
+(``VM.create(fs_transport="virtiofs")``: the guest kernel's virtiofs driver answered by the
+vhost-user-fs device in this process, its own copy of the data); its rows ("..., virtiofs
+transport") compare it with the same 9p baseline.
+
 Everything is timed inside the guest by python3 (``GUEST_SCRIPT``), so both sides pay the same
 process start-up outside the timed region. Each side has its own copy of the data in its own
 host directory. The two guests are up together and the workloads alternate between them, so
@@ -156,15 +161,25 @@ PAIRS = [
 ]  # fmt: skip
 
 
+# The issue's goals for the virtiofs transport (docs/filesystem.md, "virtiofs transport").
+VIRTIOFS_GOALS: dict[str, Goal] = {
+    "read": Goal(min_ratio=0.5), "write": Goal(min_ratio=0.5), "stat": Goal(max_ratio=0.5),
+    "git": Goal(max_ratio=1.0), "tar": Goal(max_ratio=1.2),
+}  # fmt: skip
+VIRTIOFS = "virtiofs"  # the side's name
+
+
 @dataclass
 class Samples:
     ours: dict[str, list[float]] = field(default_factory=dict)
     base: dict[str, list[float]] = field(default_factory=dict)
+    virtiofs: dict[str, list[float]] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     notes: dict[str, list[str]] = field(default_factory=dict)
 
     def add(self, side: str, key: str, value: float) -> None:
-        (self.ours if side == "ours" else self.base).setdefault(key, []).append(value)
+        table = {"ours": self.ours, VIRTIOFS: self.virtiofs}.get(side, self.base)
+        table.setdefault(key, []).append(value)
 
 
 # -- data, one copy per side -----------------------------------------------------------------------
@@ -209,8 +224,9 @@ class Side:
 class Ours(Side):
     name = "ours"
 
-    def __init__(self, vm: VM) -> None:
+    def __init__(self, vm: VM, name: str = "ours") -> None:
         self.vm = vm
+        self.name = name
 
     async def run(self, *args: str) -> dict[str, Any]:
         r = await self.vm.exec(["python3", "/tmp/bench.py", *args], timeout=RUN_TIMEOUT)
@@ -267,9 +283,9 @@ async def _stage(ctx: Context, s: Samples, tmp: Path) -> None:
     image = await anyio.to_thread.run_sync(ensure_image, "default", ImageStore())
     choice = await _accel.decide(image, probe_boot)
     ctx.machine.setdefault("accelerator", choice.accel)
-    ours_dir, base_dir = tmp / "ours", tmp / "9p"
+    ours_dir, base_dir, vfs_dir = tmp / "ours", tmp / "9p", tmp / VIRTIOFS
     tar = _small_tar()
-    for d in (ours_dir, base_dir):
+    for d in (ours_dir, base_dir, vfs_dir):
         d.mkdir()
         await anyio.to_thread.run_sync(_prepare_tree, d)
     (base_dir / "bench.py").write_text(GUEST_SCRIPT)
@@ -281,13 +297,18 @@ async def _stage(ctx: Context, s: Samples, tmp: Path) -> None:
         await VM.create(
             image=image.build_id, accel=choice.accel, network=False, mounts={MOUNT: provider}
         ) as vm,  # fmt: skip
+        await VM.create(
+            image=image.build_id, accel=choice.accel, network=False, fs_transport="virtiofs",
+            mounts={MOUNT: RealFSProvider(vfs_dir, inline_metadata=True)},
+        ) as vfs_vm,  # fmt: skip
     ):
         await guest.check(["sh", "-c", f"modprobe 9p && modprobe 9pnet_virtio && mkdir -p {MOUNT} && "
                                        f"mount -t 9p -o {NINEP_OPTS} {NINEP_TAG} {MOUNT} && "
                                        f"cp {MOUNT}/bench.py {MOUNT}/small.tar /tmp/"])  # fmt: skip
-        await vm.fs.write("/tmp/bench.py", GUEST_SCRIPT)
-        await vm.fs.write("/tmp/small.tar", tar)
-        await _measure(ctx, [NinePee(guest), Ours(vm)], s)
+        for v in (vm, vfs_vm):
+            await v.fs.write("/tmp/bench.py", GUEST_SCRIPT)
+            await v.fs.write("/tmp/small.tar", tar)
+        await _measure(ctx, [NinePee(guest), Ours(vm), Ours(vfs_vm, VIRTIOFS)], s)
 
 
 async def collect(ctx: Context) -> list[Row]:
@@ -318,7 +339,17 @@ def rows(s: Samples) -> list[Row]:
         what = f"{p.what} (median of {len(ours)})"
         out.append(Row(AREA, what, Measure.median_of(ours, p.unit), Measure.median_of(base, p.unit),
                        p.baseline_what, p.goal, "; ".join(s.notes.get(p.key, []))))  # fmt: skip
+    for p in PAIRS:
+        vfs, base = s.virtiofs.get(p.key), s.base.get(p.key)
+        goal = VIRTIOFS_GOALS.get(p.key)
+        if not vfs or not base:
+            out.append(Row(AREA, f"{p.what}, virtiofs transport", goal=goal,
+                           error=s.errors.get(p.key, "not measured")))
+            continue
+        what = f"{p.what}, virtiofs transport (median of {len(vfs)})"
+        out.append(Row(AREA, what, Measure.median_of(vfs, p.unit), Measure.median_of(base, p.unit),
+                       p.baseline_what, goal))
     return out
 
 
-__all__ = ["collect", "rows", "GUEST_SCRIPT", "PAIRS"]
+__all__ = ["collect", "rows", "GUEST_SCRIPT", "PAIRS", "VIRTIOFS_GOALS"]

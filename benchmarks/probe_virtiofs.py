@@ -1,7 +1,8 @@
 """Experiment for the shared-memory file path (docs/filesystem.md, "Next: virtiofs"): one raw
 guest with two shares side by side — our vhost-user-fs device (gondolin.vhost.fs_device) over a
 RealFSProvider, and QEMU's virtio-9p over another host directory — running the same workloads
-as benchmarks/bench_vfs.py. Not part of `make bench` yet: the device is not wired into VMs.
+as benchmarks/bench_vfs.py, without the gondolin VM around it (bench_vfs.py measures the
+wired-in transport, `VM.create(fs_transport="virtiofs")`).
 
     .venv/bin/python -m benchmarks.probe_virtiofs [REPEATS]
 

@@ -19,7 +19,7 @@ from typing import IO, Any
 
 import anyio
 
-from .options import DNS_MODES, MAX_CPUS, ROOTFS_MODES, VMOptions, parse_memory
+from .options import DNS_MODES, FS_TRANSPORTS, MAX_CPUS, ROOTFS_MODES, VMOptions, parse_memory
 
 EXIT_USAGE = 125
 MAX_REPORTED_REQUESTS = 100  # refused requests kept for the report after the command
@@ -169,6 +169,9 @@ def add_mount_args(p: argparse.ArgumentParser, *, cow: bool = True) -> None:
                    help="show host directory HOST at GUEST: read-write, read-only (:ro), or copy-on-write "
                         "(:cow: the guest's changes stay in memory and are listed at exit); repeatable. "
                         "Without --cwd, commands start in the first mount")
+    p.add_argument("--fs-transport", choices=FS_TRANSPORTS, default="port",
+                   help="how mounts reach the guest: port (default; a guest FUSE daemon) or virtiofs "
+                        "(opt-in, faster metadata; boots cold, host-side changes seen after 1 s)")
     if cow:
         p.add_argument("--cow-diff", metavar="FILE|-",
                        help="after the command, write a unified diff of every :cow mount's changes to FILE")
@@ -256,6 +259,8 @@ def vm_options(args: argparse.Namespace, report: NetworkReport | None) -> VMOpti
             changes["mounts"] = mounts_from_specs(args.mount)
         except (ValueError, OSError) as exc:
             raise UsageError(f"gondolin: {exc}") from None
+    if getattr(args, "fs_transport", None):
+        changes["fs_transport"] = args.fs_transport
     if report is not None:
         secrets: dict[str, Secret] = {}
         for item in args.secret:

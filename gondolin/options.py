@@ -23,9 +23,11 @@ if TYPE_CHECKING:
 RootfsMode = Literal["cow", "readonly", "memory"]
 DnsMode = Literal["synthetic", "trusted", "open"]
 MountMode = Literal["rw", "ro", "cow"]
+FsTransport = Literal["port", "virtiofs"]
 ROOTFS_MODES: tuple[str, ...] = ("cow", "readonly", "memory")
 DNS_MODES: tuple[str, ...] = ("synthetic", "trusted", "open")
 MOUNT_MODES: tuple[str, ...] = ("rw", "ro", "cow")
+FS_TRANSPORTS: tuple[str, ...] = ("port", "virtiofs")
 # Guest paths no mount may cover: the guest's own system directories (the agent, the kernel's
 # pseudo file systems and the programs every command needs live there).
 RESERVED_MOUNT_POINTS: frozenset[str] = frozenset(
@@ -129,6 +131,11 @@ class VMOptions:
     ``disk_size`` (MiB or "4G", rootfs ``"cow"`` only): the guest's root disk grows to this
     size at start, and its host-side overlay can never use more (the guest gets ENOSPC);
     ``None`` keeps the image's size (its free space, 1 GiB for the default image).
+    ``fs_transport``: how ``mounts`` reach the guest. ``"port"`` (default): a guest FUSE
+    daemon over a virtio-serial port. ``"virtiofs"`` (opt-in): the guest kernel's virtiofs
+    driver, answered from this process over shared guest memory (much faster metadata; the VM
+    always boots cold and cannot be checkpointed or forked yet; host-side changes reach the
+    guest after a 1 s TTL). See docs/filesystem.md.
     """
 
     image: str = "default"
@@ -149,6 +156,7 @@ class VMOptions:
     pids_max: int | None = DEFAULT_PIDS_MAX
     ssh: SshProxyOptions | None = None  # SSH egress through the host (gondolin.ssh.SshProxyOptions)
     disk_size: int | str | None = None
+    fs_transport: FsTransport = "port"
 
     @property
     def memory_mb(self) -> int:
@@ -182,6 +190,8 @@ class VMOptions:
                 raise ValueError(f"invalid disk_size {self.disk_size!r}: use MiB as an int, or '4G'") from None
             if self.rootfs != "cow":
                 raise ValueError("disk_size needs rootfs='cow' (the other modes never write to the disk)")
+        if self.fs_transport not in FS_TRANSPORTS:
+            raise ValueError(f"fs_transport must be 'port' or 'virtiofs', not {self.fs_transport!r}")
         env = {}
         for key, value in dict(self.env).items():
             if not isinstance(key, str) or not key or "=" in key or "\0" in key:
@@ -243,14 +253,17 @@ class OptionChanges(TypedDict, total=False):
     pids_max: int | None
     disk_size: int | str | None
     ssh: SshProxyOptions | None
+    fs_transport: FsTransport
     start_timeout: float | None
 
 __all__ = [
     "DNS_MODES",
+    "FS_TRANSPORTS",
     "MOUNT_MODES",
     "RESERVED_MOUNT_POINTS",
     "ROOTFS_MODES",
     "DnsMode",
+    "FsTransport",
     "MountMode",
     "OptionChanges",
     "RootfsMode",

@@ -82,7 +82,8 @@ EXEC_CGROUP = CGROUP_ROOT + "/exec"  # one child cgroup per exec, each with its 
 # agent runs first, so a guest busy with a fork bomb still answers the host.
 AGENT_CPU_WEIGHT = 10000
 EXEC_CPU_WEIGHT = 100
-MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8  # linux/mount.h
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND = 1, 2, 4, 8, 4096  # linux/mount.h
+VIRTIOFS_READ_AHEAD_KB = 1024  # as the FUSE daemon sets it (guest/fuse.py READ_AHEAD_KB)
 
 
 def log(msg: str) -> None:
@@ -858,6 +859,7 @@ class Agent:
         self.system_bundle: str | None = None
         self.fuse_proc: subprocess.Popen | None = None
         self.fuse_mounts: list[str] = []
+        self.virtiofs = False  # the mounts come from the virtiofs device, not the FUSE daemon
         self.limits = ProcessLimits()
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wake_r = rfd
@@ -1190,13 +1192,15 @@ class Agent:
         """Drop the FUSE daemon and its mounts: the host that served them is gone, so every handle
         they hold is stale. The configure that follows mounts afresh from the new host."""
         proc, self.fuse_proc = self.fuse_proc, None
-        if proc is None:
+        virtiofs, self.virtiofs = self.virtiofs, False
+        if proc is None and not virtiofs:
             return
-        try:
-            proc.kill()
-            proc.wait(timeout=5)
-        except (OSError, subprocess.SubprocessError):
-            pass
+        if proc is not None:
+            try:
+                proc.kill()
+                proc.wait(timeout=5)
+            except (OSError, subprocess.SubprocessError):
+                pass
         libc = ctypes.CDLL(None, use_errno=True)
         for m in [*reversed(self.fuse_mounts), "/run/gondolin/fs"]:
             libc.umount2(m.encode(), 2)  # MNT_DETACH: busy mounts go once their users let go
@@ -1248,7 +1252,10 @@ class Agent:
                 errors.append(f"ca: {exc}")
         if p.get("mounts"):
             try:
-                self.start_mounts([str(m) for m in p["mounts"]])
+                if p.get("fs_transport") == "virtiofs":
+                    self.start_virtiofs([str(m) for m in p["mounts"]], bool(p.get("fs_readonly")))
+                else:
+                    self.start_mounts([str(m) for m in p["mounts"]])
             except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
                 errors.append(f"mounts: {exc}")
         if "pids_max" in p:
@@ -1318,6 +1325,36 @@ class Agent:
         for var in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS",
                     "GIT_SSL_CAINFO", "PIP_CERT"):
             self.system_env[var] = ours
+
+    def start_virtiofs(self, mounts: list[str], readonly: bool) -> None:
+        """Mount the host's virtiofs device (tag ``gondolin``) at /run/gondolin/fs and bind each
+        mount point from it, as the FUSE daemon does (guest/fuse.py Daemon.bind_all): the
+        kernel's own driver talks to the host, no daemon runs here."""
+        if self.virtiofs:
+            return
+        hidden = "/run/gondolin/fs"
+        subprocess.run(["/sbin/modprobe", "virtiofs"], capture_output=True, timeout=20)
+        os.makedirs(hidden, exist_ok=True)
+        libc = ctypes.CDLL(None, use_errno=True)
+        flags = MS_NOSUID | MS_NODEV | (MS_RDONLY if readonly else 0)
+        if libc.mount(b"gondolin", hidden.encode(), b"virtiofs", flags, None) != 0:
+            err = ctypes.get_errno()
+            raise RuntimeError(f"cannot mount the virtiofs device: {os.strerror(err)}")
+        self.virtiofs = True
+        self.fuse_mounts = []
+        for m in sorted({m.rstrip("/") or "/" for m in mounts}, key=len):
+            os.makedirs(m, exist_ok=True)
+            if libc.mount((hidden + m).encode(), m.encode(), None, MS_BIND, None) != 0:
+                err = ctypes.get_errno()
+                self.stop_mounts()
+                raise RuntimeError(f"cannot bind {m} from the virtiofs device: {os.strerror(err)}")
+            self.fuse_mounts.append(m)
+        dev = os.stat(hidden).st_dev
+        try:
+            with open(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb", "w") as f:
+                f.write(str(VIRTIOFS_READ_AHEAD_KB))
+        except OSError as exc:
+            log(f"virtiofs read-ahead stays at the default: {exc}")
 
     def start_mounts(self, mounts: list[str]) -> None:
         """Start the FUSE daemon serving ``mounts`` from the host over the fs port; wait until mounted."""

@@ -295,6 +295,10 @@ async def save_checkpoint(machine: Machine, path: Path, *, disk_only: bool = Fal
     """Write ``machine`` to ``path`` (atomically: a partial file never has the final name).
     ``sync_disk`` flushes the guest's page cache first (disk-only checkpoints)."""
     overlay = machine.disk_overlay
+    unmigratable = machine.unmigratable()
+    if unmigratable is not None and not disk_only:
+        raise CheckpointError(f"cannot checkpoint: {unmigratable} (a disk-only checkpoint, disk_only=True, "
+                              "works)", code="checkpoint_unsupported")
     if disk_only and overlay is None:
         raise CheckpointError(f"a disk-only checkpoint needs rootfs='cow' (this VM's root disk is "
                               f"{machine.options.rootfs!r}: its writes live in memory); take a full checkpoint instead")

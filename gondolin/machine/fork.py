@@ -21,6 +21,7 @@ import anyio
 from .._log import get_logger
 from ..errors import GondolinError, VMClosedError
 from .boot import ForkClone
+from .checkpoint import CheckpointError
 from .machine import Machine
 from .state import Section, save_running_vm
 from .templates import DISK, MEMORY, memory_command
@@ -44,6 +45,9 @@ async def fork_machine(source: Machine, n: int,
         raise ValueError(f"n must be between 1 and {MAX_FORKS}")
     if source.run_dir is None or not source.running:
         raise VMClosedError("only a running VM can be forked")
+    unmigratable = source.unmigratable()
+    if unmigratable is not None:
+        raise CheckpointError(f"cannot fork: {unmigratable}", code="checkpoint_unsupported")
     state_dir = Path(tempfile.mkdtemp(prefix="fork-", dir=source.run_dir))
     try:
         t0 = time.monotonic()

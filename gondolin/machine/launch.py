@@ -15,6 +15,7 @@ from ..qemu import accel as _accel
 from ..qemu.process import find_qemu
 from .boot import BootSource, ColdBoot
 from .machine import Machine
+from .shape import uses_virtiofs
 from .templates import start_warm
 
 PROBE_MEMORY_MB = 256
@@ -55,13 +56,14 @@ def maker(options: VMOptions, image: Image, accel: str) -> Callable[[], Machine]
 async def start_machine(options: VMOptions, source: BootSource | None = None, *,
                         image: Image | None = None) -> Machine:
     """A started and configured machine. ``source=None``: a warm template when
-    ``options.warm`` (saving one first if there is none), else a cold boot."""
+    ``options.warm`` (saving one first if there is none), else a cold boot (always for
+    ``fs_transport="virtiofs"`` with mounts, whose device QEMU cannot save)."""
     opts, img, accel = await resolve(options, image=image)
     make = maker(opts, img, accel)
     if source is not None:
         machine = make()
         await machine.start(source)
-    elif opts.warm:
+    elif opts.warm and not uses_virtiofs(opts):  # QEMU cannot save a vhost-user-fs device: cold boot
         machine = await start_warm(make)
     else:
         machine = make()

@@ -18,6 +18,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -51,7 +52,7 @@ from ..qemu.argv import build_argv
 from ..qemu.process import QemuProcess, find_qemu
 from ..qemu.qmp import QmpClient
 from .boot import BootSource, ColdBoot
-from .shape import MachineShape, machine_shape, machine_spec
+from .shape import VIRTIOFS_SOCKET, MachineShape, machine_shape, machine_spec, uses_virtiofs
 from .state import Resync, Section, prepare_restored_disk
 
 log = get_logger("vm")
@@ -63,6 +64,9 @@ JUMBO_MTU = 65520
 RUN_PREFIX = "gondolin-vm-"
 TEARDOWN_TIMEOUT = 10.0  # seconds the shielded teardown may take before it gives up waiting
 _CA_CACHE: dict[str, Any] = {}
+# virtiofs has no notification queue in the guest kernel, so host-side changes (vm.fs writes)
+# cannot be pushed to it: the guest re-checks names and attributes after these instead.
+VIRTIOFS_TTLS_MS = {"entry_ttl_ms": 1_000, "attr_ttl_ms": 1_000, "negative_ttl_ms": 1_000}
 _LIVE: weakref.WeakSet[Machine] = weakref.WeakSet()
 
 
@@ -138,6 +142,7 @@ class Machine:
         self.network: Network | None = None
         self.qemu: QemuProcess | None = None
         self._vfs: Any = None  # gondolin.vfs.port.VfsServer while the fs port is served
+        self._virtiofs = False  # the mounts are served through the virtiofs device
         self._channel: Channel | None = None
         self._listeners: dict[str, UnixListener] = {}
         self._tg: TaskGroup | None = None
@@ -232,13 +237,20 @@ class Machine:
         (self.run_dir / "owner.pid").write_text(str(os.getpid()))
         spec = machine_spec(self.options, self.image, self.accel, self.run_dir)
         sockets = {"control": spec.ports[0].socket_path}
-        if self.options.mounts:
+        virtiofs = uses_virtiofs(self.options)
+        if self.options.mounts and not virtiofs:
             sockets["fs"] = spec.ports[1].socket_path
         if spec.net_socket:
             sockets["net"] = spec.net_socket
         for name, path in sockets.items():
             self._listeners[name] = UnixListener(path)
         restore = source.restore_source()
+        if virtiofs:
+            if restore is not None:
+                raise VMStartError(f"a VM with fs_transport='virtiofs' cannot start from a {restore.kind} (QEMU "
+                                   "does not migrate its vhost-user-fs device); boot it cold, or use "
+                                   "fs_transport='port'", code="virtiofs_restore")
+            self._start_virtiofs(self.run_dir / VIRTIOFS_SOCKET)
         disk = restore.disk if restore is not None else (source.disk if isinstance(source, ColdBoot) else None)
         await anyio.to_thread.run_sync(self._prepare_disk, disk)
         if restore is not None:
@@ -368,6 +380,37 @@ class Machine:
         self._vfs = VfsServer(self.options.mounts)
         self.spawn("file service", self._vfs.serve, stream)
 
+    def _start_virtiofs(self, path: Path) -> None:
+        """Listen on the vhost-user socket (before QEMU starts: it connects and negotiates while
+        it creates the device) and serve the mounts on it from this machine's task group."""
+        from ..vfs.port import VfsServer
+        from ..vhost.fs_device import serve_virtiofs
+
+        vfs = VfsServer(self.options.mounts, **VIRTIOFS_TTLS_MS)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            listener.bind(str(path))  # in the run directory, which only its owner can enter
+            listener.listen(1)
+        except OSError as exc:
+            listener.close()
+            raise VMStartError(f"cannot listen for the virtiofs device on {path}: {exc}") from exc
+
+        async def serve() -> None:
+            try:
+                await serve_virtiofs(listener, vfs)
+            finally:
+                listener.close()
+                with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                    await vfs.service.aclose()  # release what the guest left open
+
+        self._vfs = vfs
+        self._virtiofs = True
+        try:
+            self.spawn("virtiofs device", serve)
+        except BaseException:
+            listener.close()
+            raise
+
     async def _wait_qemu_exit(self) -> None:
         if self.qemu is not None:
             await self.qemu.exited.wait()
@@ -495,8 +538,16 @@ class Machine:
 
     def vfs_invalidate(self, path: str) -> None:
         """Drop what the guest kernel caches about ``path`` (changed from the host side)."""
-        if self._vfs is not None:
+        if self._vfs is not None and not self._virtiofs:  # virtiofs: the TTLs bound staleness
             self._vfs.invalidate(path)
+
+    def unmigratable(self) -> str | None:
+        """Why this machine's state cannot be saved (checkpoint, fork, template), or None."""
+        if uses_virtiofs(self.options):
+            return ("this VM serves its mounts over virtiofs (fs_transport='virtiofs'), whose device QEMU "
+                    "cannot save yet; create the VM with fs_transport='port' (the default) to checkpoint or "
+                    "fork it")
+        return None
 
     def console(self, lines: int = 50) -> list[str]:
         return self.qemu.console_tail(lines) if self.qemu else []
@@ -528,6 +579,9 @@ class Machine:
             extra.update(hostname=hostname or self.options.hostname, env=dict(env or self.options.env))
             if self.options.mounts:
                 extra["mounts"] = sorted(self.options.mounts)
+                if self._virtiofs:
+                    extra["fs_transport"] = "virtiofs"
+                    extra["fs_readonly"] = bool(self._vfs.root.readonly)
             if self.network is not None and self.network.ssh is not None:  # the guest trusts the SSH proxy
                 mapped = {k.rpartition(":")[0] if ":" in k else k for k in self.options.tcp_hosts}
                 extra.setdefault("files", {})["/etc/ssh/ssh_known_hosts"] = self.network.ssh.known_hosts_line(mapped)

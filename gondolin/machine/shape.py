@@ -25,12 +25,18 @@ RUN_PLACEHOLDER = "/@run"
 IMAGE_PLACEHOLDER = "/@image"
 CONTROL_PORT = "gondolin.control"
 FS_PORT = "gondolin.fs"
+VIRTIOFS_SOCKET = "virtiofs.sock"  # in the run directory
+VIRTIOFS_TAG = "gondolin"  # what the guest mounts (guest/agent.py start_virtiofs)
+VIRTIOFS_QUEUE_SIZE = 1024
 
 
 def machine_spec(options: VMOptions, image: Image, accel: str, run_dir: Path) -> MachineSpec:
     """The QEMU machine for a VM; every per-VM path lives under ``run_dir``."""
     ports = [SerialPort(CONTROL_PORT, str(run_dir / "control.sock"))]
-    if options.mounts:
+    extra: tuple[str, ...] = ()
+    if uses_virtiofs(options):
+        extra = virtiofs_args(str(run_dir / VIRTIOFS_SOCKET), options.memory_mb)
+    elif options.mounts:
         ports.append(SerialPort(FS_PORT, str(run_dir / "fs.sock")))
     base = str(image.rootfs)
     if options.rootfs == "readonly":
@@ -49,7 +55,22 @@ def machine_spec(options: VMOptions, image: Image, accel: str, run_dir: Path) ->
             "gondolin.debug=1 loglevel=6" if os.environ.get("GONDOLIN_GUEST_DEBUG") else "",
             f"gondolin.disk={options.disk_size}M" if options.disk_size and options.rootfs == "cow" else "",
             os.environ.get("GONDOLIN_KERNEL_APPEND", "")))),
+        extra_args=extra,
     )
+
+
+def uses_virtiofs(options: VMOptions) -> bool:
+    """Whether the VM serves its mounts through the virtiofs device (opt-in, mounts given)."""
+    return options.fs_transport == "virtiofs" and bool(options.mounts)
+
+
+def virtiofs_args(socket_path: str, memory_mb: int) -> tuple[str, ...]:
+    """QEMU arguments for the ``vhost-user-fs-pci`` device: guest RAM in a shared memfd (the
+    backend in this process maps it) and the device's vhost-user socket, on which the host
+    listens before QEMU starts (QEMU connects and negotiates while it creates the device)."""
+    return ("-object", f"memory-backend-memfd,id=mem,size={memory_mb}M,share=on", "-machine", "memory-backend=mem",
+            "-chardev", f"socket,id=vfs,path={socket_path}",
+            "-device", f"vhost-user-fs-pci,chardev=vfs,tag={VIRTIOFS_TAG},queue-size={VIRTIOFS_QUEUE_SIZE}")
 
 
 def machine_shape(options: VMOptions, image: Image, accel: str) -> MachineShape:

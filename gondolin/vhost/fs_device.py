@@ -34,6 +34,7 @@ from .protocol import (
     F_RING_INDIRECT_DESC,
     DeviceState,
     MessageReader,
+    Request,
     VhostUserError,
     Vring,
 )
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 REQUEST_QUEUES = 1
 MAX_FDS = 8
+STOP_TIMEOUT = 10.0  # seconds a stopping ring waits for the requests it already took
 
 
 def _reply_unique(pieces: Any) -> int:
@@ -60,6 +62,10 @@ class VirtioFsDevice:
         self.session: FuseSession | None = None
         self.requests = 0
         self.bad_requests = 0
+        # Per running ring: the scope of its kick loop, and an event set once the ring's task
+        # (its requests in flight included) is over.
+        self._pumps: dict[int, anyio.CancelScope] = {}
+        self._done: dict[int, anyio.Event] = {}
 
     async def _hello(self) -> FuseSession:
         frame = b"".join(bytes(p) for p in wire.request_frame(0, wire.Hello, (wire.VERSION, wire.MAX_IO, 0)))
@@ -91,17 +97,29 @@ class VirtioFsDevice:
                             os.close(fd)
                         break
                     for msg in reader.feed(data, fds):
+                        if msg.request == Request.GET_VRING_BASE and len(msg.payload) >= 4:
+                            # The frontend stops the ring (the VM is paused or stopped): finish
+                            # the requests already taken, so the index reported is where the
+                            # ring really is and nothing answers into it after the reply.
+                            await self._stop_queue(int.from_bytes(msg.payload[:4], "little"))
                         try:
                             reply = self.state.handle(msg)
                         except VhostUserError:
                             for fd in msg.fds:
                                 os.close(fd)
                             raise
+                        for index in reply.stopped:
+                            pump = self._pumps.get(index)
+                            if pump is not None:
+                                pump.cancel()
                         for fd in reply.close_fds:
+                            anyio.notify_closing(fd)  # a kick loop waiting on it wakes up
                             os.close(fd)
                         if reply.data:
                             sock.sendall(reply.data)
                         for index in reply.started:
+                            await self._stop_queue(index)  # one task per ring, never two
+                            self._done[index] = anyio.Event()
                             tg.start_soon(self._run_queue, index)
                 tg.cancel_scope.cancel()
         finally:
@@ -121,30 +139,57 @@ class VirtioFsDevice:
                           memory.guest_addr(vring.addr.used_user_addr), next_avail=vring.base,
                           event_idx=event_idx)
 
+    async def _stop_queue(self, index: int) -> None:
+        """Stop ring ``index``'s kick loop and wait (bounded) until its requests are answered."""
+        pump, done = self._pumps.get(index), self._done.get(index)
+        if pump is not None:
+            pump.cancel()
+        if done is not None:
+            with anyio.move_on_after(STOP_TIMEOUT):
+                await done.wait()
+
     async def _run_queue(self, index: int) -> None:
         vring = self.state.vrings[index]
-        queue = self._queue(index)
+        done = self._done.setdefault(index, anyio.Event())
+        try:
+            queue = self._queue(index)
+        except BaseException:
+            done.set()
+            raise
+        pump = anyio.CancelScope()
+        self._pumps[index] = pump
         try:
             async with anyio.create_task_group() as tg:
-                while vring.ready and vring.kick_fd is not None:
-                    kick = vring.kick_fd  # the frontend may replace kick and call fds at any time
-                    try:
-                        os.eventfd_read(kick)
-                    except BlockingIOError:
-                        await anyio.wait_readable(kick)
-                        continue
-                    while True:
-                        try:
-                            chain = queue.pop()
-                        except VirtqueueError as exc:
-                            log.warning("virtiofs queue %d: %s; the queue stops", index, exc)
-                            return
-                        if chain is None:
-                            break
-                        tg.start_soon(self._answer, queue, chain, vring)
+                with pump:
+                    await self._pump(index, vring, queue, tg)
+                # Stopped (or the ring broke): the requests already taken finish first.
         finally:
+            if self._pumps.get(index) is pump:
+                del self._pumps[index]
             vring.base = queue.next_avail
             queue.release()
+            done.set()
+
+    async def _pump(self, index: int, vring: Vring, queue: SplitQueue, tg: Any) -> None:
+        while vring.ready and vring.kick_fd is not None:
+            kick = vring.kick_fd  # the frontend may replace kick and call fds at any time
+            try:
+                os.eventfd_read(kick)
+            except BlockingIOError:
+                try:
+                    await anyio.wait_readable(kick)
+                except anyio.ClosedResourceError:
+                    pass  # replaced or stopped: look at the ring again
+                continue
+            while True:
+                try:
+                    chain = queue.pop()
+                except VirtqueueError as exc:
+                    log.warning("virtiofs queue %d: %s; the queue stops", index, exc)
+                    return
+                if chain is None:
+                    break
+                tg.start_soon(self._answer, queue, chain, vring)
 
     async def _answer(self, queue: SplitQueue, chain: Chain, vring: Vring) -> None:
         session = self.session

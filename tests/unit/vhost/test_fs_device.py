@@ -183,3 +183,23 @@ async def test_a_malformed_chain_stops_its_queue_not_the_device(tmp_path: Path) 
         answer = await front.send(Request.GET_VRING_BASE, struct.pack("<II", 1, 0), reply=True)
         assert struct.unpack("<II", answer) == (1, 0)
         assert dev.requests == 0
+
+
+async def test_a_ring_stopped_and_started_again_resumes_where_it_was(tmp_path: Path) -> None:
+    # What QEMU does when the VM is paused and resumed (QMP stop/cont): GET_VRING_BASE stops the
+    # ring (its kick and call fds are closed, their numbers reused), then the ring is set up again.
+    (tmp_path / "f.txt").write_bytes(b"data")
+    async with device(tmp_path) as (front, dev):
+        error, _ = await front.fuse(INIT, 0, INIT_IN.pack(7, 38, 1 << 17, 0))
+        assert error == 0
+        for _ in range(2):
+            for _ in range(3):
+                error, _ = await front.fuse(LOOKUP, 1, b"f.txt\0")
+                assert error == 0
+            answer = await front.send(Request.GET_VRING_BASE, struct.pack("<II", 1, 0), reply=True)
+            assert struct.unpack("<II", answer) == (1, front.avail_idx)
+            await front.send(Request.SET_VRING_BASE, struct.pack("<II", 1, front.avail_idx))
+            await front.send(Request.SET_VRING_CALL, struct.pack("<Q", 1), (front.call[1],))
+            await front.send(Request.SET_VRING_KICK, struct.pack("<Q", 1), (front.kick[1],))
+        error, _ = await front.fuse(LOOKUP, 1, b"f.txt\0")
+        assert error == 0 and dev.bad_requests == 0
