@@ -71,6 +71,21 @@ class BuildConfig:
         return h.hexdigest()[:16]
 
 
+def mmdebstrap_argv(suite: str, packages: Iterable[str], out: Path, mirror: str | None = None,
+                    extra: Iterable[str] = ()) -> list[str]:
+    """The mmdebstrap command every image build runs: essential variant plus ``packages``, without
+    manuals, docs (copyright kept), locales or info pages; ``extra`` options go before the suite."""
+    argv = [
+        "mmdebstrap", "--variant=essential", f"--include={','.join(packages)}",
+        "--dpkgopt=path-exclude=/usr/share/man/*", "--dpkgopt=path-exclude=/usr/share/doc/*",
+        "--dpkgopt=path-include=/usr/share/doc/*/copyright",
+        "--dpkgopt=path-exclude=/usr/share/locale/*", "--dpkgopt=path-include=/usr/share/locale/locale.alias",
+        "--dpkgopt=path-exclude=/usr/share/info/*", "--aptopt=Acquire::Retries \"3\"",
+        *extra, suite, str(out),
+    ]
+    return [*argv, mirror] if mirror else argv
+
+
 def require(tool: str, package: str, purpose: str) -> str:
     path = shutil.which(tool) or (f"/usr/sbin/{tool}" if os.path.exists(f"/usr/sbin/{tool}") else None) or (
         f"/sbin/{tool}" if os.path.exists(f"/sbin/{tool}") else None)
@@ -270,16 +285,7 @@ class ImageBuilder:
         try:
             tar = tmp / "rootfs.tar"
             self.progress(f"building Debian {self.config.suite} root filesystem with mmdebstrap (~1 min)")
-            argv = [
-                "mmdebstrap", "--variant=essential", f"--include={','.join(self.config.packages)}",
-                "--dpkgopt=path-exclude=/usr/share/man/*", "--dpkgopt=path-exclude=/usr/share/doc/*",
-                "--dpkgopt=path-include=/usr/share/doc/*/copyright",
-                "--dpkgopt=path-exclude=/usr/share/locale/*", "--dpkgopt=path-include=/usr/share/locale/locale.alias",
-                "--dpkgopt=path-exclude=/usr/share/info/*", "--aptopt=Acquire::Retries \"3\"",
-                self.config.suite, str(tar),
-            ]
-            if self.config.mirror:
-                argv.append(self.config.mirror)
+            argv = mmdebstrap_argv(self.config.suite, self.config.packages, tar, self.config.mirror)
             _run(argv, "mmdebstrap", self.progress)
             tree = tmp / "tree"
             tree.mkdir()

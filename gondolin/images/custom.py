@@ -34,6 +34,7 @@ from .builder import (
     ImageBuilder,
     Progress,
     _stderr_progress,
+    mmdebstrap_argv,
     require,
 )
 from .config import ImageConfig
@@ -147,21 +148,13 @@ class CustomImageBuilder(ImageBuilder):
         self.progress(f"installing {len(self.config.packages)} Debian {self.config.suite} packages with mmdebstrap"
                       f" (.debs already in {self.debs} are not downloaded again)")
         debs = shlex.quote(str(self.debs))
-        argv = [
-            "mmdebstrap", "--variant=essential", f"--include={','.join(self.config.packages)}",
-            "--dpkgopt=path-exclude=/usr/share/man/*", "--dpkgopt=path-exclude=/usr/share/doc/*",
-            "--dpkgopt=path-include=/usr/share/doc/*/copyright",
-            "--dpkgopt=path-exclude=/usr/share/locale/*", "--dpkgopt=path-include=/usr/share/locale/locale.alias",
-            "--dpkgopt=path-exclude=/usr/share/info/*", "--aptopt=Acquire::Retries \"3\"",
+        argv = mmdebstrap_argv(self.config.suite, self.config.packages, part, self.config.mirror, extra=(
             "--skip=download/empty", "--skip=essential/unlink",
             "--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives/",
             f"--setup-hook=sync-in {debs} /var/cache/apt/archives/",
             f"--customize-hook=sync-out /var/cache/apt/archives {debs}",
             "--customize-hook=rm -f \"$1\"/var/cache/apt/archives/*.deb",
-            self.config.suite, str(part),
-        ]
-        if self.config.mirror:
-            argv.append(self.config.mirror)
+        ))
         lines: deque[str] = deque(maxlen=200)
         try:
             proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
