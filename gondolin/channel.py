@@ -35,6 +35,14 @@ UNGRANTED_DATA_MAX = 4096  # bytes a message may carry when the host granted non
 _FIRST_ID = 1
 
 
+def _count(msg: Message, key: str) -> int:
+    """A non-negative integer field of a guest message (absent: 0); anything else is a protocol error."""
+    value = msg.p.get(key) or 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ProtocolError(f"guest sent {msg.type_name} with {key}={str(value)[:40]!r}, not a count")
+    return value
+
+
 class Inbox:
     """Messages for one request id, plus the credit the guest granted us for it."""
 
@@ -55,16 +63,20 @@ class Inbox:
         self.started_pid: int | None = None
 
     def deliver(self, msg: Message) -> None:
-        if msg.t == T.CREDIT:
-            n = int(msg.p.get("stdin") or 0) + int(msg.p.get("file") or 0) + int(msg.p.get("tcp") or 0)
-            if n > 0 or "file" in msg.p:
-                self.add_credit(n)
+        try:
+            if msg.t == T.CREDIT:
+                n = _count(msg, "stdin") + _count(msg, "file") + _count(msg, "tcp")
+                if n > 0 or "file" in msg.p:
+                    self.add_credit(n)
+                return
+            if msg.t == T.EXEC_STARTED:
+                self.add_credit(_count(msg, "stdin_window"))
+                self.started_pid = _count(msg, "pid") or None
+                self.started.set()
+        except ProtocolError as exc:
+            self.fail(exc)  # this request fails; the channel and every other request go on
             return
-        if msg.t == T.EXEC_STARTED:
-            self.add_credit(int(msg.p.get("stdin_window") or 0))
-            self.started_pid = int(msg.p.get("pid") or 0) or None
-            self.started.set()
-        elif msg.t in (T.EXIT, T.ERROR, T.TCP_CLOSE):
+        if msg.t in (T.EXIT, T.ERROR, T.TCP_CLOSE):
             self.finished = True  # writers waiting for credit must stop waiting
             self.add_credit(0)
             self.started.set()

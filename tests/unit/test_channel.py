@@ -57,6 +57,17 @@ async def test_credit_messages_are_applied_without_a_reader():
         assert inbox.credit == 150
 
 
+@pytest.mark.parametrize("fields", [{"tcp": "lots"}, {"stdin": -5}, {"file": 1.5}, {"stdin": True}])
+async def test_a_credit_that_is_not_a_count_fails_only_its_request(fields):
+    async with running() as (ch, guest):
+        bad, good = ch.open(), ch.open()
+        await guest.send(message(T.CREDIT, bad.id, **fields) + message(T.STDOUT, good.id, b"still served"))
+        with pytest.raises(ProtocolError, match="not a count"):
+            await bad.get()
+        assert (await good.get()).data == b"still served"
+        assert bad.credit == 0
+
+
 async def test_data_beyond_granted_credit_is_a_protocol_error():
     async with running() as (ch, guest):
         inbox = ch.open()
