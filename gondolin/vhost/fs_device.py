@@ -21,6 +21,7 @@ import errno
 import logging
 import os
 import socket
+from collections.abc import Sequence
 from typing import Any
 
 import anyio
@@ -47,10 +48,9 @@ MAX_FDS = 8
 STOP_TIMEOUT = 10.0  # seconds a stopping ring waits for the requests it already took
 
 
-def _reply_unique(pieces: Any) -> int:
-    first = bytes(pieces[0][:OUT_HEADER.size]) if len(pieces[0]) >= OUT_HEADER.size else b"".join(
-        bytes(p) for p in pieces)[:OUT_HEADER.size]
-    return int(OUT_HEADER.unpack(first)[2])
+def _unframe(pieces: Sequence[bytes | memoryview]) -> bytes:
+    """The FS RPC message in a frame FuseSession built (length prefix, then its pieces), one copy."""
+    return b"".join([memoryview(pieces[0])[wire.FRAME_HEADER.size:], *pieces[1:]])
 
 
 class VirtioFsDevice:
@@ -68,8 +68,7 @@ class VirtioFsDevice:
         self._done: dict[int, anyio.Event] = {}
 
     async def _hello(self) -> FuseSession:
-        frame = b"".join(bytes(p) for p in wire.request_frame(0, wire.Hello, (wire.VERSION, wire.MAX_IO, 0)))
-        (message,) = wire.FrameSplitter().feed(frame)
+        message = _unframe(wire.request_frame(0, wire.Hello, (wire.VERSION, wire.MAX_IO, 0)))
         response = await self.vfs.service.handle(message)
         assert response is not None
         body = wire.decode_response(response).body
@@ -202,17 +201,17 @@ class VirtioFsDevice:
             while outs:
                 dest, pieces = outs.pop(0)
                 if dest == TO_PORT:
-                    for message in wire.FrameSplitter().feed(b"".join(bytes(p) for p in pieces)):
-                        response = await self.vfs.service.handle(message)
-                        if response is not None:
-                            outs.extend(session.port_message(response))
+                    response = await self.vfs.service.handle(_unframe(pieces))
+                    if response is not None:
+                        outs.extend(session.port_message(response))
                 elif dest == TO_FUSE:
                     try:
                         for piece in pieces:
                             written += chain.write(piece, written)
                     except VirtqueueError:
                         self.bad_requests += 1
-                        header = OUT_HEADER.pack(OUT_HEADER.size, -errno.EIO, _reply_unique(pieces))
+                        unique = IN_HEADER.unpack_from(request)[2]
+                        header = OUT_HEADER.pack(OUT_HEADER.size, -errno.EIO, unique)
                         written = chain.write(header) if chain.writable_len >= OUT_HEADER.size else 0
         else:
             self.bad_requests += 1

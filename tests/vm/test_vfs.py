@@ -27,6 +27,8 @@ from gondolin.vfs import (
     RealFSProvider,
 )
 
+from . import vfs_workloads as workloads
+
 pytestmark = [pytest.mark.anyio, pytest.mark.vm]
 
 
@@ -63,9 +65,7 @@ async def env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
 
 
 async def sh(env: Env, script: str, timeout: float = 120) -> str:
-    r = await env.vm.exec(["bash", "-ec", script], timeout=timeout)
-    assert r.exit_code == 0, f"{script!r} exited {r.exit_code}: {r.stderr}{r.stdout}"
-    return r.stdout
+    return await workloads.sh(env.vm, script, timeout)
 
 
 async def test_mounts_are_fuse_bind_mounts(env: Env) -> None:
@@ -74,21 +74,7 @@ async def test_mounts_are_fuse_bind_mounts(env: Env) -> None:
 
 
 async def test_git_init_add_commit_status(env: Env) -> None:
-    out = await sh(
-        env,
-        """
-        cd /workspace && mkdir repo && cd repo
-        git init -q -b main . && git config user.email t@example.com && git config user.name T
-        mkdir -p src && for i in $(seq 1 30); do echo "print($i)" > src/m$i.py; done
-        git add -A && git commit -q -m first
-        echo changed >> src/m1.py && echo new > untracked.txt && git rm -q src/m2.py
-        git status --porcelain
-        git log --oneline | wc -l
-    """,
-    )
-    assert out.split("\n")[:3] == [" M src/m1.py", "D  src/m2.py", "?? untracked.txt"]
-    assert out.split()[-1] == "1"
-    assert (env.work / "repo" / ".git" / "HEAD").read_text() == "ref: refs/heads/main\n"
+    await workloads.git_init_add_commit_status(env.vm, env.work)
 
 
 async def test_venv_and_import_from_the_mount(env: Env) -> None:
@@ -108,20 +94,7 @@ async def test_venv_and_import_from_the_mount(env: Env) -> None:
 
 
 async def test_sqlite_create_insert_query(env: Env) -> None:
-    out = await sh(
-        env,
-        """
-        cd /workspace
-        sqlite3 app.db 'create table t(id integer primary key, name text);'
-        for i in $(seq 1 50); do echo "insert into t(name) values ('row$i');"; done | sqlite3 app.db
-        sqlite3 app.db 'select count(*), max(name) from t;'
-    """,
-    )
-    assert out.strip() == "50|row9"
-    import sqlite3
-
-    with sqlite3.connect(env.work / "app.db") as db:
-        assert db.execute("select count(*) from t").fetchone() == (50,)
+    await workloads.sqlite_create_insert_query(env.vm, env.work)
 
 
 async def test_tar_extract_then_find_and_du(env: Env) -> None:
