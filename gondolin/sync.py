@@ -17,7 +17,7 @@ import atexit
 import concurrent.futures
 import threading
 import weakref
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar, Unpack
 
 import anyio
@@ -27,6 +27,7 @@ from . import vm as _vm
 from .errors import GondolinError
 from .exec import ExecResult
 from .fstypes import DirEntry, FileStat
+from .ingress import IngressEvent, IngressGateway, Route, RouteTable
 from .options import OptionChanges, VMOptions
 from .ssh_access import SshAccess
 from .streams import TcpForward
@@ -140,6 +141,48 @@ class SyncForward:
         return repr(self._forward)
 
 
+class SyncGateway:
+    """Blocking twin of :class:`gondolin.ingress.IngressGateway`: ``url``, ``routes``,
+    ``set_routes()``, ``events()``, ``close()``."""
+
+    def __init__(self, loop: _Loop, gateway: IngressGateway) -> None:
+        self._loop = loop
+        self._gateway = gateway
+        self.host = gateway.host
+        self.port = gateway.port
+
+    @property
+    def url(self) -> str:
+        return self._gateway.url
+
+    @property
+    def routes(self) -> RouteTable:
+        return self._gateway.routes
+
+    def set_routes(self, routes: RouteTable | Mapping[str, int] | Iterable[Route] | None) -> None:
+        self._loop.call(lambda: _now(self._gateway.set_routes, routes))
+
+    def events(self) -> list[IngressEvent]:
+        return self._gateway.events()
+
+    def close(self) -> None:
+        self._loop.call(self._gateway.close)
+
+    def __enter__(self) -> SyncGateway:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return repr(self._gateway)
+
+
+async def _now(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run a plain function on the VM's loop (where the object it changes lives)."""
+    return fn(*args)
+
+
 def _close_quietly(loop: _Loop, async_vm: _vm.VM | None) -> None:
     """Finalizer and exit handler: close the VM (bounded) and stop its loop."""
     try:
@@ -214,6 +257,12 @@ class VM:
         fwd = self._loop.call(lambda: self._async.forward_tcp(guest_port, host, host_port,
                                                               allow_remote=allow_remote))
         return SyncForward(self._loop, fwd)
+
+    def expose_http(self, port: int | None = None, **kw: Any) -> SyncGateway:
+        """Serve the guest's HTTP servers on a host listener (see :meth:`gondolin.VM.expose_http`:
+        the same keywords); it stops when the VM closes."""
+        gateway = self._loop.call(lambda: self._async.expose_http(port, **kw))
+        return SyncGateway(self._loop, gateway)
 
     def enable_ssh(self, user: str = "agent", **kw: Any) -> SshAccess:
         """Start sshd in the guest and return the ready ``ssh`` command (see

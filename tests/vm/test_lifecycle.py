@@ -1,4 +1,5 @@
 import os
+import urllib.request
 
 import anyio
 import pytest
@@ -86,6 +87,19 @@ def test_sync_facade(no_leaks):
         assert vm.fs.read_text("/tmp/s.txt") == "from sync"
         assert list(vm.exec_lines("seq 3")) == ["1", "2", "3"]
         assert vm.exec("exit 4").exit_code == 4
+        # expose_http: a guest server answers through the host gateway, and close() stops it
+        vm.fs.write("/srv/index.html", "served from the guest")
+        vm.exec("cd /srv && (python3 -m http.server 8080 --bind 127.0.0.1 >/dev/null 2>&1 &)")
+        vm.exec("for i in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/8080) 2>/dev/null && break; sleep 0.1; done")
+        with vm.expose_http(8080) as gateway:
+            assert gateway.url.startswith("http://127.0.0.1:")
+            with urllib.request.urlopen(gateway.url + "index.html", timeout=30) as reply:
+                assert reply.read() == b"served from the guest"
+            gateway.set_routes({"/api": 8081})
+            assert [r.prefix for r in gateway.routes.routes] == ["/api"]
+            assert any(e.status == 200 for e in gateway.events())
+        with pytest.raises(OSError):
+            urllib.request.urlopen(gateway.url, timeout=5)
 
 
 def test_run_dirs_of_dead_owners_are_collected(tmp_path):
