@@ -43,6 +43,7 @@ from .provider import (
     ROOT,
     Attr,
     Caller,
+    DirectIO,
     Dirent,
     FileHandle,
     HandleWrapper,
@@ -450,6 +451,9 @@ async def walk(provider: Provider, path: str) -> AsyncIterator[tuple[str, Attr]]
 
 class _UpperHandle(HandleWrapper):
     """An upper-layer file: inode numbers tagged like the rest of the upper layer."""
+
+    def direct_io(self) -> DirectIO | None:
+        return self.inner.direct_io()  # the tag is on attributes only, not on the data
 
     async def getattr(self) -> Attr:
         return _tag(await self.inner.getattr())

@@ -29,6 +29,7 @@ from .wire import (
 __all__ = [
     "Attr",
     "Caller",
+    "DirectIO",
     "Dirent",
     "FileHandle",
     "OpenMode",
@@ -184,10 +185,33 @@ def check_rename_flags(flags: int) -> None:
         raise VfsError(EINVAL, "bad rename flags")
 
 
+class DirectIO(ABC):
+    """Scatter/gather I/O between an open file and buffers the caller owns, with no copy in
+    between: how a transport whose buffers are guest memory (virtiofs) moves READ and WRITE
+    payloads. The same checks as the handle's :meth:`FileHandle.read` and
+    :meth:`FileHandle.write` apply (open mode, offset and size bounds). Synchronous and
+    possibly blocking: call it from a worker thread. Safe against the handle being released
+    on another thread meanwhile (the call then fails with EBADF)."""
+
+    @abstractmethod
+    def readinto(self, offset: int, buffers: Sequence[memoryview]) -> int:
+        """Fill ``buffers`` in order from ``offset``; the number of bytes read (short at EOF)."""
+
+    @abstractmethod
+    def writefrom(self, offset: int, buffers: Sequence[memoryview]) -> int:
+        """Write ``buffers`` in order at ``offset`` (at the end when opened for append)."""
+
+
 class FileHandle(ABC):
     """An open file. Handles stay valid after their path is renamed or unlinked."""
 
     mode: OpenMode = READ_ONLY
+
+    def direct_io(self) -> DirectIO | None:
+        """This handle's :class:`DirectIO`, when reads and writes are plain file I/O on the
+        host that nothing else needs to see; ``None`` (the default, and what wrappers return
+        unless they say otherwise) means "use :meth:`read` and :meth:`write`"."""
+        return None
 
     @abstractmethod
     async def read(self, offset: int, size: int) -> bytes: ...

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from .errors import EROFS, VfsError
 from .provider import (
     ROOT,
     W_OK,
     Attr,
     Caller,
+    DirectIO,
     FileHandle,
     HandleWrapper,
     OpenMode,
@@ -58,7 +61,22 @@ class ReadonlyProvider(ProviderWrapper):
         raise VfsError(EROFS)
 
 
+class _ReadonlyDirect(DirectIO):
+    def __init__(self, inner: DirectIO) -> None:
+        self.inner = inner
+
+    def readinto(self, offset: int, buffers: Sequence[memoryview]) -> int:
+        return self.inner.readinto(offset, buffers)
+
+    def writefrom(self, offset: int, buffers: Sequence[memoryview]) -> int:
+        raise VfsError(EROFS)
+
+
 class _ReadonlyHandle(HandleWrapper):
+    def direct_io(self) -> DirectIO | None:
+        inner = self.inner.direct_io()
+        return None if inner is None else _ReadonlyDirect(inner)
+
     async def write(self, offset: int, data: bytes) -> int:
         raise VfsError(EROFS)
 

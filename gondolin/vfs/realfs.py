@@ -22,6 +22,7 @@ import ctypes.util
 import os
 import platform
 import stat
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TypeVar
@@ -35,6 +36,7 @@ from .provider import (
     ROOT,
     Attr,
     Caller,
+    DirectIO,
     Dirent,
     FileHandle,
     OpenMode,
@@ -55,6 +57,7 @@ _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_NOFOLLOW = os.O_NOFOLLOW
 _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 _O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 _DIR_FLAGS = _O_PATH | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC
 
 # openat2(2), include/uapi/linux/openat2.h. 437 is the same number on every architecture.
@@ -536,30 +539,82 @@ class RealFSProvider(Provider):
 
 
 class _Fd:
-    """A descriptor closed only once no call is using it (a guest may RELEASE mid-READ)."""
+    """A descriptor closed only once no call is using it (a guest may RELEASE mid-READ).
+
+    Thread-safe: :class:`_RealDirect` uses it from a transport's worker thread while the event
+    loop may release the handle."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.users = 0
         self.closing = False
+        self._lock = threading.Lock()
 
     @contextmanager
     def use(self) -> Iterator[int]:
-        if self.closing:
-            raise VfsError(EBADF)
-        self.users += 1
+        with self._lock:
+            if self.closing:
+                raise VfsError(EBADF)
+            self.users += 1
         try:
             yield self.fd
         finally:
-            self.users -= 1
-            if self.closing and not self.users:
+            with self._lock:
+                self.users -= 1
+                last = self.closing and not self.users
+            if last:
                 os.close(self.fd)
 
     def close(self) -> None:
-        if not self.closing:
+        with self._lock:
+            if self.closing:
+                return
             self.closing = True
-            if not self.users:
-                os.close(self.fd)
+            last = not self.users
+        if last:
+            os.close(self.fd)
+
+
+class _RealDirect(DirectIO):
+    """preadv/pwritev on the handle's descriptor, straight into or out of the caller's buffers."""
+
+    def __init__(self, fd: _Fd, mode: OpenMode) -> None:
+        self._fd = fd
+        self._mode = mode
+
+    def readinto(self, offset: int, buffers: Sequence[memoryview]) -> int:
+        check_io(offset, sum(len(b) for b in buffers))
+        if not self._mode.read:
+            raise VfsError(EBADF)
+        try:
+            with self._fd.use() as fd:
+                return _vectored(os.preadv, fd, buffers, offset)
+        except OSError as exc:
+            raise VfsError.from_os_error(exc) from None
+
+    def writefrom(self, offset: int, buffers: Sequence[memoryview]) -> int:
+        check_io(offset, sum(len(b) for b in buffers))
+        if not self._mode.write:
+            raise VfsError(EBADF)
+        try:
+            with self._fd.use() as fd:
+                # With O_APPEND, Linux pwritev appends whatever the offset says.
+                return _vectored(os.pwritev, fd, buffers, offset)
+        except OSError as exc:
+            raise VfsError.from_os_error(exc) from None
+
+
+def _vectored(call: Callable[[int, Sequence[memoryview], int], int], fd: int,
+              buffers: Sequence[memoryview], offset: int) -> int:
+    """``call`` over ``buffers`` in IOV_MAX-sized slices, stopping at the first short count."""
+    done = 0
+    for i in range(0, len(buffers), _IOV_MAX):
+        part = buffers[i:i + _IOV_MAX]
+        n = call(fd, part, offset + done)
+        done += n
+        if n < sum(len(b) for b in part):
+            break
+    return done
 
 
 class _RealHandle(FileHandle):
@@ -567,6 +622,10 @@ class _RealHandle(FileHandle):
         self._fs = fs
         self._fd = _Fd(fd)
         self.mode = mode
+        self._direct = _RealDirect(self._fd, mode)
+
+    def direct_io(self) -> DirectIO | None:
+        return self._direct
 
     async def read(self, offset: int, size: int) -> bytes:
         check_io(offset, size)

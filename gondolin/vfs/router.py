@@ -20,6 +20,7 @@ from .provider import (
     SYNTHETIC_STATFS,
     Attr,
     Caller,
+    DirectIO,
     Dirent,
     FileHandle,
     HandleWrapper,
@@ -238,6 +239,9 @@ class _RoutedHandle(HandleWrapper):
 
     async def setattr(self, changes: SetAttr) -> Attr:
         return MountRouter._tag(await self.inner.setattr(changes), self._index)
+
+    def direct_io(self) -> DirectIO | None:
+        return self.inner.direct_io()  # routing adds nothing to the data
 
     async def copy_to(
         self, offset: int, dst: FileHandle, dst_offset: int, length: int

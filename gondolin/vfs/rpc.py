@@ -41,6 +41,7 @@ from .nodes import DEFAULT_MAX_NODES, ROOT_NODE, NodeTable
 from .provider import (
     Attr,
     Caller,
+    DirectIO,
     FileHandle,
     OpenMode,
     Provider,
@@ -192,6 +193,14 @@ class FsRpcService:
     @property
     def open_dirs(self) -> int:
         return len(self._dirs.items)
+
+    def direct_io(self, fh: int) -> DirectIO | None:
+        """The :class:`DirectIO` of open file ``fh`` (None when unknown or its handle has none).
+
+        For transports that move READ/WRITE payloads between guest memory and the file
+        themselves (virtiofs); safe to call from their worker thread (one dict lookup)."""
+        entry = self._files.items.get(fh)
+        return None if entry is None else entry.handle.direct_io()
 
     # --- transport ---------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ caller marks the queue broken (virtio's NEEDS_RESET) rather than guessing.
 from __future__ import annotations
 
 import struct
+import threading
 from dataclasses import dataclass, field
 
 from ..errors import ProtocolError
@@ -103,6 +104,7 @@ class SplitQueue:
         self.next_avail = next_avail & 0xFFFF
         self._used_idx = _U16.unpack_from(self._used, 2)[0]
         self._signalled_used = self._used_idx
+        self._fence = threading.Lock()
 
     # -- the available side -------------------------------------------------------------
 
@@ -116,15 +118,36 @@ class SplitQueue:
             raise VirtqueueError(f"available index moved {n} entries ahead of a {self.size}-entry queue")
         return n
 
-    def pop(self) -> Chain | None:
+    def pop(self, *, arm: bool = True) -> Chain | None:
+        """The next available chain, or None. ``arm=False`` leaves the driver's kicks suppressed
+        (a device draining the ring needs none); call :meth:`arm_kick` once it runs dry."""
         if not self.pending():
             return None
         head = _U16.unpack_from(self._avail, 4 + 2 * (self.next_avail % self.size))[0]
         chain = self._walk(head)
         self.next_avail = (self.next_avail + 1) & 0xFFFF
-        if self.event_idx:  # avail_event: tell the driver when to kick us next
+        if arm and self.event_idx:  # avail_event: tell the driver when to kick us next
             _U16.pack_into(self._used, 4 + 8 * self.size, self.next_avail)
         return chain
+
+    def arm_kick(self) -> bool:
+        """Ask the driver to kick for its next chain; True if one arrived meanwhile (pop it).
+
+        With event idx that is ``avail_event``; without, the used ring's NO_NOTIFY flag is
+        cleared (:meth:`quiet` sets it). The ring is read again after a full barrier, so a chain
+        the driver added just before seeing the new value is never left unnoticed."""
+        if self.event_idx:
+            _U16.pack_into(self._used, 4 + 8 * self.size, self.next_avail)
+        else:
+            _U16.pack_into(self._used, 0, 0)
+        with self._fence:  # a locked instruction: stores above are visible before the load below
+            pass
+        return self.pending() > 0
+
+    def quiet(self) -> None:
+        """Tell a driver without event idx not to kick while the device drains (USED_F_NO_NOTIFY)."""
+        if not self.event_idx:
+            _U16.pack_into(self._used, 0, USED_F_NO_NOTIFY)
 
     def _walk(self, head: int) -> Chain:
         chain = Chain(head)
