@@ -112,8 +112,13 @@ def _span(buffers: Sequence[memoryview], offset: int, size: int) -> list[memoryv
     for buf in buffers:
         if size <= 0:
             break
-        if offset >= len(buf):
-            offset -= len(buf)
+        n = len(buf)
+        if offset >= n:
+            offset -= n
+            continue
+        if not offset and n <= size:
+            out.append(buf)  # the common case: whole pages, no new view
+            size -= n
             continue
         piece = buf[offset:offset + size]
         out.append(piece)

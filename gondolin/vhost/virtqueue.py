@@ -153,13 +153,18 @@ class SplitQueue:
         chain = Chain(head)
         table, table_size = self._desc, self.size
         index, seen, total, indirect = head, 0, 0, False
+        entries: list[tuple[int, int, int, int]] | None = None  # an indirect table, decoded at once
+        view = self.memory.view
         while True:
             if index >= table_size:
                 raise VirtqueueError(f"descriptor index {index} is outside a {table_size}-entry table")
             seen += 1
             if seen > table_size:
                 raise VirtqueueError(f"descriptor chain from head {head} loops")
-            addr, length, flags, nxt = _DESC.unpack_from(table, 16 * index)
+            if entries is not None:
+                addr, length, flags, nxt = entries[index]
+            else:
+                addr, length, flags, nxt = _DESC.unpack_from(table, 16 * index)
             if flags & DESC_F_INDIRECT:
                 if indirect:
                     raise VirtqueueError("an indirect descriptor inside an indirect table")
@@ -169,16 +174,20 @@ class SplitQueue:
                     raise VirtqueueError(f"indirect table of {length} bytes is not 1..{MAX_QUEUE_SIZE} "
                                          "16-byte descriptors")
                 try:
-                    table = self.memory.view(addr, length)
+                    table = view(addr, length)
                 except GuestMemoryError as exc:
                     raise VirtqueueError(f"indirect table: {exc}") from exc
+                entries = list(_DESC.iter_unpack(table))  # a copy: the guest may change the table
+                straight = self._straight(head, entries)
+                if straight is not None:
+                    return straight
                 table_size, index, seen, indirect = length // 16, 0, 0, True
                 continue
             total += length
             if total > self.max_chain_bytes:
                 raise VirtqueueError(f"descriptor chain from head {head} is over {self.max_chain_bytes} bytes")
             try:
-                buf = self.memory.view(addr, length)
+                buf = view(addr, length)
             except GuestMemoryError as exc:
                 raise VirtqueueError(f"descriptor {index}: {exc}") from exc
             if flags & DESC_F_WRITE:
@@ -190,6 +199,34 @@ class SplitQueue:
             if not flags & DESC_F_NEXT:
                 return chain
             index = nxt
+
+    def _straight(self, head: int, entries: list[tuple[int, int, int, int]]) -> Chain | None:
+        """An indirect table as the drivers lay it out (entry i chained to i+1, readable ones
+        first, no nested table), turned into a chain in a few passes; None for anything else,
+        which the general walk then checks (and refuses) entry by entry."""
+        end = 0
+        for i, (_addr, _length, flags, nxt) in enumerate(entries):
+            if flags & DESC_F_INDIRECT:
+                return None
+            if not flags & DESC_F_NEXT:
+                end = i + 1
+                break
+            if nxt != i + 1:
+                return None
+        else:
+            return None
+        used = entries[:end]
+        flags_w = [e[2] & DESC_F_WRITE for e in used]
+        first_w = flags_w.index(DESC_F_WRITE) if DESC_F_WRITE in flags_w else end
+        if not all(flags_w[first_w:]):
+            return None
+        if sum(e[1] for e in used) > self.max_chain_bytes:
+            return None
+        try:
+            views = self.memory.views([(e[0], e[1]) for e in used])
+        except GuestMemoryError:
+            return None
+        return Chain(head, views[:first_w], views[first_w:])
 
     # -- the used side ------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import hashlib
 import io
 import os
 import tarfile
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -235,7 +236,7 @@ async def test_a_failed_device_start_leaves_nothing_behind(monkeypatch: pytest.M
                                                            tmp_path: Path, no_leaks: None) -> None:
     from gondolin.vhost import fs_device
 
-    async def broken(listener: object, vfs: object) -> None:
+    async def broken(listener: object, vfs: object, **options: object) -> None:
         raise RuntimeError("backend broke at start")
 
     monkeypatch.setattr(fs_device, "serve_virtiofs", broken)
@@ -253,3 +254,5 @@ async def test_close_leaves_nothing_behind(env: Env) -> None:
     assert qemu_pids() <= env.pids_before
     assert set(own_run_dirs()) <= env.dirs_before
     assert vm_fds() == env.fds_before
+    # the device's per-queue worker threads are gone with it
+    assert not [t for t in threading.enumerate() if t.name.startswith("virtiofs-queue")]

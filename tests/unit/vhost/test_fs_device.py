@@ -4,6 +4,7 @@ the driver (the guest kernel) over a real socket, a real memfd and real eventfds
 from __future__ import annotations
 
 import errno
+import json
 import mmap
 import os
 import socket
@@ -13,6 +14,7 @@ import tracemalloc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -184,9 +186,10 @@ class Frontend:
 
 
 @asynccontextmanager
-async def device(root: Path | Provider, cache: str = "auto") -> AsyncIterator[tuple[Frontend, VirtioFsDevice]]:
+async def device(root: Path | Provider, cache: str = "auto",
+                 **service_options: Any) -> AsyncIterator[tuple[Frontend, VirtioFsDevice]]:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    vfs = VfsServer({"/": root if isinstance(root, Provider) else RealFSProvider(str(root))})
+    vfs = VfsServer({"/": root if isinstance(root, Provider) else RealFSProvider(str(root))}, **service_options)
     dev = VirtioFsDevice(vfs, cache=cache)
     front = Frontend(theirs)
     try:
@@ -498,4 +501,44 @@ async def test_a_kernel_shaped_session_replays_cleanly(tmp_path: Path) -> None:
         assert error == 0 and not (tmp_path / "f").exists()
         assert dev.bad_requests == 0 and dev.direct_requests == 2
         assert dev.vfs.service.open_files == 0 and dev.vfs.service.open_dirs == 0
+    _no_workers(dev)
+
+
+# --- recorded traffic --------------------------------------------------------------------------
+
+SESSION = Path(__file__).with_name("virtiofs_session.json")
+
+
+async def test_recorded_guest_traffic_replays_with_the_same_answers(tmp_path: Path) -> None:
+    """Every chain a real guest (kernel 6.1's virtiofs driver) sent for a small shell workload
+    (SESSION["workload"]), with its descriptor layout, replayed in the order it was answered:
+    each gets the reply size and errno it got then. The recording's service numbered nodes and
+    handles from SESSION["id_offset"], so the ids inside the requests mean the same here."""
+    session = json.loads(SESSION.read_text())
+    records = session["records"]
+    assert len(records) > 50
+    ttls = {"entry_ttl_ms": 1000, "attr_ttl_ms": 1000, "negative_ttl_ms": 1000}
+    async with device(tmp_path, id_offset=session["id_offset"], **ttls) as (front, dev):
+        for rec in records:
+            request = bytes.fromhex(rec["request"])
+            out = front._buf(len(request))
+            front.mem[out:out + len(request)] = request
+            descs, pos = [], out
+            for length in rec["readable"]:
+                descs.append((pos, length, 0))
+                pos += length
+            reply = front._buf(sum(rec["writable"]))
+            pos = reply
+            for length in rec["writable"]:
+                descs.append((pos, length, DESC_F_WRITE))
+                pos += length
+            front.offer(descs)
+            written = await front.wait_used()
+            assert written == rec["written"], rec
+            if written >= OUT_HEADER.size:
+                length, error, unique = OUT_HEADER.unpack_from(front.mem, reply)
+                assert (length, error) == (written, rec["error"])
+                assert unique == IN_HEADER.unpack_from(request)[2]
+        assert dev.bad_requests == 0 and dev.direct_requests > 0
+    assert list(tmp_path.iterdir()) == []  # the workload ends with rm -r
     _no_workers(dev)
