@@ -214,7 +214,7 @@ class _Ring:
             size = min(size, device.max_io)
             try:
                 n = io.readinto(offset, _span(chain.writable, OUT_HEADER.size, size))
-            except (VfsError, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001 - a provider's bug is an EIO, not a dead queue
                 n, err = 0, _errno(exc)
             reply: bytes = OUT_HEADER.pack(OUT_HEADER.size + n, -err, unique)
             device.bytes_read += n
@@ -226,7 +226,7 @@ class _Ring:
             else:
                 try:
                     n = io.writefrom(offset, _span(chain.readable, _DATA_HEAD, size))
-                except (VfsError, OSError) as exc:
+                except Exception as exc:  # noqa: BLE001
                     n, err = 0, _errno(exc)
             if err:
                 reply = OUT_HEADER.pack(OUT_HEADER.size, -err, unique)
@@ -273,6 +273,7 @@ def _errno(exc: BaseException) -> int:
         return exc.errno or errno.EIO
     if isinstance(exc, OSError):
         return linux_errno(exc.errno)
+    log.error("virtiofs: direct I/O failed", exc_info=exc)
     return errno.EIO
 
 

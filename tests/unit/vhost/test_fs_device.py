@@ -11,7 +11,7 @@ import socket
 import struct
 import threading
 import tracemalloc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,14 @@ import pytest
 from gondolin.errors import GondolinError
 from gondolin.vfs import CopyOnWriteProvider, MemoryProvider, ReadonlyProvider
 from gondolin.vfs.port import VfsServer
-from gondolin.vfs.provider import FileHandle, HandleWrapper, OpenMode, Provider, ProviderWrapper
+from gondolin.vfs.provider import (
+    DirectIO,
+    FileHandle,
+    HandleWrapper,
+    OpenMode,
+    Provider,
+    ProviderWrapper,
+)
 from gondolin.vfs.realfs import RealFSProvider
 from gondolin.vhost.fs_device import MAX_HANDED_OFF, VirtioFsDevice
 from gondolin.vhost.protocol import HEADER, Request, encode
@@ -368,6 +375,37 @@ async def test_cache_none_opens_files_for_direct_io(tmp_path: Path, cache: str) 
 def test_an_unknown_cache_mode_is_refused() -> None:
     with pytest.raises(GondolinError, match="'auto'"):
         VirtioFsDevice(VfsServer({"/": MemoryProvider()}), cache="writeback")
+
+
+class _BrokenDirect(DirectIO):
+    def readinto(self, offset: int, buffers: Sequence[memoryview]) -> int:
+        raise RuntimeError("provider bug")
+
+    def writefrom(self, offset: int, buffers: Sequence[memoryview]) -> int:
+        raise RuntimeError("provider bug")
+
+
+class _BrokenHandle(HandleWrapper):
+    def direct_io(self) -> DirectIO | None:
+        return _BrokenDirect()
+
+
+class _Broken(ProviderWrapper):
+    async def open(self, path: str, mode: OpenMode) -> FileHandle:
+        return _BrokenHandle(await self.inner.open(path, mode))
+
+
+async def test_a_provider_bug_on_the_direct_path_is_an_eio_not_a_dead_queue(tmp_path: Path) -> None:
+    (tmp_path / "f.txt").write_bytes(b"data")
+    async with device(_Broken(RealFSProvider(str(tmp_path)))) as (front, dev):
+        await _init(front)
+        error, fh = await _open(front, b"f.txt", os.O_RDWR)
+        error, _ = await front.fuse(READ, 2, READ_IN.pack(fh, 0, 4096, 0, 0, 0, 0))
+        assert error == -errno.EIO
+        error, _ = await front.fuse(WRITE, 2, READ_IN.pack(fh, 0, 1, 0, 0, 0, 0), data=b"x")
+        assert error == -errno.EIO
+        error, _ = await front.fuse(LOOKUP, 1, b"f.txt\0")  # the queue still answers
+        assert error == 0 and len(dev.threads) == 2
 
 
 # --- a hostile driver --------------------------------------------------------------------------
