@@ -360,16 +360,23 @@ async def test_providers_without_host_files_keep_their_own_read_and_write(tmp_pa
 
 
 @pytest.mark.parametrize("cache", ["auto", "none"])
-async def test_cache_none_opens_files_for_direct_io(tmp_path: Path, cache: str) -> None:
+async def test_which_opens_get_direct_io(tmp_path: Path, cache: str) -> None:
+    """cache="none": every file. cache="auto": write-only opens (nothing can map those), the
+    rest keep the guest page cache."""
     (tmp_path / "f.txt").write_bytes(b"x")
     async with device(tmp_path, cache=cache) as (front, _):
         await _init(front)
         error, body = await front.fuse(LOOKUP, 1, b"f.txt\0")
         node = struct.unpack_from("<Q", body)[0]
-        error, body = await front.fuse(OPEN, node, OPEN_IN.pack(os.O_RDONLY, 0))
+        for mode in (os.O_RDONLY, os.O_RDWR, os.O_WRONLY, os.O_WRONLY | os.O_APPEND):
+            error, body = await front.fuse(OPEN, node, OPEN_IN.pack(mode, 0))
+            assert error == 0
+            flags = struct.unpack_from("<I", body, 8)[0]
+            direct = cache == "none" or mode & os.O_ACCMODE == os.O_WRONLY
+            assert flags == (FOPEN_DIRECT_IO if direct else FOPEN_KEEP_CACHE), mode
+        error, body = await front.fuse(CREATE, 1, CREATE_IN.pack(os.O_WRONLY | os.O_CREAT, 0o644, 0, 0) + b"new\0")
         assert error == 0
-        flags = struct.unpack_from("<I", body, 8)[0]
-        assert flags == (FOPEN_DIRECT_IO if cache == "none" else FOPEN_KEEP_CACHE)
+        assert struct.unpack_from("<I", body, ENTRY_OUT.size + 8)[0] == FOPEN_DIRECT_IO
 
 
 def test_an_unknown_cache_mode_is_refused() -> None:
