@@ -51,6 +51,7 @@ from ..protocol import T
 from ..qemu.argv import build_argv
 from ..qemu.process import QemuProcess, find_qemu
 from ..qemu.qmp import QmpClient
+from ..shm import SharedRegion
 from .boot import BootSource, ColdBoot
 from .shape import VIRTIOFS_SOCKET, MachineShape, machine_shape, machine_spec, uses_virtiofs
 from .state import Resync, Section, prepare_restored_disk
@@ -142,6 +143,7 @@ class Machine:
         self.network: Network | None = None
         self.qemu: QemuProcess | None = None
         self._vfs: Any = None  # gondolin.vfs.port.VfsServer while the fs port is served
+        self.shared_region: SharedRegion | None = None  # vm.fs bulk data (gondolin.shm)
         self._virtiofs = False  # the mounts are served through the virtiofs device
         self._channel: Channel | None = None
         self._listeners: dict[str, UnixListener] = {}
@@ -244,6 +246,8 @@ class Machine:
             sockets["net"] = spec.net_socket
         for name, path in sockets.items():
             self._listeners[name] = UnixListener(path)
+        if spec.shared_region:  # before QEMU maps it; a restore fills it from the saved memory
+            self.shared_region = SharedRegion(spec.shared_region, spec.shared_region_mb << 20)
         restore = source.restore_source()
         if virtiofs:
             if restore is not None:
@@ -594,6 +598,8 @@ class Machine:
             raise VMStartError(f"guest rejected its configuration: {msg.p}")
         for err in msg.p.get("errors") or []:
             log.warning("guest configuration: %s", err)
+        if self.shared_region is not None:  # the agent maps the region's device; vm.fs uses it once it has
+            self.shared_region.usable = msg.p.get("shm") == self.shared_region.size
 
     def on_close(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` (sync, must not raise) when the machine is torn down."""
@@ -643,6 +649,8 @@ class Machine:
         """Synchronous last resort (exit handlers, finalizers): kill QEMU, remove the run directory."""
         if self.qemu is not None:
             self.qemu.kill()
+        if self.shared_region is not None:
+            self.shared_region.close()
         if self.run_dir is not None:
             shutil.rmtree(self.run_dir, ignore_errors=True)
 

@@ -28,6 +28,7 @@ FS_PORT = "gondolin.fs"
 VIRTIOFS_SOCKET = "virtiofs.sock"  # in the run directory
 VIRTIOFS_TAG = "gondolin"  # what the guest mounts (guest/agent.py start_virtiofs)
 VIRTIOFS_QUEUE_SIZE = 1024
+SHARED_REGION_FILE = "xfer.mem"  # in the run directory: vm.fs bulk data (gondolin.shm)
 
 
 def machine_spec(options: VMOptions, image: Image, accel: str, run_dir: Path) -> MachineSpec:
@@ -51,6 +52,7 @@ def machine_spec(options: VMOptions, image: Image, accel: str, run_dir: Path) ->
         accel=accel, ports=tuple(ports),
         net_socket=str(run_dir / "net.sock") if options.network else None,
         qmp_socket=str(run_dir / "qmp.sock"),
+        shared_region=str(run_dir / SHARED_REGION_FILE),
         extra_append=" ".join(filter(None, (
             "gondolin.debug=1 loglevel=6" if os.environ.get("GONDOLIN_GUEST_DEBUG") else "",
             f"gondolin.disk={options.disk_size}M" if options.disk_size and options.rootfs == "cow" else "",
