@@ -7,10 +7,13 @@ the control channel (``FILE_SHM``). The region is ordinary guest RAM to QEMU, so
 with templates, checkpoints and forks like the rest of memory (transfers are punched out when
 they end, so an idle region costs nothing there).
 
-The region is split into :data:`SLOT_COUNT` slots; one transfer holds one slot and uses it as a
-ring, within the byte credit its receiver grants. A transfer that finds no free slot uses the
-control channel as before. The guest is untrusted: every ``{off, len}`` it names is checked
-against the slot and the ring position the host expects (:meth:`Slot.take_incoming`).
+Layout: the first half is ``vm.fs``'s, split into :data:`SLOT_COUNT` slots; one transfer holds
+one slot and uses it as a ring, within the byte credit its receiver grants. A transfer that
+finds no free slot uses the control channel as before. The guest is untrusted: every
+``{off, len}`` it names is checked against the slot and the ring position the host expects
+(:meth:`Slot.take_incoming`). The second half (:data:`gondolin.vfs.wire.SHM_FUSE_OFFSET`)
+carries the payloads of mounted directories' reads and writes (``READ_SHM``/``WRITE_SHM`` on
+the fs port): the guest's FUSE daemon names one of ``SHM_SPANS`` spans per request.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ import os
 from pathlib import Path
 
 from .errors import ProtocolError
+from .vfs.wire import MAX_IO, SHM_FUSE_OFFSET, SHM_SPANS
 
-REGION_MB = 32  # a power of two (ivshmem BAR); guest-visible size
+REGION_MB = 64  # a power of two (ivshmem BAR); guest-visible size
+VMFS_BYTES = SHM_FUSE_OFFSET  # vm.fs slots below, FUSE spans above
 SLOT_COUNT = 4
 CHUNK = 1024 * 1024  # bytes announced by one FILE_SHM message at most
 MIN_TRANSFER = 256 * 1024  # smaller transfers stay on the control channel
@@ -37,13 +42,20 @@ class SharedRegion:
             self._map = mmap.mmap(fd, size)
         finally:
             os.close(fd)
+        if size < SHM_FUSE_OFFSET + SHM_SPANS * MAX_IO:
+            self._map.close()
+            raise ValueError(f"a shared region needs at least {(SHM_FUSE_OFFSET + SHM_SPANS * MAX_IO) >> 20} MiB")
         self.path = Path(path)
         self.size = size
-        self.slot_size = size // SLOT_COUNT
+        self.slot_size = VMFS_BYTES // SLOT_COUNT
         self.view = memoryview(self._map)
         self._free = list(range(SLOT_COUNT))
         self.usable = False  # set once the guest agent says it mapped the region (CONFIGURED)
         self.closed = False
+
+    def fuse_area(self) -> memoryview:
+        """The spans mounted directories' payloads travel in (served by FsRpcService)."""
+        return self.view[SHM_FUSE_OFFSET:SHM_FUSE_OFFSET + SHM_SPANS * MAX_IO]
 
     @property
     def free_slots(self) -> int:

@@ -212,7 +212,7 @@ class Exec:
         self.pty = bool(p.get("pty"))
         self.want_stdin = bool(p.get("stdin"))
         window = int(p.get("window") or DEFAULT_WINDOW)
-        self.credit = {T.STDOUT: window, T.STDERR: window}
+        self.credit: dict[int, int] = {T.STDOUT: window, T.STDERR: window}
         self.fds: dict[int, int] = {}  # fd -> stream type
         self.stdin_fd: int | None = None
         self.stdin_buf = bytearray()
@@ -590,7 +590,8 @@ class FileRead:
         left = st.st_size - int(p.get("offset") or 0)
         if self.remaining is not None:
             left = min(left, self.remaining)
-        if p.get("shm") is not None and left >= SHM_MIN_FILE and agent.region.map():
+        big = left >= SHM_MIN_FILE or not statmod.S_ISREG(st.st_mode)  # a FIFO or device: size unknown
+        if p.get("shm") is not None and big and agent.region.map():
             try:
                 self.slot = agent.region.slot(p["shm"])
             except ValueError:
@@ -859,7 +860,7 @@ class TcpStream:
         self.agent.unwatch_write(self.fd)
         self.sock.close()
         if notify:
-            self.agent.send(message(T.TCP_CLOSE, self.id, **({"error": error} if error else {})))
+            self.agent.send(message(T.TCP_CLOSE, self.id, error=error) if error else message(T.TCP_CLOSE, self.id))
 
 
 def _write(path: str, text: str) -> None:

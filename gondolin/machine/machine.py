@@ -381,7 +381,8 @@ class Machine:
     def _start_vfs(self, stream: ByteStream) -> None:
         from ..vfs.port import VfsServer
 
-        self._vfs = VfsServer(self.options.mounts)
+        region = self.shared_region
+        self._vfs = VfsServer(self.options.mounts, shm=region.fuse_area() if region is not None else None)
         self.spawn("file service", self._vfs.serve, stream)
 
     def _start_virtiofs(self, path: Path) -> None:

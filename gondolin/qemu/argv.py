@@ -42,7 +42,7 @@ class MachineSpec:
     extra_append: str = ""
     # bulk-transfer region: a host file QEMU maps as an ivshmem-plain BAR (migratable RAM)
     shared_region: str | None = None
-    shared_region_mb: int = 32
+    shared_region_mb: int = 64  # gondolin.shm.REGION_MB
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
 

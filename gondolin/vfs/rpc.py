@@ -136,12 +136,15 @@ class FsRpcService:
         max_dir_bytes: int = DEFAULT_MAX_DIR_BYTES,
         clock: Callable[[], int] = time.time_ns,
         id_offset: int = 0,
+        shm: memoryview | None = None,
     ) -> None:
         """``id_offset`` moves where node and handle ids start. A guest that outlives its host
         session (a resumed checkpoint) still holds the old session's ids; with a fresh random
         offset they are unknown (ESTALE, which makes the guest kernel look the path up again)
         instead of naming someone else's file."""
         self.provider = provider
+        # The FUSE payload area of the VM's shared region (wire.SHM_SPANS spans of MAX_IO), if any.
+        self.shm = shm if shm is not None and len(shm) >= wire.SHM_SPANS * wire.MAX_IO else None
         self.entry_ttl_ms = entry_ttl_ms
         self.attr_ttl_ms = attr_ttl_ms
         self.negative_ttl_ms = negative_ttl_ms
@@ -183,6 +186,8 @@ class FsRpcService:
             wire.Access: self._access,
             wire.Fallocate: self._fallocate,
             wire.CopyFileRange: self._copy_file_range,
+            wire.ReadShm: self._read_shm,
+            wire.WriteShm: self._write_shm,
         }
 
     @property
@@ -352,7 +357,8 @@ class FsRpcService:
         return wire.HelloReply(
             version=wire.VERSION,
             max_io=min(req.max_io, wire.MAX_IO),
-            flags=wire.HELLO_READONLY if self.provider.readonly else 0,
+            flags=(wire.HELLO_READONLY if self.provider.readonly else 0)
+            | (wire.HELLO_SHM if self.shm is not None else 0),
             entry_ttl_ms=self.entry_ttl_ms,
             attr_ttl_ms=self.attr_ttl_ms,
             negative_ttl_ms=self.negative_ttl_ms,
@@ -480,6 +486,26 @@ class FsRpcService:
 
     async def _write(self, req: wire.Write) -> wire.SizeReply:
         written = await self._file(req.fh).write(req.offset, req.data)
+        self.stats.bytes_written += written
+        return wire.SizeReply(written)
+
+    def _span(self, span: int, size: int) -> memoryview:
+        """Span ``span`` of the shared region's FUSE area (checked by the decoder too)."""
+        if self.shm is None or not 0 <= span < wire.SHM_SPANS or not 0 <= size <= wire.MAX_IO:
+            raise VfsError(EINVAL, "no such shared-region span")
+        return self.shm[span * wire.MAX_IO:span * wire.MAX_IO + size]
+
+    async def _read_shm(self, req: wire.ReadShm) -> wire.SizeReply:
+        span = self._span(req.span, req.size)
+        data = await self._file(req.fh).read(req.offset, req.size)
+        n = min(len(data), req.size)
+        span[:n] = data[:n]
+        self.stats.bytes_read += n
+        return wire.SizeReply(n)
+
+    async def _write_shm(self, req: wire.WriteShm) -> wire.SizeReply:
+        data = bytes(self._span(req.span, req.size))  # a copy: the guest may change the span meanwhile
+        written = await self._file(req.fh).write(req.offset, data)
         self.stats.bytes_written += written
         return wire.SizeReply(written)
 
