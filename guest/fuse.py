@@ -158,8 +158,6 @@ NOTIFY_LIMIT = 4096  # invalidations waiting for the notify thread; more are dro
 HELLO_TIMEOUT = 20.0
 
 TO_PORT, TO_FUSE, TO_NOTIFY = 1, 2, 3
-TO_RELEASE = 4  # after the outs before it are delivered: the span in the piece is free again
-SPAN = struct.Struct("<I")
 Piece = bytes | memoryview
 Out = tuple[int, Sequence[Piece]]
 
@@ -434,6 +432,21 @@ class FuseSession:
     def release_span(self, span: int) -> None:
         self.free_spans.append(span)
 
+    def _span_reply(self, unique: int, span: int, msg: bytes) -> Out:
+        """A READ_SHM's reply: the data the host placed in ``span``. Copied out first: the
+        kernel will not take a /dev/fuse write from the BAR mapping (a PFN map it cannot pin)."""
+        try:
+            try:
+                (size,) = W_SIZE.unpack_from(msg, W_BODY)
+            except struct.error:
+                size = -1
+            if not 0 <= size <= self.max_io or self.shm is None:
+                self.bad_messages += 1
+                return _error(unique, errno.EIO)
+            return _reply(unique, bytes(self.shm[span * wire.MAX_IO : span * wire.MAX_IO + size]))
+        finally:
+            self.release_span(span)
+
     def _readdir(self, op: int, unique: int, node: int, uid: int, gid: int, pid: int,
                  body: memoryview) -> list[Out]:  # fmt: skip
         fh, offset, size, *_ = READ_IN.unpack_from(body, 0)
@@ -517,20 +530,10 @@ class FuseSession:
             self.bad_messages += 1
             return []
         unique, op = waiting
-        if span is not None and (op != READ or err or not unique):  # the host is done with it
+        if span is not None:  # the host is done with the span once it replied
+            if op == READ and unique and not err:
+                return [self._span_reply(unique, span, msg)]
             self.release_span(span)
-        elif span is not None:  # READ_SHM: reply from the span, then free it
-            try:
-                (size,) = W_SIZE.unpack_from(msg, W_BODY)
-            except struct.error:
-                size = -1
-            if not 0 <= size <= self.max_io:
-                self.bad_messages += 1
-                self.release_span(span)
-                return [_error(unique, errno.EIO)]
-            assert self.shm is not None
-            data = self.shm[span * wire.MAX_IO : span * wire.MAX_IO + size]
-            return [_reply(unique, data), (TO_RELEASE, (SPAN.pack(span),))]
         if not unique:
             return []
         if err:
@@ -700,7 +703,6 @@ class Daemon:
         self.fuse = -1
         self.notify_queue: queue.SimpleQueue[Sequence[Piece]] = queue.SimpleQueue()
         self.notes_dropped = 0
-        self.session: FuseSession | None = None
 
     # --- start-up ----------------------------------------------------------------------------
 
@@ -824,9 +826,6 @@ class Daemon:
                         log(f"reply rejected by the kernel: {exc}")
             elif dest == TO_PORT:
                 self.port_write(pieces)
-            elif dest == TO_RELEASE:
-                if self.session is not None:
-                    self.session.release_span(SPAN.unpack(pieces[0])[0])
             elif self.notify_queue.qsize() < NOTIFY_LIMIT:
                 self.notify_queue.put(pieces)
             else:
@@ -862,7 +861,7 @@ class Daemon:
                     shm = region.view[wire.SHM_FUSE_OFFSET : wire.SHM_FUSE_OFFSET + wire.SHM_SPANS * wire.MAX_IO]
             except (OSError, ValueError) as exc:
                 log(f"shared region unavailable, payloads use the port: {exc}")
-        self.session = session = FuseSession(hello, shm)
+        session = FuseSession(hello, shm)
         self.mount_fuse(hello)
         for target, args in ((self.port_loop, (session,)), (self.notify_loop, ()),
                              (self.bind_all, ())):  # fmt: skip

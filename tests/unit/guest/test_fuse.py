@@ -90,8 +90,6 @@ class Kernel:
                     queue.extend(self.session.port_message(resp))
             elif dest == F.TO_FUSE:
                 replies.append(data)
-            elif dest == F.TO_RELEASE:  # the daemon frees a span once the replies before it are out
-                self.session.release_span(F.SPAN.unpack(data)[0])
             else:
                 self.notes.append(data)
         return replies
