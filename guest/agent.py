@@ -1283,9 +1283,11 @@ class Agent:
             return {"removed": True}
         raise ValueError(f"unknown file op {t}")
 
-    def new_host(self) -> None:
+    def new_host(self, keep_mounts: bool = False) -> None:
         """A new host connection after a restore: the previous host's requests are gone. Their
-        processes keep running (output discarded); file transfers and TCP streams in flight are dropped."""
+        processes keep running (output discarded); file transfers and TCP streams in flight are dropped.
+        ``keep_mounts``: the new host took over the FUSE session (same node and file ids), so
+        the daemon and its mounts stay, and open files and working directories on them keep working."""
         for ex in list(self.execs.values()):
             ex.orphan()
         for r in list(self.reads.values()):
@@ -1298,6 +1300,8 @@ class Agent:
                 os.close(w.fd)
             except OSError:
                 pass
+        if keep_mounts and self.fuse_proc is not None and self.fuse_proc.poll() is None:
+            return
         self.stop_mounts()
 
     def stop_mounts(self) -> None:
@@ -1323,7 +1327,7 @@ class Agent:
         several times, so each step is idempotent."""
         errors = []
         if p.get("new_host"):
-            self.new_host()
+            self.new_host(keep_mounts=bool(p.get("keep_mounts")))
         if p.get("clock_ns"):
             try:
                 time.clock_settime_ns(time.CLOCK_REALTIME, int(p["clock_ns"]))

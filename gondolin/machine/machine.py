@@ -275,7 +275,7 @@ class Machine:
                 if "net" in streams:
                     await self._start_network(streams["net"])
                 if "fs" in streams:
-                    self._start_vfs(streams["fs"])
+                    self._start_vfs(streams["fs"], getattr(source, "file_state", None))
                 first_id = 1
                 if resync is not None:
                     control = await resync.wait()
@@ -378,11 +378,14 @@ class Machine:
         self.network.ssh = ssh
         self.spawn("network driver", driver.run, stream)
 
-    def _start_vfs(self, stream: ByteStream) -> None:
+    def _start_vfs(self, stream: ByteStream, state: Any = None) -> None:
+        """Serve the mounts on the fs port; ``state``: the session a checkpoint or fork saved,
+        taken over so the guest keeps its open files and working directories on them."""
         from ..vfs.port import VfsServer
 
         region = self.shared_region
-        self._vfs = VfsServer(self.options.mounts, shm=region.fuse_area() if region is not None else None)
+        self._vfs = VfsServer(self.options.mounts, state=state,
+                              shm=region.fuse_area() if region is not None else None)
         self.spawn("file service", self._vfs.serve, stream)
 
     def _start_virtiofs(self, path: Path) -> None:
@@ -537,6 +540,23 @@ class Machine:
     def mounts(self) -> dict[str, Any]:
         return dict(self.options.mounts)
 
+    def begin_file_hand_over(self) -> None:
+        """A memory save starts: the fs port's server records what it sends (see
+        :meth:`file_hand_over`). Nothing to do without mounts or on virtiofs."""
+        if self._vfs is not None and not self._virtiofs:
+            self._vfs.begin_hand_over()
+
+    async def file_hand_over(self) -> Any:
+        """With the guest stopped after a memory save: the fs port session its copies take
+        over (None: no mounts, virtiofs, or too much in flight; the copies then mount afresh)."""
+        if self._vfs is None or self._virtiofs:
+            return None
+        return await self._vfs.hand_over(timeout=self.timeouts.call)
+
+    def end_file_hand_over(self) -> None:
+        if self._vfs is not None and not self._virtiofs:
+            self._vfs.end_hand_over()
+
     def vfs_root(self) -> Any:
         """The provider tree the guest's mounts see (``vm.fs`` uses it for mounted paths)."""
         return self._vfs.root if self._vfs is not None else None
@@ -592,6 +612,8 @@ class Machine:
                 extra.setdefault("files", {})["/etc/ssh/ssh_known_hosts"] = self.network.ssh.known_hosts_line(mapped)
         if self.restored_from is not None:
             extra["new_host"] = True
+            if self._vfs is not None and not self._virtiofs and self._vfs.carried_over:
+                extra["keep_mounts"] = True  # this host answers the saved session: the guest keeps its FUSE mount
         extra["pids_max"] = self.options.pids_max  # None: no limit
         msg = await self.control().request(T.CONFIGURE, os.urandom(64), timeout=self.timeouts.call,
                                            clock_ns=time.time_ns(), **extra)

@@ -93,3 +93,63 @@ async def test_the_region_works_after_a_checkpoint_resume_and_in_a_fork(vm, tmp_
             await child.fs.write("/tmp/child.bin", data)
             assert await child.fs.read_bytes("/tmp/child.bin") == data
             assert not await src.fs.exists("/tmp/child.bin")
+
+
+HOLDER = r'''
+import os, sys, time
+os.chdir("/workspace")
+f = open("held.bin", "wb", buffering=0)
+f.write(b"a" * (2 << 20))
+open("/tmp/ready", "w").close()
+while not os.path.exists("/tmp/go"):
+    time.sleep(0.05)
+f.write(b"b" * (2 << 20))
+f.close()
+with open("held.bin", "rb") as g:  # relative: through the working directory on the mount
+    data = g.read()
+with open("/tmp/result", "w") as out:
+    out.write(f"{len(data)} {data.count(b'a')} {data.count(b'b')} {os.getcwd()} {sorted(os.listdir('.'))}")
+'''
+
+
+async def test_a_file_held_open_on_a_mount_survives_a_checkpoint_resume(tmp_path, no_leaks):
+    from gondolin.vfs import RealFSProvider
+
+    share = tmp_path / "share"
+    share.mkdir()
+    async with await VM.create(memory="512M", mounts={"/workspace": RealFSProvider(share)}) as src:
+        await src.fs.write("/tmp/holder.py", HOLDER)
+        await src.start(["python3", "/tmp/holder.py"], stdout="ignore", stderr="ignore")
+        await src.exec("for i in $(seq 600); do [ -e /tmp/ready ] && break; sleep 0.1; done")
+        ckpt = await src.checkpoint(tmp_path / "held.ckpt")
+    async with await ckpt.resume(mounts={"/workspace": RealFSProvider(share)}) as resumed:
+        pid = (await resumed.exec("pgrep -f holder.py")).stdout.split()[0]
+        await resumed.exec("touch /tmp/go")
+        r = await resumed.exec(f"while kill -0 {pid} 2>/dev/null; do sleep 0.1; done; cat /tmp/result")
+        assert r.stdout == f"{4 << 20} {2 << 20} {2 << 20} /workspace ['held.bin']"
+        data = (share / "held.bin").read_bytes()
+        assert (len(data), data.count(b"a"), data.count(b"b")) == (4 << 20, 2 << 20, 2 << 20)
+        big = os.urandom(3 * MiB)  # the resumed VM's own region carries mounted-file payloads
+        (share / "from-host.bin").write_bytes(big)
+        r = await resumed.exec("sha256sum /workspace/from-host.bin")
+        assert r.stdout.split()[0] == hashlib.sha256(big).hexdigest()
+
+
+async def test_a_fork_keeps_a_file_held_open_on_a_mount(tmp_path, no_leaks):
+    from gondolin.vfs import RealFSProvider
+
+    share = tmp_path / "share"
+    share.mkdir()
+    async with await VM.create(memory="512M", mounts={"/workspace": RealFSProvider(share)}) as src:
+        await src.fs.write("/tmp/holder.py", HOLDER)
+        await src.start(["python3", "/tmp/holder.py"], stdout="ignore", stderr="ignore")
+        await src.exec("for i in $(seq 600); do [ -e /tmp/ready ] && break; sleep 0.1; done")
+        [child] = await src.fork()
+        async with child:
+            pid = (await child.exec("pgrep -f holder.py")).stdout.split()[0]
+            await child.exec("touch /tmp/go")
+            r = await child.exec(f"while kill -0 {pid} 2>/dev/null; do sleep 0.1; done; cat /tmp/result")
+            assert r.stdout == f"{4 << 20} {2 << 20} {2 << 20} /workspace ['held.bin']"
+        await src.exec("touch /tmp/go")  # the source's own process goes on as well
+        r = await src.exec("for i in $(seq 600); do [ -e /tmp/result ] && break; sleep 0.1; done; cat /tmp/result")
+        assert r.stdout == f"{4 << 20} {2 << 20} {2 << 20} /workspace ['held.bin']"
