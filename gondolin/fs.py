@@ -11,7 +11,14 @@ import collections
 import errno as _errno
 import os
 import posixpath
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Mapping,
+)
 from typing import Any, Protocol
 
 from ._log import get_logger
@@ -19,6 +26,8 @@ from .channel import ControlLink, Inbox
 from .errors import GondolinError, GuestFileError, ProtocolError
 from .fstypes import DirEntry, FileStat
 from .protocol import DATA_CHUNK, DEFAULT_WINDOW, Message, T
+from .shm import CHUNK as SHM_CHUNK
+from .shm import MIN_TRANSFER, SharedRegion, Slot
 from .vfs.direct import DirectFS, mounted
 from .vfs.provider import Provider
 
@@ -63,10 +72,17 @@ class GuestFS:
     Every wait on the guest has a host-side deadline: ``timeouts.call`` seconds for each
     answer (a streamed transfer may take longer in total; each chunk resets it)."""
 
-    def __init__(self, link: ControlLink, mounts: MountAccess | None = None) -> None:
+    def __init__(self, link: ControlLink, mounts: MountAccess | None = None,
+                 region: Callable[[], SharedRegion | None] | None = None) -> None:
         self._link = link
         self._mounts = mounts
+        self._region = region
         self._direct_fs: DirectFS | None = None
+
+    def _slot(self) -> Slot | None:
+        """A slot of the VM's bulk-transfer region (:mod:`gondolin.shm`), if one is free."""
+        region = self._region() if self._region is not None else None
+        return region.take() if region is not None else None
 
     def _direct(self, path: str) -> DirectFS | None:
         """The host-side route when ``path`` lies on a mount: straight to its provider."""
@@ -151,22 +167,34 @@ class GuestFS:
         inbox = channel.open()
         window = DEFAULT_WINDOW
         inbox.grant(T.FILE_DATA, window)
-        await channel.send_message(T.FILE_READ, inbox.id, path=path, offset=offset, length=length,
-                                   window=window, chunk=chunk_size)
+        slot = self._slot() if length is None or length >= MIN_TRANSFER else None
+        extra: dict[str, Any] = {"shm": slot.spec} if slot is not None else {}
         try:
+            await channel.send_message(T.FILE_READ, inbox.id, path=path, offset=offset, length=length,
+                                       window=window, chunk=chunk_size, **extra)
             first = await inbox.get(self._link.timeouts.call, what=f"answer to reading {path}")
         except BaseException:
             inbox.close()
+            if slot is not None:  # the guest may still place bytes in it: keep it out of use
+                slot.retire()
             raise
         if first.t != T.FILE_DONE:
             inbox.close()
+            if slot is not None:
+                slot.release()  # the open failed: the guest never used the slot
             _raise_for(first, path)
             raise ProtocolError(f"unexpected {first.type_name} opening {path}")
-        return self._read_stream(inbox, path, window)
+        if slot is not None and not first.p.get("shm"):  # small file: the guest sends it inline
+            slot.release()
+            slot = None
+        return self._read_stream(inbox, path, window, slot)
 
-    async def _read_stream(self, inbox: Inbox, path: str, window: int) -> AsyncIterator[bytes]:
+    async def _read_stream(self, inbox: Inbox, path: str, window: int,
+                           slot: Slot | None = None) -> AsyncIterator[bytes]:
         channel = self._link.control()
         unreturned = 0
+        outstanding = slot.size if slot is not None else 0  # region bytes the guest may still announce
+        done = False
         try:
             while True:
                 msg = await inbox.get(self._link.timeouts.call, what=f"data of {path}")
@@ -177,13 +205,30 @@ class GuestFS:
                         inbox.grant(T.FILE_DATA, unreturned)
                         await channel.send_message(T.CREDIT, inbox.id, file=unreturned)
                         unreturned = 0
+                elif msg.t == T.FILE_SHM and slot is not None:
+                    view = slot.take_incoming(msg.p, outstanding)
+                    outstanding -= len(view)
+                    data = bytes(view)
+                    view.release()
+                    yield data
+                    unreturned += len(data)
+                    if unreturned >= slot.size // 4:
+                        outstanding += unreturned
+                        await channel.send_message(T.CREDIT, inbox.id, file=unreturned)
+                        unreturned = 0
                 elif msg.t == T.FILE_EOF:
+                    done = True
                     return
                 else:
                     _raise_for(msg, path)
                     raise ProtocolError(f"unexpected {msg.type_name} while reading {path}")
         finally:
             inbox.close()
+            if slot is not None:
+                if done:
+                    slot.release()
+                else:  # stopped early: the guest may still place bytes in the slot
+                    slot.retire()
 
     async def read_bytes(self, path: str, *, max_size: int | None = None) -> bytes:
         parts = []
@@ -209,14 +254,19 @@ class GuestFS:
         channel = self._link.control()
         call = self._link.timeouts.call
         inbox = channel.open()
+        sized = isinstance(data, (bytes, bytearray, memoryview, str))
+        slot = self._slot() if not sized or len(data) >= MIN_TRANSFER else None  # type: ignore[arg-type]
+        done = False
         try:
             req: dict[str, Any] = {"path": path, "append": append, "parents": parents}
             if mode is not None:
                 req["mode"] = mode
             if user is not None:
                 req["user"] = user
+            if slot is not None:
+                req["shm"] = slot.spec
             await channel.send_message(T.FILE_WRITE, inbox.id, **req)
-            inbox.add_credit(DEFAULT_WINDOW)
+            inbox.add_credit(slot.size if slot is not None else DEFAULT_WINDOW)
 
             async def send(chunk: bytes) -> None:
                 view = memoryview(chunk)
@@ -225,9 +275,17 @@ class GuestFS:
                         if inbox.finished:
                             self._check_early_error(inbox, path)
                         await inbox.wait_credit(call)
-                    n = min(len(view), inbox.credit, DATA_CHUNK)
-                    inbox.credit -= n
-                    await channel.send_message(T.FILE_DATA, inbox.id, bytes(view[:n]))
+                    if slot is not None:  # into the region; only the notice crosses the channel
+                        off, span = slot.next_span(min(len(view), inbox.credit))
+                        n = len(span)
+                        span[:] = view[:n]
+                        span.release()
+                        inbox.credit -= n
+                        await channel.send_message(T.FILE_SHM, inbox.id, off=off, len=n)
+                    else:
+                        n = min(len(view), inbox.credit, DATA_CHUNK)
+                        inbox.credit -= n
+                        await channel.send_message(T.FILE_DATA, inbox.id, bytes(view[:n]))
                     view = view[n:]
 
             if isinstance(data, str):
@@ -243,11 +301,17 @@ class GuestFS:
             await channel.send_message(T.FILE_EOF, inbox.id)
             while True:
                 msg = await inbox.get(call, what=f"end of writing {path}")
+                done = msg.t in (T.FILE_DONE, T.ERROR)  # the guest is finished with the slot
                 _raise_for(msg, path)
                 if msg.t == T.FILE_DONE:
                     return int(msg.p.get("size", 0))
         finally:
             inbox.close()
+            if slot is not None:
+                if done:
+                    slot.release()
+                else:  # stopped early: the guest may still read the slot
+                    slot.retire()
 
     @staticmethod
     def _check_early_error(inbox: Inbox, path: str) -> None:
@@ -290,7 +354,7 @@ class GuestFS:
 
         async def chunks() -> AsyncIterator[bytes]:
             async with await open_file(host_path, "rb") as f:
-                while block := await f.read(DATA_CHUNK):
+                while block := await f.read(SHM_CHUNK):
                     yield block
 
         return await self.write(guest_path, chunks(), mode=mode)

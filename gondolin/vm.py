@@ -93,7 +93,7 @@ class VM:
 
     def __init__(self, machine: Machine) -> None:
         self._machine = machine
-        self.fs = GuestFS(machine, machine)
+        self.fs = GuestFS(machine, machine, lambda: machine.shared_region)
         self._registration: Registration | None = None
         self._ssh: SshAccess | None = None
         self._finalizer = weakref.finalize(self, machine.kill_now)

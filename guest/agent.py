@@ -13,6 +13,8 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import glob
+import mmap
 import os
 import pwd
 import selectors
@@ -210,7 +212,7 @@ class Exec:
         self.pty = bool(p.get("pty"))
         self.want_stdin = bool(p.get("stdin"))
         window = int(p.get("window") or DEFAULT_WINDOW)
-        self.credit = {T.STDOUT: window, T.STDERR: window}
+        self.credit: dict[int, int] = {T.STDOUT: window, T.STDERR: window}
         self.fds: dict[int, int] = {}  # fd -> stream type
         self.stdin_fd: int | None = None
         self.stdin_buf = bytearray()
@@ -520,6 +522,55 @@ class Exec:
             del self.agent.execs[self.id]
 
 
+SHM_PCI_ID = ("0x1af4", "0x1110")  # ivshmem: the host's bulk-transfer region (gondolin/shm.py)
+SHM_CHUNK = 1024 * 1024  # bytes announced by one FILE_SHM message at most
+SHM_MIN_FILE = 256 * 1024  # smaller files are sent inline even when the host offers a slot
+
+
+class SharedRegion:
+    """The ivshmem device's memory (BAR 2), mapped from sysfs: the host maps the same pages."""
+
+    def __init__(self) -> None:
+        self.view: memoryview | None = None
+        self.size = 0
+
+    def map(self) -> int:
+        """Map the device (once); its size, or 0 when the VM has none."""
+        if self.view is not None:
+            return self.size
+        for dev in sorted(glob.glob("/sys/bus/pci/devices/*")):
+            try:
+                with open(dev + "/vendor") as v, open(dev + "/device") as d:
+                    if (v.read().strip(), d.read().strip()) != SHM_PCI_ID:
+                        continue
+                fd = os.open(dev + "/resource2", os.O_RDWR | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                size = os.fstat(fd).st_size
+                self.view = memoryview(mmap.mmap(fd, size))
+                self.size = size
+            finally:
+                os.close(fd)
+            break
+        return self.size
+
+    def slot(self, spec: object) -> tuple[int, int]:
+        """A host-named slot ``[offset, size]``, checked against the region."""
+        if (not isinstance(spec, list) or len(spec) != 2 or not all(type(x) is int for x in spec)
+                or self.view is None or spec[0] < 0 or spec[1] <= 0 or spec[0] + spec[1] > self.size):
+            raise ValueError(f"bad shared-region slot {str(spec)[:40]}")
+        return spec[0], spec[1]
+
+    def span(self, slot: tuple[int, int], p: dict) -> memoryview:
+        """The bytes a host ``FILE_SHM {off, len}`` names, checked to lie within ``slot``."""
+        off, n = p.get("off"), p.get("len")
+        if (type(off) is not int or type(n) is not int or n <= 0 or off < slot[0]
+                or off + n > slot[0] + slot[1] or self.view is None):
+            raise ValueError(f"bad shared-region span off={str(off)[:20]} len={str(n)[:20]}")
+        return self.view[off:off + n]
+
+
 class FileRead:
     def __init__(self, agent: Agent, id: int, p: dict) -> None:
         self.agent = agent
@@ -534,12 +585,27 @@ class FileRead:
         self.remaining = int(p["length"]) if p.get("length") is not None else None
         self.credit = int(p.get("window") or DEFAULT_WINDOW)
         self.chunk = max(1024, min(int(p.get("chunk") or DATA_CHUNK), DATA_CHUNK))
-        agent.send(message(T.FILE_DONE, id, size=st.st_size, mode=st.st_mode))
+        self.slot: tuple[int, int] | None = None  # shared-region ring for a large file
+        self.pos = 0
+        left = st.st_size - int(p.get("offset") or 0)
+        if self.remaining is not None:
+            left = min(left, self.remaining)
+        big = left >= SHM_MIN_FILE or not statmod.S_ISREG(st.st_mode)  # a FIFO or device: size unknown
+        if p.get("shm") is not None and big and agent.region.map():
+            try:
+                self.slot = agent.region.slot(p["shm"])
+            except ValueError:
+                os.close(self.fd)
+                raise
+            self.credit = self.slot[1]  # the host reads the slot as a ring within this credit
+        agent.send(message(T.FILE_DONE, id, size=st.st_size, mode=st.st_mode, shm=self.slot is not None))
 
     def pump(self) -> bool:
         """Send at most one chunk. Returns False when there is nothing to do until more credit."""
         if self.credit <= 0:
             return False
+        if self.slot is not None:
+            return self.pump_shared(self.slot)
         n = min(self.chunk, self.credit)
         if self.remaining is not None:
             n = min(n, self.remaining)
@@ -557,6 +623,31 @@ class FileRead:
         if self.remaining is not None:
             self.remaining -= len(data)
         self.agent.send(message(T.FILE_DATA, self.id, data))
+        return self.credit > 0
+
+    def pump_shared(self, slot: tuple[int, int]) -> bool:
+        """Read the next piece straight into the region's ring; send only where it lies."""
+        view = self.agent.region.view
+        assert view is not None
+        n = min(self.credit, SHM_CHUNK, slot[1] - self.pos)
+        if self.remaining is not None:
+            n = min(n, self.remaining)
+        off = slot[0] + self.pos
+        try:
+            got = os.readv(self.fd, [view[off:off + n]]) if n > 0 else 0
+        except OSError as exc:
+            self.agent.send(errno_error(self.id, exc, "read"))
+            self.close()
+            return False
+        if not got:
+            self.agent.send(message(T.FILE_EOF, self.id))
+            self.close()
+            return False
+        self.credit -= got
+        if self.remaining is not None:
+            self.remaining -= got
+        self.pos = (self.pos + got) % slot[1]
+        self.agent.send(message(T.FILE_SHM, self.id, off=off, len=got))
         return self.credit > 0
 
     def close(self) -> None:
@@ -583,8 +674,24 @@ class FileWrite:
         self.size = 0
         self.pending_credit = 0
         self.error: OSError | None = None
+        self.slot: tuple[int, int] | None = None
+        if p.get("shm") is not None:
+            try:
+                if not agent.region.map():
+                    raise OSError(errno.ENODEV, "the host offered its bulk-transfer region, but this VM has none")
+                self.slot = agent.region.slot(p["shm"])
+            except (OSError, ValueError):
+                os.close(self.fd)
+                raise
 
-    def data(self, data: bytes) -> None:
+    def shared(self, p: dict) -> None:
+        """Bytes the host placed in the region (FILE_SHM): write them, then return the credit
+        at once (the host reuses the ring only within the credit)."""
+        if self.slot is None:
+            raise ValueError("FILE_SHM for a write that has no shared-region slot")
+        self.data(self.agent.region.span(self.slot, p), flush_credit=True)
+
+    def data(self, data: bytes | memoryview, flush_credit: bool = False) -> None:
         if self.error is None:
             try:
                 view = memoryview(data)
@@ -595,7 +702,7 @@ class FileWrite:
             except OSError as exc:
                 self.error = exc
         self.pending_credit += len(data)
-        if self.pending_credit >= DEFAULT_WINDOW // 4:
+        if self.pending_credit >= DEFAULT_WINDOW // 4 or flush_credit:
             self.agent.send(message(T.CREDIT, self.id, file=self.pending_credit))
             self.pending_credit = 0
 
@@ -753,7 +860,7 @@ class TcpStream:
         self.agent.unwatch_write(self.fd)
         self.sock.close()
         if notify:
-            self.agent.send(message(T.TCP_CLOSE, self.id, **({"error": error} if error else {})))
+            self.agent.send(message(T.TCP_CLOSE, self.id, error=error) if error else message(T.TCP_CLOSE, self.id))
 
 
 def _write(path: str, text: str) -> None:
@@ -843,6 +950,7 @@ class Agent:
         self.execs: dict[int, Exec] = {}
         self.by_pid: dict[int, Exec] = {}
         self.reads: dict[int, FileRead] = {}
+        self.region = SharedRegion()
         self.writes: dict[int, FileWrite] = {}
         self.streams: dict[int, TcpStream] = {}
         self.vm_env: dict[str, str] = {}
@@ -1025,6 +1133,10 @@ class Agent:
             w = self.writes.get(id)
             if w:
                 w.data(m.data)
+        elif t == T.FILE_SHM:
+            w = self.writes.get(id)
+            if w:
+                self.guard(id, "write", lambda: w.shared(p))
         elif t == T.TCP_DATA:
             st = self.streams.get(id)
             if st:
@@ -1171,9 +1283,11 @@ class Agent:
             return {"removed": True}
         raise ValueError(f"unknown file op {t}")
 
-    def new_host(self) -> None:
+    def new_host(self, keep_mounts: bool = False) -> None:
         """A new host connection after a restore: the previous host's requests are gone. Their
-        processes keep running (output discarded); file transfers and TCP streams in flight are dropped."""
+        processes keep running (output discarded); file transfers and TCP streams in flight are dropped.
+        ``keep_mounts``: the new host took over the FUSE session (same node and file ids), so
+        the daemon and its mounts stay, and open files and working directories on them keep working."""
         for ex in list(self.execs.values()):
             ex.orphan()
         for r in list(self.reads.values()):
@@ -1186,6 +1300,8 @@ class Agent:
                 os.close(w.fd)
             except OSError:
                 pass
+        if keep_mounts and self.fuse_proc is not None and self.fuse_proc.poll() is None:
+            return
         self.stop_mounts()
 
     def stop_mounts(self) -> None:
@@ -1211,7 +1327,7 @@ class Agent:
         several times, so each step is idempotent."""
         errors = []
         if p.get("new_host"):
-            self.new_host()
+            self.new_host(keep_mounts=bool(p.get("keep_mounts")))
         if p.get("clock_ns"):
             try:
                 time.clock_settime_ns(time.CLOCK_REALTIME, int(p["clock_ns"]))
@@ -1273,7 +1389,12 @@ class Agent:
             except OSError as exc:
                 errors.append(f"file {path}: {exc}")
         self.login_env()
-        self.send(message(T.CONFIGURED, id, errors=errors))
+        try:
+            shm = self.region.map()  # the host sends large vm.fs transfers through it once it knows
+        except (OSError, ValueError) as exc:
+            shm = 0
+            errors.append(f"shared region: {exc}")
+        self.send(message(T.CONFIGURED, id, errors=errors, shm=shm))
 
     def setup_network(self, net: dict) -> None:
         """Static address on eth0 (no DHCP round trips at boot; the host stack also serves DHCP)."""

@@ -48,10 +48,10 @@ try:  # in the guest: the copy next to this file
 except ImportError:  # on the host (tests)
     from gondolin.vfs import wire
 
-try:  # the agent's port lookup, one implementation for both guest daemons
-    from agent import find_port  # type: ignore[import-not-found]
+try:  # the agent's port lookup and region mapping, one implementation for both guest daemons
+    from agent import SharedRegion, find_port  # type: ignore[import-not-found]
 except ImportError:  # on the host (tests)
-    from guest.agent import find_port
+    from guest.agent import SharedRegion, find_port
 
 HIDDEN_ROOT = "/run/gondolin/fs"
 FUSE_DEVICE = "/dev/fuse"
@@ -221,11 +221,19 @@ class FuseSession:
     another: they share only :attr:`pending` (single dict operations, atomic in CPython).
     """
 
-    def __init__(self, hello: wire.HelloReply) -> None:
+    def __init__(self, hello: wire.HelloReply, shm: memoryview | None = None) -> None:
         self.negative_ttl_ms = hello.negative_ttl_ms
         self.max_io = min(hello.max_io, wire.MAX_IO)
         # wire id -> (FUSE unique, FUSE opcode); unique 0: the reply goes to nobody
         self.pending: dict[int, tuple[int, int]] = {}
+        # The shared region's FUSE area, when the host serves it: read and write payloads go
+        # through one of its spans instead of the port (free_spans: list.pop/append are atomic).
+        usable = shm is not None and hello.flags & wire.HELLO_SHM and len(shm) >= wire.SHM_SPANS * wire.MAX_IO
+        self.shm = shm if usable else None
+        self.free_spans = list(range(wire.SHM_SPANS)) if usable else []
+        self.spans: dict[int, int] = {}  # wire id -> the span its payload is in
+        self._reply_buf = bytearray(wire.MAX_IO if usable else 0)  # port thread only: see _span_reply
+        self._reply_view = memoryview(self._reply_buf)
         self._ids = itertools.count(1)
         self.initialized = False
         self.destroyed = False
@@ -289,8 +297,11 @@ class FuseSession:
         uid: int = 0,
         gid: int = 0,
         pid: int = 0,
+        span: int | None = None,
     ) -> list[Out]:
         rid = next(self._ids) & 0xFFFFFFFF or next(self._ids)
+        if span is not None:
+            self.spans[rid] = span
         self.pending[rid] = (unique, op)
         return [(TO_PORT, wire.request_frame(rid, cls, fixed, variables, tail, uid, gid, pid))]
 
@@ -408,8 +419,39 @@ class FuseSession:
     def _read(self, op: int, unique: int, node: int, uid: int, gid: int, pid: int,
               body: memoryview) -> list[Out]:  # fmt: skip
         fh, offset, size, *_ = READ_IN.unpack_from(body, 0)
-        fixed = (fh, offset, min(size, self.max_io))
-        return self._req(unique, op, wire.Read, fixed, (), b"", uid, gid, pid)
+        size = min(size, self.max_io)
+        span = self._take_span()
+        if span is not None:  # the host places the data in the span
+            return self._req(unique, op, wire.ReadShm, (fh, offset, size, span), (), b"", uid, gid, pid, span)
+        return self._req(unique, op, wire.Read, (fh, offset, size), (), b"", uid, gid, pid)
+
+    def _take_span(self) -> int | None:
+        try:
+            return self.free_spans.pop()
+        except IndexError:  # no region, or every span in flight: the port carries it
+            return None
+
+    def release_span(self, span: int) -> None:
+        self.free_spans.append(span)
+
+    def _span_reply(self, unique: int, span: int, msg: bytes) -> Out:
+        """A READ_SHM's reply: the data the host placed in ``span``. Copied out first: the
+        kernel will not take a /dev/fuse write from the BAR mapping (a PFN map it cannot pin)."""
+        try:
+            try:
+                (size,) = W_SIZE.unpack_from(msg, W_BODY)
+            except struct.error:
+                size = -1
+            if not 0 <= size <= self.max_io or self.shm is None:
+                self.bad_messages += 1
+                return _error(unique, errno.EIO)
+            # Into one reused buffer: a fresh 1 MiB allocation per reply costs more in page faults
+            # under emulation than the copy itself. The reply is written to /dev/fuse before the
+            # next port message is handled (port_loop), so one buffer is enough.
+            self._reply_buf[:size] = self.shm[span * wire.MAX_IO : span * wire.MAX_IO + size]
+            return _reply(unique, self._reply_view[:size])
+        finally:
+            self.release_span(span)
 
     def _readdir(self, op: int, unique: int, node: int, uid: int, gid: int, pid: int,
                  body: memoryview) -> list[Out]:  # fmt: skip
@@ -423,6 +465,11 @@ class FuseSession:
         data = body[READ_IN.size : READ_IN.size + size]
         if len(data) != size or size > wire.MAX_IO:
             raise ValueError("bad write size")
+        span = self._take_span() if size else None
+        if span is not None:  # one copy into the span; only the request crosses the port
+            assert self.shm is not None
+            self.shm[span * wire.MAX_IO : span * wire.MAX_IO + size] = data
+            return self._req(unique, op, wire.WriteShm, (fh, offset, size, span), (), b"", uid, gid, pid, span)
         # ``data`` points into the read buffer: the caller sends it before the next read.
         return self._req(unique, op, wire.Write, (fh, offset), (), data, uid, gid, pid)
 
@@ -484,10 +531,15 @@ class FuseSession:
             return self._other_message(msg)
         _kind, wop, _flags, rid, err = W_RESPONSE.unpack_from(msg, 0)
         waiting = self.pending.pop(rid, None)
+        span = self.spans.pop(rid, None)
         if waiting is None:
             self.bad_messages += 1
             return []
         unique, op = waiting
+        if span is not None:  # the host is done with the span once it replied
+            if op == READ and unique and not err:
+                return [self._span_reply(unique, span, msg)]
+            self.release_span(span)
         if not unique:
             return []
         if err:
@@ -550,6 +602,10 @@ class FuseSession:
         """Answer every request still waiting for the host (it went away)."""
         waiting = list(self.pending.values())
         self.pending.clear()
+        spans = list(self.spans.values())
+        self.spans.clear()
+        for span in spans:
+            self.release_span(span)
         return [_error(unique, err) for unique, _ in waiting if unique]
 
 
@@ -803,7 +859,15 @@ class Daemon:
 
     def run(self) -> int:
         hello = self.hello()
-        session = FuseSession(hello)
+        shm = None
+        if hello.flags & wire.HELLO_SHM:
+            region = SharedRegion()
+            try:
+                if region.map() >= wire.SHM_FUSE_OFFSET + wire.SHM_SPANS * wire.MAX_IO and region.view is not None:
+                    shm = region.view[wire.SHM_FUSE_OFFSET : wire.SHM_FUSE_OFFSET + wire.SHM_SPANS * wire.MAX_IO]
+            except (OSError, ValueError) as exc:
+                log(f"shared region unavailable, payloads use the port: {exc}")
+        session = FuseSession(hello, shm)
         self.mount_fuse(hello)
         for target, args in ((self.port_loop, (session,)), (self.notify_loop, ()),
                              (self.bind_all, ())):  # fmt: skip

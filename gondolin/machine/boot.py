@@ -13,8 +13,8 @@ sends the guest fresh entropy, the clock, a new generation id, and is told its h
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from .state import RestoreSource, Section
 
@@ -49,6 +49,8 @@ class CheckpointResume:
 
     memory: Section
     disk: Section | None
+    # the mounts' file-service session at the save (gondolin.vfs.port.VfsServer.hand_over)
+    file_state: Any = field(default=None, compare=False, repr=False)
 
     def restore_source(self) -> RestoreSource:
         return RestoreSource("checkpoint", self.memory, self.disk)
@@ -61,6 +63,7 @@ class ForkClone:
     memory: Section
     disk: Section | None
     parent: str = ""  # the id of the machine it was copied from
+    file_state: Any = field(default=None, compare=False, repr=False)  # as for CheckpointResume
 
     def restore_source(self) -> RestoreSource:
         return RestoreSource("fork", self.memory, self.disk)

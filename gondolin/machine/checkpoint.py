@@ -265,7 +265,21 @@ class CheckpointFile:
         if h.kind != "full":
             return ColdBoot(disk_section)
         mem = h.sections["memory"]
-        return CheckpointResume(Section(self.path, mem.offset, mem.size), disk_section)
+        return CheckpointResume(Section(self.path, mem.offset, mem.size), disk_section, self._file_state())
+
+    def _file_state(self) -> Any:
+        """The mounts' file-service session saved with the memory (None: none, or unreadable,
+        and the resumed guest mounts afresh)."""
+        sec = self.header.sections.get("files")
+        if sec is None:
+            return None
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(sec.offset)
+                return json.loads(f.read(sec.size))
+        except (OSError, ValueError) as exc:
+            log.warning("checkpoint %s: its file-service session is unreadable (%s)", self.path, exc)
+            return None
 
     def check_shape(self, here: MachineShape) -> None:
         """Refuse to resume a full checkpoint into a machine of another shape."""
@@ -327,12 +341,23 @@ async def save_checkpoint(machine: Machine, path: Path, *, disk_only: bool = Fal
                 async def after_stop() -> None:
                     mem_size = os.fstat(fd).st_size - HEADER_SPACE
                     sections["memory"] = SectionInfo(HEADER_SPACE, mem_size, 0)
+                    end = align(HEADER_SPACE + mem_size)
                     if overlay is not None:
-                        await anyio.to_thread.run_sync(copy_disk, align(HEADER_SPACE + mem_size))
+                        await anyio.to_thread.run_sync(copy_disk, end)
+                        end = align(sections["disk"].offset + sections["disk"].size)
+                    state = await machine.file_hand_over()
+                    if state is not None:  # the guest keeps its open files on mounts (see VfsServer)
+                        blob = json.dumps(state, separators=(",", ":")).encode()
+                        await anyio.to_thread.run_sync(os.pwrite, fd, blob, end)
+                        sections["files"] = SectionInfo(end, len(blob), 0)
 
-                async with machine.health_paused():
-                    await save_running_vm(qmp, machine.quiesced, f"cat >> {shlex.quote(str(tmp))}", tmp,
-                                          after_stop)
+                machine.begin_file_hand_over()
+                try:
+                    async with machine.health_paused():
+                        await save_running_vm(qmp, machine.quiesced, f"cat >> {shlex.quote(str(tmp))}", tmp,
+                                              after_stop)
+                finally:
+                    machine.end_file_hand_over()
 
         def finish() -> CheckpointHeader:
             for name, sec in list(sections.items()):

@@ -55,15 +55,23 @@ async def fork_machine(source: Machine, n: int,
         overlay = source.disk_overlay
         disk = state_dir / DISK if overlay is not None else None
 
+        file_state = None
+
         async def copy_disk() -> None:
+            nonlocal file_state
             if overlay is not None and disk is not None:
                 await anyio.to_thread.run_sync(shutil.copyfile, overlay, disk)
+            file_state = await source.file_hand_over()  # the copies keep the guest's open files on mounts
 
         async with source.state_lock, source.health_paused():
-            stats = await save_running_vm(await source.qmp(), source.quiesced, memory_command(memory), memory,
-                                          copy_disk)
+            source.begin_file_hand_over()
+            try:
+                stats = await save_running_vm(await source.qmp(), source.quiesced, memory_command(memory), memory,
+                                              copy_disk)
+            finally:
+                source.end_file_hand_over()
         saved = time.monotonic()
-        clone = ForkClone(Section(memory), Section(disk) if disk is not None else None, source.id)
+        clone = ForkClone(Section(memory), Section(disk) if disk is not None else None, source.id, file_state)
         started: list[Machine] = []
         failures: list[BaseException] = []
 

@@ -51,6 +51,7 @@ from ..protocol import T
 from ..qemu.argv import build_argv
 from ..qemu.process import QemuProcess, find_qemu
 from ..qemu.qmp import QmpClient
+from ..shm import SharedRegion
 from .boot import BootSource, ColdBoot
 from .shape import VIRTIOFS_SOCKET, MachineShape, machine_shape, machine_spec, uses_virtiofs
 from .state import Resync, Section, prepare_restored_disk
@@ -142,6 +143,7 @@ class Machine:
         self.network: Network | None = None
         self.qemu: QemuProcess | None = None
         self._vfs: Any = None  # gondolin.vfs.port.VfsServer while the fs port is served
+        self.shared_region: SharedRegion | None = None  # vm.fs bulk data (gondolin.shm)
         self._virtiofs = False  # the mounts are served through the virtiofs device
         self._channel: Channel | None = None
         self._listeners: dict[str, UnixListener] = {}
@@ -244,6 +246,8 @@ class Machine:
             sockets["net"] = spec.net_socket
         for name, path in sockets.items():
             self._listeners[name] = UnixListener(path)
+        if spec.shared_region:  # before QEMU maps it; a restore fills it from the saved memory
+            self.shared_region = SharedRegion(spec.shared_region, spec.shared_region_mb << 20)
         restore = source.restore_source()
         if virtiofs:
             if restore is not None:
@@ -271,7 +275,7 @@ class Machine:
                 if "net" in streams:
                     await self._start_network(streams["net"])
                 if "fs" in streams:
-                    self._start_vfs(streams["fs"])
+                    self._start_vfs(streams["fs"], getattr(source, "file_state", None))
                 first_id = 1
                 if resync is not None:
                     control = await resync.wait()
@@ -374,10 +378,14 @@ class Machine:
         self.network.ssh = ssh
         self.spawn("network driver", driver.run, stream)
 
-    def _start_vfs(self, stream: ByteStream) -> None:
+    def _start_vfs(self, stream: ByteStream, state: Any = None) -> None:
+        """Serve the mounts on the fs port; ``state``: the session a checkpoint or fork saved,
+        taken over so the guest keeps its open files and working directories on them."""
         from ..vfs.port import VfsServer
 
-        self._vfs = VfsServer(self.options.mounts)
+        region = self.shared_region
+        self._vfs = VfsServer(self.options.mounts, state=state,
+                              shm=region.fuse_area() if region is not None else None)
         self.spawn("file service", self._vfs.serve, stream)
 
     def _start_virtiofs(self, path: Path) -> None:
@@ -532,6 +540,23 @@ class Machine:
     def mounts(self) -> dict[str, Any]:
         return dict(self.options.mounts)
 
+    def begin_file_hand_over(self) -> None:
+        """A memory save starts: the fs port's server records what it sends (see
+        :meth:`file_hand_over`). Nothing to do without mounts or on virtiofs."""
+        if self._vfs is not None and not self._virtiofs:
+            self._vfs.begin_hand_over()
+
+    async def file_hand_over(self) -> Any:
+        """With the guest stopped after a memory save: the fs port session its copies take
+        over (None: no mounts, virtiofs, or too much in flight; the copies then mount afresh)."""
+        if self._vfs is None or self._virtiofs:
+            return None
+        return await self._vfs.hand_over(timeout=self.timeouts.call)
+
+    def end_file_hand_over(self) -> None:
+        if self._vfs is not None and not self._virtiofs:
+            self._vfs.end_hand_over()
+
     def vfs_root(self) -> Any:
         """The provider tree the guest's mounts see (``vm.fs`` uses it for mounted paths)."""
         return self._vfs.root if self._vfs is not None else None
@@ -587,6 +612,8 @@ class Machine:
                 extra.setdefault("files", {})["/etc/ssh/ssh_known_hosts"] = self.network.ssh.known_hosts_line(mapped)
         if self.restored_from is not None:
             extra["new_host"] = True
+            if self._vfs is not None and not self._virtiofs and self._vfs.carried_over:
+                extra["keep_mounts"] = True  # this host answers the saved session: the guest keeps its FUSE mount
         extra["pids_max"] = self.options.pids_max  # None: no limit
         msg = await self.control().request(T.CONFIGURE, os.urandom(64), timeout=self.timeouts.call,
                                            clock_ns=time.time_ns(), **extra)
@@ -594,6 +621,8 @@ class Machine:
             raise VMStartError(f"guest rejected its configuration: {msg.p}")
         for err in msg.p.get("errors") or []:
             log.warning("guest configuration: %s", err)
+        if self.shared_region is not None:  # the agent maps the region's device; vm.fs uses it once it has
+            self.shared_region.usable = msg.p.get("shm") == self.shared_region.size
 
     def on_close(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` (sync, must not raise) when the machine is torn down."""
@@ -643,6 +672,8 @@ class Machine:
         """Synchronous last resort (exit handlers, finalizers): kill QEMU, remove the run directory."""
         if self.qemu is not None:
             self.qemu.kill()
+        if self.shared_region is not None:
+            self.shared_region.close()
         if self.run_dir is not None:
             shutil.rmtree(self.run_dir, ignore_errors=True)
 

@@ -19,6 +19,7 @@ from ..options import VMOptions
 from ..qemu.accel import qemu_version
 from ..qemu.argv import MachineSpec, SerialPort, build_argv
 from ..qemu.process import find_qemu
+from ..shm import REGION_MB
 
 TEMPLATE_FORMAT = 1  # bump when what a template holds or how it is taken changes
 RUN_PLACEHOLDER = "/@run"
@@ -28,6 +29,7 @@ FS_PORT = "gondolin.fs"
 VIRTIOFS_SOCKET = "virtiofs.sock"  # in the run directory
 VIRTIOFS_TAG = "gondolin"  # what the guest mounts (guest/agent.py start_virtiofs)
 VIRTIOFS_QUEUE_SIZE = 1024
+SHARED_REGION_FILE = "xfer.mem"  # in the run directory: vm.fs bulk data (gondolin.shm)
 
 
 def machine_spec(options: VMOptions, image: Image, accel: str, run_dir: Path) -> MachineSpec:
@@ -51,6 +53,7 @@ def machine_spec(options: VMOptions, image: Image, accel: str, run_dir: Path) ->
         accel=accel, ports=tuple(ports),
         net_socket=str(run_dir / "net.sock") if options.network else None,
         qmp_socket=str(run_dir / "qmp.sock"),
+        shared_region=str(run_dir / SHARED_REGION_FILE), shared_region_mb=REGION_MB,
         extra_append=" ".join(filter(None, (
             "gondolin.debug=1 loglevel=6" if os.environ.get("GONDOLIN_GUEST_DEBUG") else "",
             f"gondolin.disk={options.disk_size}M" if options.disk_size and options.rootfs == "cow" else "",

@@ -71,6 +71,8 @@ class T(enum.IntEnum):
     TCP_DATA = 42  # either way: stream bytes (within the receiver's credit)
     TCP_EOF = 43  # either way: the sender will send no more (half-close)
     TCP_CLOSE = 44  # either way {error?}: the stream is gone (after both EOFs, or an abort)
+    # bulk file data through the shared region (gondolin.shm): the bytes are in the region, not the message
+    FILE_SHM = 45  # either way {off, len}: a FILE_DATA whose bytes lie at region[off:off+len]
 
 
 class FrameError(Exception):

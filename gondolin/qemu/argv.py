@@ -40,6 +40,9 @@ class MachineSpec:
     vmgenid: bool = True
     bios: str | None = None
     extra_append: str = ""
+    # bulk-transfer region: a host file QEMU maps as an ivshmem-plain BAR (migratable RAM)
+    shared_region: str | None = None
+    shared_region_mb: int = 64  # gondolin.shm.REGION_MB
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -73,6 +76,10 @@ def build_argv(spec: MachineSpec, qemu: str = "qemu-system-x86_64") -> list[str]
     if spec.net_socket:
         argv += ["-netdev", f"stream,id=n0,server=off,addr.type=unix,addr.path={spec.net_socket}"]
         argv += ["-device", f"virtio-net-pci,netdev=n0,romfile=,mac={GUEST_MAC}"]
+    if spec.shared_region:
+        argv += ["-object", f"memory-backend-file,id=xfer,mem-path={spec.shared_region},"
+                            f"size={spec.shared_region_mb}M,share=on",
+                 "-device", "ivshmem-plain,memdev=xfer,master=on"]  # master: migratable
     if spec.vmgenid:
         argv += ["-device", "vmgenid"]
     if spec.qmp_socket:

@@ -194,3 +194,43 @@ class NodeTable:
         for node in (a, b):
             if node is not None and node in self._nodes:
                 self._collect(node)
+
+    # --- hand-over to another host session (checkpoint, fork) ---------------------------------
+
+    def export(self) -> dict[str, object]:
+        """The table as plain data: ``nodes`` rows ``[id, parent, name, lookups]`` (parents
+        before children) and the next id. See :meth:`restore`."""
+        rows = [[node, e.parent, e.name, e.lookups] for node, e in self._nodes.items() if node != ROOT_NODE]
+        rows.sort(key=lambda r: int(r[0]))  # type: ignore[call-overload]  # ids grow: parents first
+        return {"next": self._next, "nodes": rows}
+
+    @classmethod
+    def restore(cls, data: object, max_nodes: int = DEFAULT_MAX_NODES) -> NodeTable:
+        """A table holding the ids and paths of :meth:`export`'s; ValueError when ``data`` is
+        malformed (the caller then starts a fresh session)."""
+        if not isinstance(data, dict) or type(data.get("next")) is not int or not isinstance(data.get("nodes"), list):
+            raise ValueError("bad node table")
+        rows = data["nodes"]
+        if len(rows) >= max_nodes:
+            raise ValueError("node table too large")
+        table = cls(max_nodes, max(ROOT_NODE + 1, data["next"]))
+        for row in rows:
+            if (not isinstance(row, list) or len(row) != 4 or type(row[0]) is not int or type(row[1]) is not int
+                    or not isinstance(row[2], str) or type(row[3]) is not int or row[0] <= ROOT_NODE
+                    or row[0] >= table._next or row[0] in table._nodes or row[3] < 0):
+                raise ValueError(f"bad node row {str(row)[:60]}")
+            node, parent, name, lookups = row
+            entry = _Node(parent, name)
+            entry.lookups = lookups
+            table._nodes[node] = entry
+        for node, entry in table._nodes.items():  # link names and child counts once all exist
+            if node == ROOT_NODE or not entry.parent:
+                continue
+            parent_entry = table._nodes.get(entry.parent)
+            if parent_entry is None or (entry.parent, entry.name) in table._names:
+                entry.parent = 0  # its parent is gone: the node keeps its id, not its path
+                continue
+            table._names[(entry.parent, entry.name)] = node
+            parent_entry.children += 1
+        return table
+

@@ -39,6 +39,7 @@ from .errors import (
 )
 from .nodes import DEFAULT_MAX_NODES, ROOT_NODE, NodeTable
 from .provider import (
+    READ_ONLY,
     Attr,
     Caller,
     DirectIO,
@@ -81,6 +82,7 @@ class FsRpcStats:
 class _OpenFile:
     handle: FileHandle
     node: int
+    mode: OpenMode | None = None  # how the guest opened it (carried over by export_state)
 
 
 @dataclass
@@ -119,6 +121,13 @@ class _Table:
         return item
 
 
+_MODE_FIELDS = ("read", "write", "append", "truncate", "exclusive", "sync")
+
+
+def _mode_bits(mode: OpenMode) -> int:
+    return sum(1 << i for i, k in enumerate(_MODE_FIELDS) if getattr(mode, k))
+
+
 def _name(raw: bytes) -> str:
     return paths.check_name(paths.decode(raw))
 
@@ -137,12 +146,15 @@ class FsRpcService:
         max_dir_bytes: int = DEFAULT_MAX_DIR_BYTES,
         clock: Callable[[], int] = time.time_ns,
         id_offset: int = 0,
+        shm: memoryview | None = None,
     ) -> None:
         """``id_offset`` moves where node and handle ids start. A guest that outlives its host
         session (a resumed checkpoint) still holds the old session's ids; with a fresh random
         offset they are unknown (ESTALE, which makes the guest kernel look the path up again)
         instead of naming someone else's file."""
         self.provider = provider
+        # The FUSE payload area of the VM's shared region (wire.SHM_SPANS spans of MAX_IO), if any.
+        self.shm = shm if shm is not None and len(shm) >= wire.SHM_SPANS * wire.MAX_IO else None
         self.entry_ttl_ms = entry_ttl_ms
         self.attr_ttl_ms = attr_ttl_ms
         self.negative_ttl_ms = negative_ttl_ms
@@ -184,7 +196,68 @@ class FsRpcService:
             wire.Access: self._access,
             wire.Fallocate: self._fallocate,
             wire.CopyFileRange: self._copy_file_range,
+            wire.ReadShm: self._read_shm,
+            wire.WriteShm: self._write_shm,
         }
+
+    # --- hand-over to another host session (checkpoint resume, fork) -------------------------
+
+    def export_state(self) -> dict[str, Any]:
+        """What the guest kernel holds of this session, as plain data: node ids with their paths
+        and open files with their modes. A service that :meth:`import_state` s it answers the
+        same ids, so a guest restored from a snapshot keeps its open files and working
+        directories. Call it while the guest is stopped (the snapshot's moment)."""
+        files = [[fh, entry.node, self.nodes.path(entry.node) if self._has_path(entry.node) else None,
+                  _mode_bits(entry.mode or READ_ONLY)]
+                 for fh, entry in self._files.items.items()]
+        return {"v": 1, "nodes": self.nodes.export(), "files": files, "next_file": self._files._next,
+                "next_dir": self._dirs._next}
+
+    def _has_path(self, node: int) -> bool:
+        try:
+            self.nodes.path(node)
+        except VfsError:
+            return False
+        return True
+
+    def import_state(self, state: Any) -> list[Any]:
+        """Take over an exported session (before serving): the same node ids and handle
+        counters. Returns the open files to reopen with :meth:`reopen_files`; ValueError when
+        ``state`` is malformed (the service is unchanged then)."""
+        if not isinstance(state, dict) or state.get("v") != 1 or not isinstance(state.get("files"), list):
+            raise ValueError("bad file-service state")
+        nodes = NodeTable.restore(state.get("nodes"), self.nodes.max_nodes)
+        next_file, next_dir = state.get("next_file"), state.get("next_dir")
+        if type(next_file) is not int or type(next_dir) is not int:
+            raise ValueError("bad handle counters")
+        self.nodes = nodes
+        self._files._next = max(self._files._next, next_file)
+        self._dirs._next = max(self._dirs._next, next_dir)
+        return list(state["files"][: self._files.limit])
+
+    async def reopen_files(self, rows: list[Any]) -> int:
+        """Open again, by path, the files an imported session had open, under the same handle
+        ids. One whose path is gone, or that the provider refuses, is left out: the guest gets
+        EBADF for it. Returns how many were reopened."""
+        reopened = 0
+        for row in rows:
+            if not (isinstance(row, list) and len(row) == 4 and type(row[0]) is int and type(row[1]) is int
+                    and (row[2] is None or isinstance(row[2], str)) and type(row[3]) is int):
+                continue
+            fh, node, path, bits = row
+            if path is None or fh in self._files.items or fh >= self._files._next:
+                continue
+            # as opened, less what must not happen twice (truncating, failing because it exists)
+            mode = OpenMode(**{k: bool(bits & (1 << i)) for i, k in enumerate(_MODE_FIELDS)
+                               if k not in ("truncate", "exclusive")})
+            try:
+                handle = await self.provider.open(path, mode)
+            except (VfsError, OSError) as exc:
+                log.debug("open file %s not carried over: %s", path, exc)
+                continue
+            self._files.items[fh] = _OpenFile(handle, node, mode)
+            reopened += 1
+        return reopened
 
     @property
     def open_files(self) -> int:
@@ -361,7 +434,8 @@ class FsRpcService:
         return wire.HelloReply(
             version=wire.VERSION,
             max_io=min(req.max_io, wire.MAX_IO),
-            flags=wire.HELLO_READONLY if self.provider.readonly else 0,
+            flags=(wire.HELLO_READONLY if self.provider.readonly else 0)
+            | (wire.HELLO_SHM if self.shm is not None else 0),
             entry_ttl_ms=self.entry_ttl_ms,
             attr_ttl_ms=self.attr_ttl_ms,
             negative_ttl_ms=self.negative_ttl_ms,
@@ -456,9 +530,9 @@ class FsRpcService:
         attr = await self.provider.link(src, self.nodes.child_path(req.new_parent, name))
         return await self._new_entry(req.new_parent, name, attr)
 
-    async def _add_file(self, handle: FileHandle, node: int) -> int:
+    async def _add_file(self, handle: FileHandle, node: int, mode: OpenMode | None = None) -> int:
         try:
-            return self._files.add(_OpenFile(handle, node))
+            return self._files.add(_OpenFile(handle, node, mode))
         except VfsError:
             await handle.release()
             raise
@@ -466,7 +540,7 @@ class FsRpcService:
     async def _open(self, req: wire.Open) -> wire.OpenReply:
         mode = OpenMode.from_linux_flags(req.flags)
         handle = await self.provider.open(self.nodes.path(req.node), mode)
-        return wire.OpenReply(await self._add_file(handle, req.node), 0)
+        return wire.OpenReply(await self._add_file(handle, req.node, mode), 0)
 
     async def _create(self, req: wire.Create) -> wire.CreateReply:
         name = _name(req.name)
@@ -479,7 +553,7 @@ class FsRpcService:
         except BaseException:
             await handle.release()
             raise
-        fh = await self._add_file(handle, node)
+        fh = await self._add_file(handle, node, mode)
         return wire.CreateReply(self._entry(node, attr), wire.OpenReply(fh, 0))
 
     async def _read(self, req: wire.Read) -> wire.DataReply:
@@ -489,6 +563,26 @@ class FsRpcService:
 
     async def _write(self, req: wire.Write) -> wire.SizeReply:
         written = await self._file(req.fh).write(req.offset, req.data)
+        self.stats.bytes_written += written
+        return wire.SizeReply(written)
+
+    def _span(self, span: int, size: int) -> memoryview:
+        """Span ``span`` of the shared region's FUSE area (checked by the decoder too)."""
+        if self.shm is None or not 0 <= span < wire.SHM_SPANS or not 0 <= size <= wire.MAX_IO:
+            raise VfsError(EINVAL, "no such shared-region span")
+        return self.shm[span * wire.MAX_IO:span * wire.MAX_IO + size]
+
+    async def _read_shm(self, req: wire.ReadShm) -> wire.SizeReply:
+        span = self._span(req.span, req.size)
+        data = await self._file(req.fh).read(req.offset, req.size)
+        n = min(len(data), req.size)
+        span[:n] = data[:n]
+        self.stats.bytes_read += n
+        return wire.SizeReply(n)
+
+    async def _write_shm(self, req: wire.WriteShm) -> wire.SizeReply:
+        data = bytes(self._span(req.span, req.size))  # a copy: the guest may change the span meanwhile
+        written = await self._file(req.fh).write(req.offset, data)
         self.stats.bytes_written += written
         return wire.SizeReply(written)
 

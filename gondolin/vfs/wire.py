@@ -70,6 +70,8 @@ class Op(enum.IntEnum):
     CREATE = 24
     FALLOCATE = 25
     COPY_FILE_RANGE = 26
+    READ_SHM = 27  # READ whose data the host places in a span of the shared region
+    WRITE_SHM = 28  # WRITE whose data the guest placed in a span of the shared region
     # host -> guest notifications
     INVAL_INODE = 64  # drop cached attributes (and page cache in [offset, offset+length))
     INVAL_ENTRY = 65  # drop the cached dentry parent/name
@@ -95,6 +97,13 @@ FOPEN_KEEP_CACHE = 1 << 1
 
 # HelloReply.flags
 HELLO_READONLY = 1 << 0
+HELLO_SHM = 1 << 1  # the host maps the shared region: READ_SHM / WRITE_SHM may be used
+
+# The FUSE payload area of the VM's shared region (an ivshmem BAR; gondolin/shm.py): SHM_SPANS
+# spans of MAX_IO bytes from SHM_FUSE_OFFSET. The guest names a span per request; each side
+# checks the span index and the size.
+SHM_FUSE_OFFSET = 32 * 1024 * 1024
+SHM_SPANS = 32
 
 # struct fuse_dirent is 24 bytes + name, padded to 8; fuse_direntplus prepends a
 # 128-byte fuse_entry_out. Both sides size readdir replies with this.
@@ -489,6 +498,30 @@ class CopyFileRange(Body):
     flags: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class ReadShm(Body):
+    """:class:`Read` into span ``span`` of the shared region; the reply is a SizeReply."""
+
+    OP = Op.READ_SHM
+    _FMT = "<QQII"
+    fh: int
+    offset: int
+    size: int
+    span: int
+
+
+@dataclass(frozen=True, slots=True)
+class WriteShm(Body):
+    """:class:`Write` of the ``size`` bytes the guest placed in span ``span``."""
+
+    OP = Op.WRITE_SHM
+    _FMT = "<QQII"
+    fh: int
+    offset: int
+    size: int
+    span: int
+
+
 # ---------------------------------------------------------------------------------------------
 # Replies (host -> guest)
 
@@ -685,7 +718,7 @@ REQUEST_TYPES: dict[Op, type[Body]] = {
     for cls in (
         Hello, Lookup, Forget, Getattr, Setattr, Readlink, Symlink, Mkdir, Unlink, Rmdir,
         Rename, Link, Open, Create, Read, Write, Statfs, Release, Fsync, Flush, Opendir,
-        Readdir, Releasedir, Access, Fallocate, CopyFileRange,
+        Readdir, Releasedir, Access, Fallocate, CopyFileRange, ReadShm, WriteShm,
     )
 }  # fmt: skip
 
@@ -715,6 +748,8 @@ REPLY_TYPES: dict[Op, type[_Codec]] = {
     Op.ACCESS: EmptyReply,
     Op.FALLOCATE: EmptyReply,
     Op.COPY_FILE_RANGE: SizeReply,
+    Op.READ_SHM: SizeReply,
+    Op.WRITE_SHM: SizeReply,
 }
 
 NOTIFY_TYPES: dict[Op, type[Body]] = {cls.OP: cls for cls in (InvalInode, InvalEntry)}
@@ -784,6 +819,8 @@ def _check_limits(body: object, request_id: int | None, op: int) -> None:
         raise WireError("write larger than MAX_IO", request_id, op)
     if isinstance(body, Read) and body.size > MAX_IO:
         raise WireError("read larger than MAX_IO", request_id, op)
+    if isinstance(body, (ReadShm, WriteShm)) and (body.size > MAX_IO or body.span >= SHM_SPANS):
+        raise WireError("shared-region request beyond its span", request_id, op)
 
 
 def decode_request(data: bytes | bytearray | memoryview) -> Request:
