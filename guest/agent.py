@@ -756,6 +756,19 @@ class TcpStream:
             self.agent.send(message(T.TCP_CLOSE, self.id, **({"error": error} if error else {})))
 
 
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def load_virtiofs_driver() -> None:
+    """Load the guest kernel's virtiofs driver (once: a hot-plugged device binds to it)."""
+    if not os.path.isdir("/sys/module/virtiofs"):
+        subprocess.run(["/sbin/modprobe", "virtiofs"], capture_output=True, timeout=20)
+
+
 def _write(path: str, text: str) -> None:
     with open(path, "w") as f:
         f.write(text)
@@ -1250,10 +1263,13 @@ class Agent:
                 self.install_ca(str(p["ca_pem"]))
             except OSError as exc:
                 errors.append(f"ca: {exc}")
+        if p.get("fs_transport") == "virtiofs" and not p.get("mounts"):
+            load_virtiofs_driver()  # a template: its restored copies find the driver loaded
         if p.get("mounts"):
             try:
                 if p.get("fs_transport") == "virtiofs":
-                    self.start_virtiofs([str(m) for m in p["mounts"]], bool(p.get("fs_readonly")))
+                    self.start_virtiofs([str(m) for m in p["mounts"]], bool(p.get("fs_readonly")),
+                                        float(p.get("fs_wait_s") or 20))
                 else:
                     self.start_mounts([str(m) for m in p["mounts"]])
             except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
@@ -1326,20 +1342,32 @@ class Agent:
                     "GIT_SSL_CAINFO", "PIP_CERT"):
             self.system_env[var] = ours
 
-    def start_virtiofs(self, mounts: list[str], readonly: bool) -> None:
+    def start_virtiofs(self, mounts: list[str], readonly: bool, wait_s: float = 20.0) -> None:
         """Mount the host's virtiofs device (tag ``gondolin``) at /run/gondolin/fs and bind each
         mount point from it, as the FUSE daemon does (guest/fuse.py Daemon.bind_all): the
-        kernel's own driver talks to the host, no daemon runs here."""
+        kernel's own driver talks to the host, no daemon runs here. The host hot-plugs the device
+        just before it sends the configuration, so the mount is retried until the kernel has
+        found the PCI device and bound the driver to it (the tag is unknown until then), for at
+        most ``wait_s`` seconds."""
         if self.virtiofs:
             return
         hidden = "/run/gondolin/fs"
-        subprocess.run(["/sbin/modprobe", "virtiofs"], capture_output=True, timeout=20)
+        load_virtiofs_driver()
         os.makedirs(hidden, exist_ok=True)
         libc = ctypes.CDLL(None, use_errno=True)
         flags = MS_NOSUID | MS_NODEV | (MS_RDONLY if readonly else 0)
-        if libc.mount(b"gondolin", hidden.encode(), b"virtiofs", flags, None) != 0:
+        deadline = time.monotonic() + wait_s
+        bound = "/sys/bus/virtio/drivers/virtiofs"  # a device's link appears once its probe registered the tag
+        while not any(name.startswith("virtio") for name in _listdir(bound)):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the virtiofs device did not appear within {wait_s:.0f}s (hot-plugged by the "
+                                   "host; no virtio device is bound to the virtiofs driver)")
+            time.sleep(0.002)
+        while libc.mount(b"gondolin", hidden.encode(), b"virtiofs", flags, None) != 0:
             err = ctypes.get_errno()
-            raise RuntimeError(f"cannot mount the virtiofs device: {os.strerror(err)}")
+            if time.monotonic() > deadline:  # a device of an earlier attach may still be going away
+                raise RuntimeError(f"cannot mount the virtiofs device: {os.strerror(err)}")
+            time.sleep(0.01)
         self.virtiofs = True
         self.fuse_mounts = []
         for m in sorted({m.rstrip("/") or "/" for m in mounts}, key=len):

@@ -50,9 +50,18 @@ from ..options import Timeouts, VMOptions
 from ..protocol import T
 from ..qemu.argv import build_argv
 from ..qemu.process import QemuProcess, find_qemu
-from ..qemu.qmp import QmpClient
+from ..qemu.qmp import QmpClient, QmpError
 from .boot import BootSource, ColdBoot
-from .shape import VIRTIOFS_SOCKET, MachineShape, machine_shape, machine_spec, uses_virtiofs
+from .shape import (
+    VIRTIOFS_CHARDEV,
+    VIRTIOFS_SOCKET,
+    MachineShape,
+    machine_shape,
+    machine_spec,
+    uses_virtiofs,
+    virtiofs_chardev,
+    virtiofs_device,
+)
 from .state import Resync, Section, prepare_restored_disk
 
 log = get_logger("vm")
@@ -67,6 +76,8 @@ _CA_CACHE: dict[str, Any] = {}
 # virtiofs has no notification queue in the guest kernel, so host-side changes (vm.fs writes)
 # cannot be pushed to it: the guest re-checks names and attributes after these instead.
 VIRTIOFS_TTLS_MS = {"entry_ttl_ms": 1_000, "attr_ttl_ms": 1_000, "negative_ttl_ms": 1_000}
+# How long the guest waits for a hot-plugged virtiofs device to show up before it gives up.
+VIRTIOFS_ATTACH_WAIT = 20.0
 _LIVE: weakref.WeakSet[Machine] = weakref.WeakSet()
 
 
@@ -143,6 +154,7 @@ class Machine:
         self.qemu: QemuProcess | None = None
         self._vfs: Any = None  # gondolin.vfs.port.VfsServer while the fs port is served
         self._virtiofs = False  # the mounts are served through the virtiofs device
+        self._virtiofs_attached = False  # the device is plugged in (QMP device_add done)
         self._channel: Channel | None = None
         self._listeners: dict[str, UnixListener] = {}
         self._tg: TaskGroup | None = None
@@ -245,11 +257,7 @@ class Machine:
         for name, path in sockets.items():
             self._listeners[name] = UnixListener(path)
         restore = source.restore_source()
-        if virtiofs:
-            if restore is not None:
-                raise VMStartError(f"a VM with fs_transport='virtiofs' cannot start from a {restore.kind} (QEMU "
-                                   "does not migrate its vhost-user-fs device); boot it cold, or use "
-                                   "fs_transport='port'", code="virtiofs_restore")
+        if virtiofs:  # the device is hot-plugged by configure(), after any restore (see attach_virtiofs)
             self._start_virtiofs(self.run_dir / VIRTIOFS_SOCKET)
         disk = restore.disk if restore is not None else (source.disk if isinstance(source, ColdBoot) else None)
         await anyio.to_thread.run_sync(self._prepare_disk, disk)
@@ -381,8 +389,10 @@ class Machine:
         self.spawn("file service", self._vfs.serve, stream)
 
     def _start_virtiofs(self, path: Path) -> None:
-        """Listen on the vhost-user socket (before QEMU starts: it connects and negotiates while
-        it creates the device) and serve the mounts on it from this machine's task group."""
+        """Listen on the vhost-user socket and serve the mounts on it from this machine's task
+        group: one connection per hot-plugged device (QEMU connects at ``chardev-add`` and
+        negotiates during ``device_add``); a device unplugged before a save and plugged again
+        after it is a new connection to the same file service."""
         from ..vfs.port import VfsServer
         from ..vhost.fs_device import serve_virtiofs
 
@@ -397,7 +407,8 @@ class Machine:
 
         async def serve() -> None:
             try:
-                await serve_virtiofs(listener, vfs)
+                while True:
+                    await serve_virtiofs(listener, vfs)
             finally:
                 listener.close()
                 with anyio.CancelScope(shield=True), anyio.move_on_after(5):
@@ -549,6 +560,35 @@ class Machine:
                     "fork it")
         return None
 
+    async def attach_virtiofs(self) -> None:
+        """Hot-plug the virtiofs device (QMP ``chardev-add`` + ``device_add`` on pci.0): after a
+        cold boot, after a restore (a template, checkpoint or fork holds the machine without it)
+        and after a save that unplugged it. The configure message that follows makes the guest
+        wait for it and mount it. QEMU refusing it raises :class:`VMStartError` (code
+        ``virtiofs_attach``); the chardev of a refused device is removed again."""
+        if not self._virtiofs or self._virtiofs_attached:
+            return
+        if self.run_dir is None:
+            raise VMClosedError("this VM is not running")
+        qmp = await self.qmp()
+        try:
+            with anyio.fail_after(self.timeouts.call):
+                await qmp.execute("chardev-add", virtiofs_chardev(str(self.run_dir / VIRTIOFS_SOCKET)))
+                try:
+                    await qmp.execute("device_add", virtiofs_device())
+                except QmpError:
+                    with contextlib.suppress(QmpError):
+                        await qmp.execute("chardev-remove", {"id": VIRTIOFS_CHARDEV})
+                    raise
+        except QmpError as exc:
+            raise VMStartError(f"QEMU refused to plug in the virtiofs device ({exc.message}); create the VM "
+                               "with fs_transport='port' (the default) if this QEMU cannot serve virtiofs",
+                               self.console(), code="virtiofs_attach") from exc
+        except TimeoutError:
+            raise VMStartError(f"QEMU did not plug in the virtiofs device within {self.timeouts.call:.0f}s",
+                               self.console(), code="virtiofs_attach") from None
+        self._virtiofs_attached = True
+
     def console(self, lines: int = 50) -> list[str]:
         return self.qemu.console_tail(lines) if self.qemu else []
 
@@ -571,6 +611,11 @@ class Machine:
         entropy, ...). ``base`` leaves out what is per VM (for a template). A restored agent
         is told that the requests of the host that saved it are gone."""
         extra: dict[str, Any] = {}
+        if self._virtiofs:
+            extra["fs_transport"] = "virtiofs"  # a template's agent loads the driver ahead of its mount
+            if not base:
+                await self.attach_virtiofs()
+                extra["fs_wait_s"] = min(VIRTIOFS_ATTACH_WAIT, self.timeouts.call / 2)
         if self.network is not None:
             extra["network"] = {"address": f"{GUEST_IP}/24", "gateway": GATEWAY_IP, "dns": GATEWAY_IP,
                                 "mtu": JUMBO_MTU}
@@ -580,7 +625,6 @@ class Machine:
             if self.options.mounts:
                 extra["mounts"] = sorted(self.options.mounts)
                 if self._virtiofs:
-                    extra["fs_transport"] = "virtiofs"
                     extra["fs_readonly"] = bool(self._vfs.root.readonly)
             if self.network is not None and self.network.ssh is not None:  # the guest trusts the SSH proxy
                 mapped = {k.rpartition(":")[0] if ":" in k else k for k in self.options.tcp_hosts}
@@ -592,7 +636,12 @@ class Machine:
                                            clock_ns=time.time_ns(), **extra)
         if msg.t != T.CONFIGURED:
             raise VMStartError(f"guest rejected its configuration: {msg.p}")
-        for err in msg.p.get("errors") or []:
+        errors = [str(e) for e in msg.p.get("errors") or []]
+        if self._virtiofs and not base and any(e.startswith("mounts:") for e in errors):
+            raise VMStartError("the guest could not mount its virtiofs device: "
+                               + "; ".join(e for e in errors if e.startswith("mounts:")), self.console(),
+                               code="virtiofs_attach")
+        for err in errors:
             log.warning("guest configuration: %s", err)
 
     def on_close(self, callback: Callable[[], None]) -> None:
