@@ -763,6 +763,37 @@ def _listdir(path: str) -> list[str]:
         return []
 
 
+def _mount_users(mounts: list[str], limit: int = 8) -> list[str]:
+    """Processes whose working directory or open files are under ``mounts`` (for an error)."""
+    out: list[str] = []
+    roots = tuple(m.rstrip("/") + "/" for m in mounts)
+
+    def under(path: str) -> bool:
+        return (path.rstrip("/") + "/").startswith(roots)
+
+    for pid in _listdir("/proc"):
+        if not pid.isdigit() or len(out) >= limit:
+            continue
+        what = []
+        try:
+            if under(os.readlink(f"/proc/{pid}/cwd")):
+                what.append("working directory")
+            for fd in _listdir(f"/proc/{pid}/fd"):
+                try:
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if under(target):
+                    what.append(f"open {target}")
+                    break
+            if what:
+                with open(f"/proc/{pid}/comm") as f:
+                    out.append(f"pid {pid} ({f.read().strip()}: {', '.join(what)})")
+        except OSError:
+            continue
+    return out
+
+
 def load_virtiofs_driver() -> None:
     """Load the guest kernel's virtiofs driver (once: a hot-plugged device binds to it)."""
     if not os.path.isdir("/sys/module/virtiofs"):
@@ -1223,6 +1254,9 @@ class Agent:
         """Apply the host's configuration. Sent after every boot and every restore, possibly
         several times, so each step is idempotent."""
         errors = []
+        if p.get("fs_detach"):  # before a save: the host unplugs the virtiofs device next
+            self.send(message(T.CONFIGURED, id, errors=self.detach_virtiofs()))
+            return
         if p.get("new_host"):
             self.new_host()
         if p.get("clock_ns"):
@@ -1383,6 +1417,30 @@ class Agent:
                 f.write(str(VIRTIOFS_READ_AHEAD_KB))
         except OSError as exc:
             log(f"virtiofs read-ahead stays at the default: {exc}")
+
+    def detach_virtiofs(self) -> list[str]:
+        """Unmount the virtiofs mounts (not lazily) so that the host can unplug the device for a
+        save: a mount cannot move to the device plugged in afterwards (the kernel answers its
+        requests with ENOTCONN once its device is gone). When something still uses a mount (an
+        open file, a working directory) nothing is unmounted and the errors say who."""
+        if not self.virtiofs:
+            return []
+        libc = ctypes.CDLL(None, use_errno=True)
+        done: list[str] = []
+        for m in [*reversed(self.fuse_mounts), "/run/gondolin/fs"]:
+            if libc.umount2(m.encode(), 0) == 0:
+                done.append(m)
+                continue
+            err = ctypes.get_errno()
+            for back in reversed(done):  # bind back what was unmounted already
+                if back == "/run/gondolin/fs":
+                    continue
+                libc.mount(("/run/gondolin/fs" + back).encode(), back.encode(), None, MS_BIND, None)
+            users = _mount_users([*self.fuse_mounts, "/run/gondolin/fs"]) if err == errno.EBUSY else []
+            return [f"mounts: {m} is in use ({os.strerror(err)})" + (": " + ", ".join(users) if users else "")]
+        self.virtiofs = False
+        self.fuse_mounts = []
+        return []
 
     def start_mounts(self, mounts: list[str]) -> None:
         """Start the FUSE daemon serving ``mounts`` from the host over the fs port; wait until mounted."""

@@ -54,6 +54,7 @@ from ..qemu.qmp import QmpClient, QmpError
 from .boot import BootSource, ColdBoot
 from .shape import (
     VIRTIOFS_CHARDEV,
+    VIRTIOFS_DEVICE,
     VIRTIOFS_SOCKET,
     MachineShape,
     machine_shape,
@@ -553,11 +554,8 @@ class Machine:
             self._vfs.invalidate(path)
 
     def unmigratable(self) -> str | None:
-        """Why this machine's state cannot be saved (checkpoint, fork, template), or None."""
-        if uses_virtiofs(self.options):
-            return ("this VM serves its mounts over virtiofs (fs_transport='virtiofs'), whose device QEMU "
-                    "cannot save yet; create the VM with fs_transport='port' (the default) to checkpoint or "
-                    "fork it")
+        """Why this machine's state cannot be saved (checkpoint, fork, template), or None. (A
+        virtiofs VM can be saved: :meth:`detach_virtiofs` unplugs its device around the save.)"""
         return None
 
     async def attach_virtiofs(self) -> None:
@@ -588,6 +586,55 @@ class Machine:
             raise VMStartError(f"QEMU did not plug in the virtiofs device within {self.timeouts.call:.0f}s",
                                self.console(), code="virtiofs_attach") from None
         self._virtiofs_attached = True
+
+    async def detach_virtiofs(self) -> str | None:
+        """Before a save of this VM's memory: the guest unmounts its virtiofs mounts and the
+        device is unplugged (QMP ``device_del``, then the guest ejects it; ``chardev-remove``).
+        Returns why not (and changes nothing) when a guest process still uses a mount: its
+        open file or working directory could not survive the unplug (the guest kernel ties a
+        virtiofs mount to its device: with the device gone every request on it fails with
+        ENOTCONN, and a device plugged in later is a new file system). :meth:`reattach_virtiofs`
+        undoes it."""
+        if not self._virtiofs_attached:
+            return None
+        msg = await self.control().request(T.CONFIGURE, b"", timeout=self.timeouts.call, fs_detach=True)
+        errors = [str(e) for e in (msg.p.get("errors") or [])] if msg.t == T.CONFIGURED else [str(msg.p)]
+        if errors:
+            return "; ".join(e.removeprefix("mounts: ") for e in errors)
+        qmp = await self.qmp()
+        try:
+            with anyio.fail_after(self.timeouts.call):
+                qmp.take_events("DEVICE_DELETED")
+                await qmp.execute("device_del", {"id": VIRTIOFS_DEVICE})
+                while not any(e.data.get("device") == VIRTIOFS_DEVICE for e in qmp.take_events("DEVICE_DELETED")):
+                    await anyio.sleep(0.01)
+                    await qmp.execute("query-status")  # events arrive with replies
+                await qmp.execute("chardev-remove", {"id": VIRTIOFS_CHARDEV})
+        except (QmpError, TimeoutError) as exc:
+            detail = exc.message if isinstance(exc, QmpError) else f"the guest did not release it within " \
+                f"{self.timeouts.call:.0f}s"
+            raise VMDiedError(f"the virtiofs device could not be unplugged for a save ({detail})",
+                              self.console()) from exc
+        self._virtiofs_attached = False
+        return None
+
+    async def reattach_virtiofs(self) -> None:
+        """After a save: plug the virtiofs device in again and mount it (see :meth:`detach_virtiofs`)."""
+        if not self._virtiofs or self._virtiofs_attached or not self.options.mounts:
+            return
+        try:
+            await self.attach_virtiofs()
+            msg = await self.control().request(
+                T.CONFIGURE, b"", timeout=self.timeouts.call, mounts=sorted(self.options.mounts),
+                fs_transport="virtiofs", fs_readonly=bool(self._vfs.root.readonly),
+                fs_wait_s=min(VIRTIOFS_ATTACH_WAIT, self.timeouts.call / 2))
+            errors = [str(e) for e in (msg.p.get("errors") or [])] if msg.t == T.CONFIGURED else [str(msg.p)]
+            if errors:
+                raise VMStartError("the guest could not mount its virtiofs device again: " + "; ".join(errors),
+                                   code="virtiofs_attach")
+        except GondolinError as exc:  # the VM lost its mounts: it is dead, the save itself stands
+            self._fail("virtiofs device (plugged in again after a save)", exc)
+            raise self._failure or exc from None
 
     def console(self, lines: int = 50) -> list[str]:
         return self.qemu.console_tail(lines) if self.qemu else []
