@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from ._log import get_logger
 from .channel import ControlLink, Inbox
 from .errors import GondolinError, GuestFileError, ProtocolError
+from .fs_stage import STAGE_MIN, STAGE_PIECE, Stage, staged_piece_in, staged_read
 from .fstypes import DirEntry, FileStat
 from .protocol import DATA_CHUNK, DEFAULT_WINDOW, Message, T
 from .vfs.direct import DirectFS, mounted
@@ -24,6 +25,10 @@ from .vfs.provider import Provider
 
 log = get_logger("fs")
 WriteSource = bytes | bytearray | memoryview | str | Iterable[bytes] | AsyncIterable[bytes]
+
+
+def stat_is_reg(mode: int) -> bool:
+    return (mode & 0o170000) == 0o100000
 
 
 def _check_path(path: str) -> str:
@@ -56,6 +61,8 @@ class MountAccess(Protocol):
 
     def vfs_invalidate(self, path: str) -> None: ...
 
+    def vfs_stage(self) -> Stage | None: ...
+
 
 class GuestFS:
     """File operations on the guest's file system. Obtain it as ``vm.fs``.
@@ -76,6 +83,10 @@ class GuestFS:
         if self._direct_fs is None:
             self._direct_fs = DirectFS(access.mounts, self, access.vfs_root, access.vfs_invalidate)
         return self._direct_fs
+
+    def _stage(self) -> Stage | None:
+        """The VM's staging directory on its virtiofs device (large copies), or None."""
+        return self._mounts.vfs_stage() if self._mounts is not None else None
 
     async def _request(self, t: int, err_path: str | None, **p: Any) -> dict[str, Any]:
         channel = self._link.control()
@@ -147,6 +158,12 @@ class GuestFS:
         path = _check_path(path)
         if (direct := self._direct(path)) is not None:
             return await direct.open_read(path, offset=offset, length=length, chunk_size=chunk_size)
+        stage = self._stage()
+        if stage is not None and (length is None or length >= STAGE_MIN):
+            st = await self.stat(path)
+            if stat_is_reg(st.mode) and st.size - offset >= STAGE_MIN:  # through shared memory
+                return staged_read(stage, self._link.control, path, offset, length, chunk_size,
+                                   self._link.timeouts.call)
         channel = self._link.control()
         inbox = channel.open()
         window = DEFAULT_WINDOW
@@ -218,7 +235,37 @@ class GuestFS:
             await channel.send_message(T.FILE_WRITE, inbox.id, **req)
             inbox.add_credit(DEFAULT_WINDOW)
 
+            stage = self._stage()
+            held: list[bytes] = []  # with a stage: data not sent yet (less than a piece)
+            held_size = 0
+
             async def send(chunk: bytes) -> None:
+                nonlocal held_size
+                if stage is not None:
+                    view = memoryview(chunk)
+                    if held:
+                        held.append(bytes(view))
+                        held_size += len(view)
+                        if held_size < STAGE_PIECE:
+                            return
+                        view = memoryview(b"".join(held))
+                        held.clear()
+                        held_size = 0
+                    while len(view) >= STAGE_PIECE:
+                        await stage_or_send(view[:STAGE_PIECE])
+                        view = view[STAGE_PIECE:]
+                    if view:
+                        held.append(bytes(view))
+                        held_size = len(view)
+                    return
+                await send_data(chunk)
+
+            async def stage_or_send(piece: memoryview) -> None:
+                assert stage is not None
+                if not await staged_piece_in(stage, channel, inbox, path, piece, call):
+                    await send_data(piece)
+
+            async def send_data(chunk: bytes | memoryview) -> None:
                 view = memoryview(chunk)
                 while view:
                     while inbox.credit <= 0:
@@ -240,6 +287,9 @@ class GuestFS:
             else:
                 for chunk in data:
                     await send(chunk)
+            if held:  # the tail: staged when large enough, else over the control channel
+                tail = memoryview(b"".join(held))
+                await (stage_or_send(tail) if held_size >= STAGE_MIN else send_data(tail))
             await channel.send_message(T.FILE_EOF, inbox.id)
             while True:
                 msg = await inbox.get(call, what=f"end of writing {path}")

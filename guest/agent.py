@@ -83,6 +83,7 @@ EXEC_CGROUP = CGROUP_ROOT + "/exec"  # one child cgroup per exec, each with its 
 AGENT_CPU_WEIGHT = 10000
 EXEC_CPU_WEIGHT = 100
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND = 1, 2, 4, 8, 4096  # linux/mount.h
+STAGE_DIR = "/run/gondolin/fs/run/gondolin/stage"  # vm.fs bulk copies (gondolin/fs_stage.py)
 VIRTIOFS_READ_AHEAD_KB = 1024  # as the FUSE daemon sets it (guest/fuse.py READ_AHEAD_KB)
 
 
@@ -794,6 +795,33 @@ def _mount_users(mounts: list[str], limit: int = 8) -> list[str]:
     return out
 
 
+def _copy_fd(src: int, dst: int, offset: int | None, length: int) -> int:
+    """Copy up to ``length`` bytes from ``src`` (at ``offset``, or its position) to ``dst`` in
+    the kernel (sendfile), falling back to read/write where sendfile refuses (O_APPEND)."""
+    done = 0
+    try:
+        while done < length:
+            n = os.sendfile(dst, src, None if offset is None else offset + done, min(length - done, 1 << 30))
+            if n == 0:
+                return done
+            done += n
+        return done
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOSYS) or done:
+            raise
+    if offset is not None:
+        os.lseek(src, offset, os.SEEK_SET)
+    while done < length:
+        data = os.read(src, min(length - done, 1 << 20))
+        if not data:
+            break
+        view = memoryview(data)
+        while view:
+            view = view[os.write(dst, view):]
+        done += len(data)
+    return done
+
+
 def load_virtiofs_driver() -> None:
     """Load the guest kernel's virtiofs driver (once: a hot-plugged device binds to it)."""
     if not os.path.isdir("/sys/module/virtiofs"):
@@ -1123,6 +1151,8 @@ class Agent:
                 st.close(notify=False)
         elif t in (T.STAT, T.LISTDIR, T.MKDIR, T.RENAME, T.REMOVE):
             self.guard(id, T(t).name.lower(), lambda: self.send(message(T.FILE_DONE, id, **self.fileop(t, p))))
+        elif t == T.FILE_STAGE:
+            self.guard(id, "staged copy", lambda: self.send(message(T.FILE_STAGE, id, **self.file_stage(id, p))))
         elif t == T.CONFIGURE:
             self.configure(id, p, m.data)
         elif t == T.PING:
@@ -1165,6 +1195,43 @@ class Agent:
             self.send(message(T.ERROR, id, code="exec_failed", message=f"cannot start process: {exc}"))
             return
         self.execs[id] = ex
+
+    def file_stage(self, id: int, p: dict) -> dict:
+        """vm.fs bulk copies through the virtiofs device's staging directory (gondolin/fs_stage.py):
+        ``in`` appends a file the host staged to the file a FILE_WRITE opened, ``out`` copies a
+        piece of a guest file into a new staged file for the host. The staged file of ``in`` is
+        removed here (its pages leave the guest's cache with it)."""
+        name = str(p["name"])
+        if not self.virtiofs or "/" in name or name in ("", ".", ".."):
+            raise ValueError("no staging directory here (a virtiofs VM with mounts has one)")
+        staged = STAGE_DIR + "/" + name
+        if p.get("op") == "in":
+            w = self.writes.get(id)
+            if w is None:
+                raise ValueError(f"no file is being written with id {id}")
+            src = os.open(staged, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                n = _copy_fd(src, w.fd, None, os.fstat(src).st_size)
+            finally:
+                os.close(src)
+                os.unlink(staged)
+            w.size += n
+            return {"size": n}
+        if p.get("op") == "out":
+            src = os.open(self.check_path(p["path"]), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if statmod.S_ISDIR(os.fstat(src).st_mode):
+                    raise IsADirectoryError(errno.EISDIR, "Is a directory", p["path"])
+                dst = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                try:
+                    n = _copy_fd(src, dst, int(p.get("offset") or 0), max(0, int(p["length"])))
+                    os.fsync(dst)  # the host reads it as soon as we answer
+                finally:
+                    os.close(dst)
+            finally:
+                os.close(src)
+            return {"size": n}
+        raise ValueError(f"unknown staged copy op {p.get('op')!r}")
 
     def fileop(self, t: int, p: dict) -> dict:
         if t == T.STAT:

@@ -45,6 +45,7 @@ from ..errors import (
     VMStartError,
     VMUnresponsiveError,
 )
+from ..fs_stage import STAGE_MOUNT, Stage
 from ..images import Image
 from ..options import Timeouts, VMOptions
 from ..protocol import T
@@ -156,6 +157,8 @@ class Machine:
         self._vfs: Any = None  # gondolin.vfs.port.VfsServer while the fs port is served
         self._virtiofs = False  # the mounts are served through the virtiofs device
         self._virtiofs_attached = False  # the device is plugged in (QMP device_add done)
+        self._virtiofs_mounted = False  # ... and the guest mounted it (vm.fs may stage copies on it)
+        self._stage: Stage | None = None  # vm.fs's staging directory on the device
         self._channel: Channel | None = None
         self._listeners: dict[str, UnixListener] = {}
         self._tg: TaskGroup | None = None
@@ -397,7 +400,11 @@ class Machine:
         from ..vfs.port import VfsServer
         from ..vhost.fs_device import serve_virtiofs
 
-        vfs = VfsServer(self.options.mounts, **VIRTIOFS_TTLS_MS)
+        mounts = dict(self.options.mounts)
+        if Stage.fits(mounts):  # vm.fs bulk copies go through the device too (gondolin/fs_stage.py)
+            self._stage = Stage()
+            mounts[STAGE_MOUNT] = self._stage.provider
+        vfs = VfsServer(mounts, **VIRTIOFS_TTLS_MS)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             listener.bind(str(path))  # in the run directory, which only its owner can enter
@@ -553,6 +560,11 @@ class Machine:
         if self._vfs is not None and not self._virtiofs:  # virtiofs: the TTLs bound staleness
             self._vfs.invalidate(path)
 
+    def vfs_stage(self) -> Stage | None:
+        """The staging directory ``vm.fs`` copies large files through, while the guest has the
+        virtiofs device mounted (None otherwise: those copies take the control channel)."""
+        return self._stage if self._virtiofs_mounted and self.running else None
+
     def unmigratable(self) -> str | None:
         """Why this machine's state cannot be saved (checkpoint, fork, template), or None. (A
         virtiofs VM can be saved: :meth:`detach_virtiofs` unplugs its device around the save.)"""
@@ -601,6 +613,7 @@ class Machine:
         errors = [str(e) for e in (msg.p.get("errors") or [])] if msg.t == T.CONFIGURED else [str(msg.p)]
         if errors:
             return "; ".join(e.removeprefix("mounts: ") for e in errors)
+        self._virtiofs_mounted = False
         qmp = await self.qmp()
         try:
             with anyio.fail_after(self.timeouts.call):
@@ -632,6 +645,7 @@ class Machine:
             if errors:
                 raise VMStartError("the guest could not mount its virtiofs device again: " + "; ".join(errors),
                                    code="virtiofs_attach")
+            self._virtiofs_mounted = True
         except GondolinError as exc:  # the VM lost its mounts: it is dead, the save itself stands
             self._fail("virtiofs device (plugged in again after a save)", exc)
             raise self._failure or exc from None
@@ -688,6 +702,8 @@ class Machine:
             raise VMStartError("the guest could not mount its virtiofs device: "
                                + "; ".join(e for e in errors if e.startswith("mounts:")), self.console(),
                                code="virtiofs_attach")
+        if self._virtiofs and not base and self.options.mounts:
+            self._virtiofs_mounted = True
         for err in errors:
             log.warning("guest configuration: %s", err)
 

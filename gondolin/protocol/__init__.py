@@ -65,6 +65,10 @@ class T(enum.IntEnum):
     MKDIR = 37  # {path, parents, mode}
     RENAME = 38  # {src, dst}
     REMOVE = 39  # {path, recursive, force}
+    # host -> guest, either {op: "in", name} on a FILE_WRITE's id (append the staged file to it)
+    # or {op: "out", name, path, offset, length} (copy a piece into a staged file); the guest
+    # answers FILE_STAGE {size}. The staged file lies in the virtiofs device's staging directory.
+    FILE_STAGE = 48
     # guest TCP streams: the host connects to a guest loopback port through the agent
     TCP_OPEN = 40  # host -> guest {host, port, window}: connect; window = bytes the guest may send
     TCP_OPENED = 41  # guest -> host {window}: connected; window = bytes the host may send
