@@ -5,6 +5,7 @@
 | cold VM.create + exec(["/bin/true"])         | plain QEMU, same argv, to the agent's first byte    |
 | exec(["/bin/true"]) round trip, warm VM      | os.fork + os.execv + os.waitpid inside the guest    |
 | vm.fs upload / download of 64 MiB (/tmp)     | the same copy through QEMU's virtio-9p (-virtfs)    |
+| the same on a virtiofs VM (staged copies)     | the same 9p copy                                    |
 | host RSS per idle VM, QEMU excluded          | (absolute goal, no baseline)                        |
 
 Stages: (1) a warm VM and a raw QEMU guest with a 9p share, both up, while blocks of exec round
@@ -34,6 +35,7 @@ from gondolin import VM
 from gondolin.images import Image, ImageStore, ensure_image
 from gondolin.machine.launch import probe_boot
 from gondolin.qemu import accel as _accel
+from gondolin.vfs import MemoryProvider
 
 from ._raw import RawGuest, cold_kwargs, process_cpu_seconds, raw_guest
 from ._runner import REPO, Context
@@ -136,6 +138,12 @@ def pairs(cold_reps: int, exec_rounds: int) -> list[Pair]:
              None),
         Pair("copy 64 MiB guest /tmp -> host, vm.fs.download", "g2h", "9p_g2h",
              "the same copy inside the guest from /tmp to a virtio-9p mount, timed in the guest", None),
+        Pair("copy 64 MiB host -> guest /tmp, vm.fs.upload, virtiofs VM (staged through the device)", "h2g_vfs",
+             "9p_h2g", "the same copy inside the guest from a virtio-9p mount (msize=512000) to /tmp, timed in the guest",
+             Goal(min_ratio=0.5)),
+        Pair("copy 64 MiB guest /tmp -> host, vm.fs.download, virtiofs VM (staged through the device)", "g2h_vfs",
+             "9p_g2h", "the same copy inside the guest from /tmp to a virtio-9p mount, timed in the guest",
+             Goal(min_ratio=0.5)),
         Pair(f"host process memory per idle VM, QEMU excluded ({MEMORY_VMS} VMs)", "memory", None, "", Goal(max_value=50)),
     ]
 
@@ -147,7 +155,7 @@ async def collect(ctx: Context) -> list[Row]:
     with tempfile.TemporaryDirectory(prefix="gondolin-bench-") as tmp:
         stages: list[tuple[str, tuple[str, ...], Callable[[Setup], Awaitable[None]]]] = [
             ("warm VM next to a raw 9p guest: exec round trip and 64 MiB copies",
-             ("exec", "fork", "h2g", "g2h", "9p_h2g", "9p_g2h"),
+             ("exec", "fork", "h2g", "g2h", "9p_h2g", "9p_g2h", "h2g_vfs", "g2h_vfs"),
              lambda s: _warm_stage(ctx, res, s, exec_rounds)),
             ("cold create vs raw QEMU boot", ("cold_ro", "cold_default", "raw_boot"),
              lambda s: _cold_stage(ctx, res, s, cold_reps)),
@@ -226,7 +234,14 @@ async def _warm_stage(ctx: Context, res: Results, setup: Setup, exec_rounds: int
         except Exception as exc:  # noqa: BLE001 - the baseline is lost, ours is still measured
             _failed(ctx, res, "9p guest", ("9p_h2g", "9p_g2h"), exc)
         await _exec_pair(ctx, res, vm, exec_rounds)
-        await _copy_pairs(ctx, res, vm, ninep, setup, ctx.reps(3))
+        staged: VM | None = None
+        try:  # vm.fs over the virtiofs device's staging directory (gondolin/fs_stage.py)
+            staged = await VM.create(image=setup.image.build_id, network=False, fs_transport="virtiofs",
+                                     mounts={"/bench-unused": MemoryProvider()}, **cold_kwargs())
+            stack.push_async_callback(staged.close)
+        except Exception as exc:  # noqa: BLE001 - those rows are lost, the others are still measured
+            _failed(ctx, res, "virtiofs VM", ("h2g_vfs", "g2h_vfs"), exc)
+        await _copy_pairs(ctx, res, vm, ninep, setup, ctx.reps(3), staged)
 
 
 @asynccontextmanager
@@ -263,7 +278,8 @@ async def _exec_pair(ctx: Context, res: Results, vm: VM, rounds: int) -> None:
             f"in-guest fork+exec {res.measures['fork'].value:.1f} ms")
 
 
-async def _copy_pairs(ctx: Context, res: Results, vm: VM, ninep: RawGuest | None, setup: Setup, reps: int) -> None:
+async def _copy_pairs(ctx: Context, res: Results, vm: VM, ninep: RawGuest | None, setup: Setup, reps: int,
+                      staged: VM | None = None) -> None:
     src = setup.shared / "in.bin"
     dst = setup.shared / "out-ours.bin"
     guest = "/tmp/bench-in.bin"
@@ -271,6 +287,8 @@ async def _copy_pairs(ctx: Context, res: Results, vm: VM, ninep: RawGuest | None
     down: list[float] = []
     up9: list[float] = []
     down9: list[float] = []
+    up_vfs: list[float] = []
+    down_vfs: list[float] = []
     for i in range(reps):
         await vm.fs.remove(guest, force=True)
         t0 = time.perf_counter()
@@ -278,6 +296,11 @@ async def _copy_pairs(ctx: Context, res: Results, vm: VM, ninep: RawGuest | None
         up.append(time.perf_counter() - t0)
         if ninep is not None:
             up9.append(await _ninep_copy(ninep, f"{NINEP_MOUNT}/in.bin", "/tmp/in.bin"))
+        if staged is not None:
+            await staged.fs.remove(guest, force=True)
+            t0 = time.perf_counter()
+            _check_size("staged upload", await staged.fs.upload(src, guest))
+            up_vfs.append(time.perf_counter() - t0)
         dst.unlink(missing_ok=True)
         t0 = time.perf_counter()
         _check_size("download", await vm.fs.download(guest, dst))
@@ -286,6 +309,14 @@ async def _copy_pairs(ctx: Context, res: Results, vm: VM, ninep: RawGuest | None
         if ninep is not None:
             down9.append(await _ninep_copy(ninep, "/tmp/in.bin", f"{NINEP_MOUNT}/out.bin"))
             _check_size("file written through 9p", (setup.shared / "out.bin").stat().st_size)
+        if staged is not None:
+            dst.unlink(missing_ok=True)
+            t0 = time.perf_counter()
+            _check_size("staged download", await staged.fs.download(guest, dst))
+            down_vfs.append(time.perf_counter() - t0)
+            _check_size("downloaded file (staged)", dst.stat().st_size)
+            ctx.log(f"core: copy rep {i + 1}/{reps}, virtiofs VM: upload {_mibs(up_vfs[-1])}, "
+                    f"download {_mibs(down_vfs[-1])}")
         ctx.log(f"core: copy rep {i + 1}/{reps}: upload {_mibs(up[-1])}, download {_mibs(down[-1])}"
                 + (f"; 9p read {_mibs(up9[-1])}, write {_mibs(down9[-1])}" if ninep is not None else ""))
     await vm.fs.remove(guest, force=True)
@@ -293,6 +324,9 @@ async def _copy_pairs(ctx: Context, res: Results, vm: VM, ninep: RawGuest | None
         f.unlink(missing_ok=True)
     res.measures["h2g"] = _throughput(up)
     res.measures["g2h"] = _throughput(down)
+    if staged is not None:
+        res.measures["h2g_vfs"] = _throughput(up_vfs)
+        res.measures["g2h_vfs"] = _throughput(down_vfs)
     if ninep is not None:
         res.measures["9p_h2g"] = _throughput(up9)
         res.measures["9p_g2h"] = _throughput(down9)

@@ -61,8 +61,6 @@ class MountAccess(Protocol):
 
     def vfs_invalidate(self, path: str) -> None: ...
 
-    def vfs_stage(self) -> Stage | None: ...
-
 
 class GuestFS:
     """File operations on the guest's file system. Obtain it as ``vm.fs``.
@@ -86,7 +84,9 @@ class GuestFS:
 
     def _stage(self) -> Stage | None:
         """The VM's staging directory on its virtiofs device (large copies), or None."""
-        return self._mounts.vfs_stage() if self._mounts is not None else None
+        stage_of = getattr(self._mounts, "vfs_stage", None)  # a Machine with the virtiofs device has one
+        stage = stage_of() if stage_of is not None else None
+        return stage if isinstance(stage, Stage) else None
 
     async def _request(self, t: int, err_path: str | None, **p: Any) -> dict[str, Any]:
         channel = self._link.control()

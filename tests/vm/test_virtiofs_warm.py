@@ -126,6 +126,62 @@ async def test_checkpoint_resume_and_fork_plug_the_device_in_again(env: Env, tmp
     assert await sh(env.vm, "cat /workspace/forked.txt") == "forked\n"
 
 
+async def test_large_vm_fs_copies_go_through_the_device(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+    import os
+
+    from gondolin import GuestFileError
+    from gondolin import fs as fs_mod
+    from gondolin.fs_stage import STAGE_MIN, STAGE_PIECE
+
+    staged = {"in": 0, "out": 0}
+    real_in, real_out = fs_mod.staged_piece_in, fs_mod.staged_read
+
+    async def counting_in(*args, **kwargs):  # type: ignore[no-untyped-def]
+        done = await real_in(*args, **kwargs)
+        staged["in"] += done
+        return done
+
+    def counting_out(*args, **kwargs):  # type: ignore[no-untyped-def]
+        staged["out"] += 1
+        return real_out(*args, **kwargs)
+
+    monkeypatch.setattr(fs_mod, "staged_piece_in", counting_in)
+    monkeypatch.setattr(fs_mod, "staged_read", counting_out)
+
+    data = os.urandom(STAGE_PIECE + STAGE_MIN + 12345)  # two staged pieces, the tail staged too
+    stage = "/run/gondolin/fs/run/gondolin/stage"
+    assert await env.vm.fs.write("/tmp/big.bin", data, mode=0o600) == len(data)
+    out = await sh(env.vm, f"sha256sum /tmp/big.bin; stat -c %a /tmp/big.bin; ls -A {stage} | wc -l")
+    assert out.split() == [hashlib.sha256(data).hexdigest(), "/tmp/big.bin", "600", "0"]
+    assert await env.vm.fs.read_bytes("/tmp/big.bin") == data
+    assert staged == {"in": 2, "out": 1}
+    part = [c async for c in await env.vm.fs.open_read("/tmp/big.bin", offset=1000, length=STAGE_MIN * 2)]
+    assert b"".join(part) == data[1000:1000 + STAGE_MIN * 2]
+
+    async def chunks():  # an async source in odd pieces, appended; a small tail
+        for at in range(0, STAGE_MIN * 3 + 7, 300_001):
+            yield data[at:min(at + 300_001, STAGE_MIN * 3 + 7)]
+
+    await env.vm.fs.write("/tmp/big.bin", chunks(), append=True)
+    whole = data + data[:STAGE_MIN * 3 + 7]
+    assert (await sh(env.vm, "sha256sum < /tmp/big.bin")).split()[0] == hashlib.sha256(whole).hexdigest()
+    assert staged == {"in": 3, "out": 2}  # the async source's 3 MiB went as one staged piece
+    await env.vm.fs.write("/tmp/small.txt", "small stays on the control channel\n")
+    assert await env.vm.fs.read_text("/tmp/small.txt") == "small stays on the control channel\n"
+    assert staged == {"in": 3, "out": 2}
+    with pytest.raises(GuestFileError) as info:
+        await env.vm.fs.read_bytes("/tmp")
+    assert info.value.errno_name == "EISDIR"
+
+    # A guest that fills the staging directory only sends its own copies the default way.
+    await sh(env.vm, f"head -c 40M /dev/zero > {stage}/junk; true")
+    assert await env.vm.fs.write("/tmp/again.bin", data) == len(data)
+    assert staged["in"] == 3  # refused by the full directory: sent over the control channel
+    assert (await sh(env.vm, "sha256sum < /tmp/again.bin")).split()[0] == hashlib.sha256(data).hexdigest()
+    await sh(env.vm, f"rm {stage}/junk; rm /tmp/big.bin /tmp/again.bin")
+
+
 async def test_qemu_refusing_the_device_is_a_start_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                                          no_leaks: None) -> None:
     real = machine_mod.virtiofs_device
