@@ -163,7 +163,12 @@ class GuestFS:
             st = await self.stat(path)
             if stat_is_reg(st.mode) and st.size - offset >= STAGE_MIN:  # through shared memory
                 return staged_read(stage, self._link.control, path, offset, length, chunk_size,
-                                   self._link.timeouts.call)
+                                   self._link.timeouts.call, self._open_read_port)
+        return await self._open_read_port(path, offset, length, chunk_size)
+
+    async def _open_read_port(self, path: str, offset: int, length: int | None,
+                              chunk_size: int = DATA_CHUNK) -> AsyncIterator[bytes]:
+        """:meth:`open_read` over the control channel."""
         channel = self._link.control()
         inbox = channel.open()
         window = DEFAULT_WINDOW

@@ -15,8 +15,9 @@ only makes its own staged copies fail over to the default path), pieces are
 
 from __future__ import annotations
 
+import errno
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import anyio
@@ -132,9 +133,13 @@ async def staged_piece_in(stage: Stage, channel: Any, inbox: Any, path: str, pie
 
 
 async def staged_read(stage: Stage, channel_of: Any, path: str, offset: int, length: int | None,
-                      chunk: int, timeout: float) -> AsyncIterator[bytes]:
-    """Stream a guest file through the staging directory, one piece at a time."""
+                      chunk: int, timeout: float,
+                      fallback: Callable[[str, int, int | None, int], Awaitable[AsyncIterator[bytes]]]
+                      ) -> AsyncIterator[bytes]:
+    """Stream a guest file through the staging directory, one piece at a time; the rest goes
+    through ``fallback`` (the control channel) when the directory is full (a guest filled it)."""
     remaining = length
+    full = False
     while remaining is None or remaining > 0:
         want = STAGE_PIECE if remaining is None else min(STAGE_PIECE, remaining)
         async with stage.lock:
@@ -146,11 +151,19 @@ async def staged_read(stage: Stage, channel_of: Any, path: str, offset: int, len
                                            offset=offset, length=want)
                 msg = await inbox.get(timeout, what=f"staged copy of {path}")
                 _error(msg, path)
+            except GuestFileError as exc:
+                await stage.discard(name)
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                msg = None
             except BaseException:
                 await stage.discard(name)
                 raise
             finally:
                 inbox.close()
+            if msg is None:  # full: the rest over the control channel
+                full = True
+                break
             size = int(msg.p.get("size", 0))
             if not 0 <= size <= want:
                 await stage.discard(name)
@@ -166,6 +179,9 @@ async def staged_read(stage: Stage, channel_of: Any, path: str, offset: int, len
             remaining -= size
         if size < want:
             return
+    if full:
+        async for rest in await fallback(path, offset, remaining, chunk):
+            yield rest
 
 
 __all__ = ["GUEST_FS_ROOT", "STAGE_MIN", "STAGE_MOUNT", "STAGE_PIECE", "Stage", "staged_piece_in", "staged_read"]

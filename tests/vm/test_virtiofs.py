@@ -94,7 +94,7 @@ async def test_mounts_are_virtiofs_bind_mounts(env: Env) -> None:
     assert [line.split()[0] for line in lines] == ["/ro", "/run/gondolin/fs", "/scratch", "/workspace"]
     assert all("nosuid" in line and "nodev" in line for line in lines)
     assert "fuse.py" not in await sh(env, "ps -eo args")  # no guest daemon
-    assert env.vm.restored_from == "template"  # the device was hot-plugged after the restore
+    assert env.vm.restored_from in ("template", None)  # None: this VM booted cold and saved the template
 
 
 async def test_git_init_add_commit_status(env: Env) -> None:

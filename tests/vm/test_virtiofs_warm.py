@@ -179,6 +179,7 @@ async def test_large_vm_fs_copies_go_through_the_device(env: Env, monkeypatch: p
     assert await env.vm.fs.write("/tmp/again.bin", data) == len(data)
     assert staged["in"] == 3  # refused by the full directory: sent over the control channel
     assert (await sh(env.vm, "sha256sum < /tmp/again.bin")).split()[0] == hashlib.sha256(data).hexdigest()
+    assert await env.vm.fs.read_bytes("/tmp/again.bin") == data  # the guest's copy fails: the same
     await sh(env.vm, f"rm {stage}/junk; rm /tmp/big.bin /tmp/again.bin")
 
 
