@@ -303,8 +303,8 @@ async def _mount_rows(ctx: Context) -> list[Row]:
             rows.append(Row(AREA, "raw -incoming restore of the virtiofs template (memfd guest RAM)",
                             Measure.median_of(raws["virtiofs"], "s"), Measure.median_of(raws["port"], "s"),
                             "raw -incoming restore of the port template (anonymous guest RAM), same run",
-                            note="a shared memfd cannot map untouched pages to the zero page: loading the "
-                                 "stream's zero-page records allocates all of guest RAM"))
+                            note="a shared memfd has no zero page: the template's stream is saved without the "
+                                 "zero-page records of pages nothing wrote (gondolin/machine/zeropages.py)"))
     finally:
         await anyio.to_thread.run_sync(lambda: shutil.rmtree(share, ignore_errors=True))
     return rows
