@@ -7,6 +7,8 @@
 | vm.checkpoint() of an idle 512 MiB VM: time, size  | (absolute goal: save <= 1 s)                    |
 | Checkpoint.resume() + exec(["/bin/true"])          | plain QEMU ``-incoming`` of the same file       |
 | 8 x VM.create() at once from one template          | (total time; peak RSS of this process + QEMUs)  |
+| VM.create(mounts, fs_transport=port / virtiofs) +  | plain QEMU ``-incoming`` of that shape's        |
+| exec(["cat", FILE_ON_THE_MOUNT])                   | template (virtiofs: memfd RAM, no device)       |
 
 Warm creates and raw restores alternate, so drift in the machine's load hits both alike. The
 raw restore gets the same QEMU machine (:func:`gondolin.machine.shape.machine_spec`: device set,
@@ -17,6 +19,7 @@ and the first control-port round trip are timed.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -33,6 +36,7 @@ from gondolin.machine.state import PongScanner, RestoreSource, pong_marker, prep
 from gondolin.machine.templates import TemplateStore
 from gondolin.qemu.argv import build_argv
 from gondolin.qemu.process import QemuProcess, find_qemu
+from gondolin.vfs import RealFSProvider
 
 from ._runner import Context
 from ._table import Goal, Measure, Row, error_row
@@ -87,6 +91,7 @@ async def collect(ctx: Context) -> list[Row]:
     except Exception as exc:  # noqa: BLE001 - a failed pair becomes an error row, the run goes on
         rows.append(error_row(AREA, "warm VM.create() -> first exec", exc, Goal(max_ratio=1.5, max_value=0.25)))
     rows += await _checkpoint_rows(ctx, target, reps)
+    rows += await _mount_rows(ctx)
     try:
         rows += await _concurrent_rows(ctx)
     except Exception as exc:  # noqa: BLE001
@@ -256,3 +261,65 @@ async def _concurrent_rows(ctx: Context) -> list[Row]:
             note=f"this process {base / 1e6:.0f} MB before; each QEMU {min(qemu_rss):.0f}-{max(qemu_rss):.0f} MB "
                  f"right after its first exec"),
     ]
+
+
+async def _mount_rows(ctx: Context) -> list[Row]:
+    """Warm create -> first exec on a mount, for both file transports, each against the raw
+    restore of its own template. A virtiofs template holds the memfd machine without the device
+    (QEMU 7.2 cannot migrate it): configure() hot-plugs it and the guest mounts it."""
+    rows: list[Row] = []
+    reps = ctx.reps(6, 2)
+    share = Path(tempfile.mkdtemp(prefix="gondolin-bench-warm-"))
+    (share / "hello.txt").write_text("hello\n")
+    raws: dict[str, list[float]] = {}
+    try:
+        for transport in ("port", "virtiofs"):
+            name = f"warm VM.create(mounts, fs_transport={transport!r}) -> first exec on the mount"
+            try:
+                options = replace(OPTIONS, mounts={"/workspace": RealFSProvider(share)},
+                                  fs_transport=transport)  # type: ignore[arg-type]
+                target = Target(*await resolve(options))
+                async with await VM.create(options) as vm:  # makes sure the template exists
+                    shape = vm.shape()
+                template = TemplateStore().lookup(shape)
+                if template is None:
+                    raise BenchError(f"no template was saved for the {transport} shape")
+                ours, raw = [], []
+                for i in range(reps):
+                    with anyio.fail_after(STEP_TIMEOUT):
+                        ours.append(await _warm_create_on_mount(options))
+                        raw.append(await _raw_restore(target, template.boot_source().restore_source()))
+                    ctx.log(f"warm: {transport} rep {i + 1}/{reps}: create+exec {ours[-1]:.3f}s, "
+                            f"raw restore {raw[-1]:.3f}s")
+                raws[transport] = raw
+                rows.append(Row(AREA, f"{name} (median of {reps})", Measure.median_of(ours, "s"),
+                                Measure.median_of(raw, "s"),
+                                "plain QEMU -incoming of the same template file, started -> PONG on the control port",
+                                Goal(max_ratio=1.5),
+                                note=f"template {template.memory_size / 1e6:.0f} MB memory stream"))
+            except Exception as exc:  # noqa: BLE001 - a failed pair becomes an error row
+                rows.append(error_row(AREA, name, exc, Goal(max_ratio=1.5)))
+        if "port" in raws and "virtiofs" in raws:
+            rows.append(Row(AREA, "raw -incoming restore of the virtiofs template (memfd guest RAM)",
+                            Measure.median_of(raws["virtiofs"], "s"), Measure.median_of(raws["port"], "s"),
+                            "raw -incoming restore of the port template (anonymous guest RAM), same run",
+                            note="a shared memfd has no zero page: the template's stream is saved without the "
+                                 "zero-page records of pages nothing wrote (gondolin/machine/zeropages.py)"))
+    finally:
+        await anyio.to_thread.run_sync(lambda: shutil.rmtree(share, ignore_errors=True))
+    return rows
+
+
+async def _warm_create_on_mount(options: VMOptions) -> float:
+    t0 = time.perf_counter()
+    vm = await VM.create(options)
+    try:
+        r = await vm.exec(["cat", "/workspace/hello.txt"])
+        elapsed = time.perf_counter() - t0
+        if vm.restored_from != "template":
+            raise BenchError("VM.create() booted cold instead of restoring the template")
+    finally:
+        await vm.close()
+    if r.exit_code != 0 or r.stdout != "hello\n":
+        raise BenchError(f"cat on the mount exited {r.exit_code}: {r.stderr.strip()}")
+    return elapsed

@@ -457,7 +457,8 @@ class Checkpoint(CheckpointFile):
                           rootfs=h.shape.rootfs,  # type: ignore[arg-type]
                           hostname=o.hostname, label=o.label, env=o.env, network=o.network,
                           dns=o.dns,  # type: ignore[arg-type]
-                          tcp_hosts=o.tcp_hosts, accel=h.shape.accel)
+                          tcp_hosts=o.tcp_hosts, accel=h.shape.accel,
+                          fs_transport=o.fs_transport)  # type: ignore[arg-type]
         if options is not None:
             changes = {**{f: getattr(options, f) for f in ("env", "hostname", "label", "http_hooks", "mounts",
                                                            "timeouts")}, **changes}  # type: ignore[typeddict-item]

@@ -863,6 +863,77 @@ class TcpStream:
             self.agent.send(message(T.TCP_CLOSE, self.id, error=error) if error else message(T.TCP_CLOSE, self.id))
 
 
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def _mount_users(mounts: list[str], limit: int = 8) -> list[str]:
+    """Processes whose working directory or open files are under ``mounts`` (for an error)."""
+    out: list[str] = []
+    roots = tuple(m.rstrip("/") + "/" for m in mounts)
+
+    def under(path: str) -> bool:
+        return (path.rstrip("/") + "/").startswith(roots)
+
+    for pid in _listdir("/proc"):
+        if not pid.isdigit() or len(out) >= limit:
+            continue
+        what = []
+        try:
+            if under(os.readlink(f"/proc/{pid}/cwd")):
+                what.append("working directory")
+            for fd in _listdir(f"/proc/{pid}/fd"):
+                try:
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if under(target):
+                    what.append(f"open {target}")
+                    break
+            if what:
+                with open(f"/proc/{pid}/comm") as f:
+                    out.append(f"pid {pid} ({f.read().strip()}: {', '.join(what)})")
+        except OSError:
+            continue
+    return out
+
+
+def _copy_fd(src: int, dst: int, offset: int | None, length: int) -> int:
+    """Copy up to ``length`` bytes from ``src`` (at ``offset``, or its position) to ``dst`` in
+    the kernel (sendfile), falling back to read/write where sendfile refuses (O_APPEND)."""
+    done = 0
+    try:
+        while done < length:
+            n = os.sendfile(dst, src, None if offset is None else offset + done, min(length - done, 1 << 30))
+            if n == 0:
+                return done
+            done += n
+        return done
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOSYS) or done:
+            raise
+    if offset is not None:
+        os.lseek(src, offset, os.SEEK_SET)
+    while done < length:
+        data = os.read(src, min(length - done, 1 << 20))
+        if not data:
+            break
+        view = memoryview(data)
+        while view:
+            view = view[os.write(dst, view):]
+        done += len(data)
+    return done
+
+
+def load_virtiofs_driver() -> None:
+    """Load the guest kernel's virtiofs driver (once: a hot-plugged device binds to it)."""
+    if not os.path.isdir("/sys/module/virtiofs"):
+        subprocess.run(["/sbin/modprobe", "virtiofs"], capture_output=True, timeout=20)
+
+
 def _write(path: str, text: str) -> None:
     with open(path, "w") as f:
         f.write(text)
@@ -1326,6 +1397,9 @@ class Agent:
         """Apply the host's configuration. Sent after every boot and every restore, possibly
         several times, so each step is idempotent."""
         errors = []
+        if p.get("fs_detach"):  # before a save: the host unplugs the virtiofs device next
+            self.send(message(T.CONFIGURED, id, errors=self.detach_virtiofs()))
+            return
         if p.get("new_host"):
             self.new_host(keep_mounts=bool(p.get("keep_mounts")))
         if p.get("clock_ns"):
@@ -1366,10 +1440,13 @@ class Agent:
                 self.install_ca(str(p["ca_pem"]))
             except OSError as exc:
                 errors.append(f"ca: {exc}")
+        if p.get("fs_transport") == "virtiofs" and not p.get("mounts"):
+            load_virtiofs_driver()  # a template: its restored copies find the driver loaded
         if p.get("mounts"):
             try:
                 if p.get("fs_transport") == "virtiofs":
-                    self.start_virtiofs([str(m) for m in p["mounts"]], bool(p.get("fs_readonly")))
+                    self.start_virtiofs([str(m) for m in p["mounts"]], bool(p.get("fs_readonly")),
+                                        float(p.get("fs_wait_s") or 20))
                 else:
                     self.start_mounts([str(m) for m in p["mounts"]])
             except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
@@ -1447,20 +1524,32 @@ class Agent:
                     "GIT_SSL_CAINFO", "PIP_CERT"):
             self.system_env[var] = ours
 
-    def start_virtiofs(self, mounts: list[str], readonly: bool) -> None:
+    def start_virtiofs(self, mounts: list[str], readonly: bool, wait_s: float = 20.0) -> None:
         """Mount the host's virtiofs device (tag ``gondolin``) at /run/gondolin/fs and bind each
         mount point from it, as the FUSE daemon does (guest/fuse.py Daemon.bind_all): the
-        kernel's own driver talks to the host, no daemon runs here."""
+        kernel's own driver talks to the host, no daemon runs here. The host hot-plugs the device
+        just before it sends the configuration, so the mount is retried until the kernel has
+        found the PCI device and bound the driver to it (the tag is unknown until then), for at
+        most ``wait_s`` seconds."""
         if self.virtiofs:
             return
         hidden = "/run/gondolin/fs"
-        subprocess.run(["/sbin/modprobe", "virtiofs"], capture_output=True, timeout=20)
+        load_virtiofs_driver()
         os.makedirs(hidden, exist_ok=True)
         libc = ctypes.CDLL(None, use_errno=True)
         flags = MS_NOSUID | MS_NODEV | (MS_RDONLY if readonly else 0)
-        if libc.mount(b"gondolin", hidden.encode(), b"virtiofs", flags, None) != 0:
+        deadline = time.monotonic() + wait_s
+        bound = "/sys/bus/virtio/drivers/virtiofs"  # a device's link appears once its probe registered the tag
+        while not any(name.startswith("virtio") for name in _listdir(bound)):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the virtiofs device did not appear within {wait_s:.0f}s (hot-plugged by the "
+                                   "host; no virtio device is bound to the virtiofs driver)")
+            time.sleep(0.002)
+        while libc.mount(b"gondolin", hidden.encode(), b"virtiofs", flags, None) != 0:
             err = ctypes.get_errno()
-            raise RuntimeError(f"cannot mount the virtiofs device: {os.strerror(err)}")
+            if time.monotonic() > deadline:  # a device of an earlier attach may still be going away
+                raise RuntimeError(f"cannot mount the virtiofs device: {os.strerror(err)}")
+            time.sleep(0.01)
         self.virtiofs = True
         self.fuse_mounts = []
         for m in sorted({m.rstrip("/") or "/" for m in mounts}, key=len):
@@ -1476,6 +1565,30 @@ class Agent:
                 f.write(str(VIRTIOFS_READ_AHEAD_KB))
         except OSError as exc:
             log(f"virtiofs read-ahead stays at the default: {exc}")
+
+    def detach_virtiofs(self) -> list[str]:
+        """Unmount the virtiofs mounts (not lazily) so that the host can unplug the device for a
+        save: a mount cannot move to the device plugged in afterwards (the kernel answers its
+        requests with ENOTCONN once its device is gone). When something still uses a mount (an
+        open file, a working directory) nothing is unmounted and the errors say who."""
+        if not self.virtiofs:
+            return []
+        libc = ctypes.CDLL(None, use_errno=True)
+        done: list[str] = []
+        for m in [*reversed(self.fuse_mounts), "/run/gondolin/fs"]:
+            if libc.umount2(m.encode(), 0) == 0:
+                done.append(m)
+                continue
+            err = ctypes.get_errno()
+            for back in reversed(done):  # bind back what was unmounted already
+                if back == "/run/gondolin/fs":
+                    continue
+                libc.mount(("/run/gondolin/fs" + back).encode(), back.encode(), None, MS_BIND, None)
+            users = _mount_users([*self.fuse_mounts, "/run/gondolin/fs"]) if err == errno.EBUSY else []
+            return [f"mounts: {m} is in use ({os.strerror(err)})" + (": " + ", ".join(users) if users else "")]
+        self.virtiofs = False
+        self.fuse_mounts = []
+        return []
 
     def start_mounts(self, mounts: list[str]) -> None:
         """Start the FUSE daemon serving ``mounts`` from the host over the fs port; wait until mounted."""

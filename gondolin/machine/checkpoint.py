@@ -27,7 +27,7 @@ import shlex
 import struct
 import time
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Self
@@ -79,6 +79,7 @@ class SavedOptions:
     dns: str = "synthetic"
     tcp_hosts: dict[str, str] = field(default_factory=dict)
     mounts: tuple[str, ...] = ()
+    fs_transport: str = "port"  # a virtiofs VM's machine (memfd RAM) resumes only as one
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,7 @@ def decode_header(head: bytes, file_size: int) -> CheckpointHeader:
             network=bool(opts.get("network", True)), dns=str(opts.get("dns") or "synthetic"),
             tcp_hosts={str(k): str(v) for k, v in dict(opts.get("tcp_hosts") or {}).items()},
             mounts=tuple(str(m) for m in opts.get("mounts") or ()),
+            fs_transport="virtiofs" if opts.get("fs_transport") == "virtiofs" else "port",
         )
         sections = {}
         for name, raw in dict(body.get("sections") or {}).items():
@@ -304,6 +306,25 @@ def list_checkpoints(directory: Path | None = None) -> list[CheckpointFile]:
 
 
 # -- saving --------------------------------------------------------------------------------
+@contextlib.asynccontextmanager
+async def virtiofs_unplugged(machine: Machine, what: str) -> AsyncIterator[None]:
+    """Around a save of a virtiofs VM's memory (checkpoint, fork): its device unplugged, since
+    QEMU 7.2 cannot migrate a vhost-user-fs device, and plugged in and mounted again after.
+    Refused while a guest process uses a mount (see :meth:`Machine.detach_virtiofs`)."""
+    busy = await machine.detach_virtiofs()
+    if busy is not None:
+        raise CheckpointError(
+            f"cannot {what} this VM while a guest process uses its virtiofs mounts ({busy}): a virtiofs mount "
+            "does not survive the unplug of its device, which QEMU cannot save. Close those files and leave "
+            "those directories first, or create the VM with fs_transport='port' (the default), whose open files "
+            "and working directories on mounts survive checkpoints and forks", code="checkpoint_mount_busy")
+    try:
+        yield
+    finally:
+        with anyio.CancelScope(shield=True):
+            await machine.reattach_virtiofs()
+
+
 async def save_checkpoint(machine: Machine, path: Path, *, disk_only: bool = False,
                           sync_disk: Callable[[], Awaitable[Any]] | None = None) -> CheckpointHeader:
     """Write ``machine`` to ``path`` (atomically: a partial file never has the final name).
@@ -330,7 +351,8 @@ async def save_checkpoint(machine: Machine, path: Path, *, disk_only: bool = Fal
             size = append_file(overlay, fd, at)
             sections["disk"] = SectionInfo(at, size, 0)
 
-        async with machine.state_lock:
+        async with machine.state_lock, virtiofs_unplugged(machine, "checkpoint") if not disk_only \
+                else contextlib.nullcontext():
             qmp = await machine.qmp()
             if disk_only:
                 if sync_disk is not None:
@@ -367,7 +389,8 @@ async def save_checkpoint(machine: Machine, path: Path, *, disk_only: bool = Fal
                 kind="disk" if disk_only else "full", created=time.time(), image=machine.image.build_id,
                 kernel_version=machine.image.kernel_version, shape=machine.shape(), vm_id=machine.id,
                 options=SavedOptions(hostname=o.hostname, label=o.label, env=dict(o.env), network=o.network,
-                                     dns=o.dns, tcp_hosts=dict(o.tcp_hosts), mounts=tuple(sorted(o.mounts))),
+                                     dns=o.dns, tcp_hosts=dict(o.tcp_hosts), mounts=tuple(sorted(o.mounts)),
+                                     fs_transport=o.fs_transport),
                 sections=dict(sections))
             os.pwrite(fd, encode_header(header), 0)
             os.replace(tmp, path)

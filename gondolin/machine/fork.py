@@ -21,7 +21,7 @@ import anyio
 from .._log import get_logger
 from ..errors import GondolinError, VMClosedError
 from .boot import ForkClone
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, virtiofs_unplugged
 from .machine import Machine
 from .state import Section, save_running_vm
 from .templates import DISK, MEMORY, memory_command
@@ -63,7 +63,7 @@ async def fork_machine(source: Machine, n: int,
                 await anyio.to_thread.run_sync(shutil.copyfile, overlay, disk)
             file_state = await source.file_hand_over()  # the copies keep the guest's open files on mounts
 
-        async with source.state_lock, source.health_paused():
+        async with source.state_lock, virtiofs_unplugged(source, "fork"), source.health_paused():
             source.begin_file_hand_over()
             try:
                 stats = await save_running_vm(await source.qmp(), source.quiesced, memory_command(memory), memory,

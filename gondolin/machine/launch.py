@@ -15,7 +15,6 @@ from ..qemu import accel as _accel
 from ..qemu.process import find_qemu
 from .boot import BootSource, ColdBoot
 from .machine import Machine
-from .shape import uses_virtiofs
 from .templates import start_warm
 
 PROBE_MEMORY_MB = 256
@@ -56,14 +55,14 @@ def maker(options: VMOptions, image: Image, accel: str) -> Callable[[], Machine]
 async def start_machine(options: VMOptions, source: BootSource | None = None, *,
                         image: Image | None = None) -> Machine:
     """A started and configured machine. ``source=None``: a warm template when
-    ``options.warm`` (saving one first if there is none), else a cold boot (always for
-    ``fs_transport="virtiofs"`` with mounts, whose device QEMU cannot save)."""
+    ``options.warm`` (saving one first if there is none), else a cold boot. A virtiofs VM's
+    template holds its machine without the device, which configure() then hot-plugs."""
     opts, img, accel = await resolve(options, image=image)
     make = maker(opts, img, accel)
     if source is not None:
         machine = make()
         await machine.start(source)
-    elif opts.warm and not uses_virtiofs(opts):  # QEMU cannot save a vhost-user-fs device: cold boot
+    elif opts.warm:
         machine = await start_warm(make)
     else:
         machine = make()

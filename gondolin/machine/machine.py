@@ -50,10 +50,20 @@ from ..options import Timeouts, VMOptions
 from ..protocol import T
 from ..qemu.argv import build_argv
 from ..qemu.process import QemuProcess, find_qemu
-from ..qemu.qmp import QmpClient
+from ..qemu.qmp import QmpClient, QmpError
 from ..shm import SharedRegion
 from .boot import BootSource, ColdBoot
-from .shape import VIRTIOFS_SOCKET, MachineShape, machine_shape, machine_spec, uses_virtiofs
+from .shape import (
+    VIRTIOFS_CHARDEV,
+    VIRTIOFS_DEVICE,
+    VIRTIOFS_SOCKET,
+    MachineShape,
+    machine_shape,
+    machine_spec,
+    uses_virtiofs,
+    virtiofs_chardev,
+    virtiofs_device,
+)
 from .state import Resync, Section, prepare_restored_disk
 
 log = get_logger("vm")
@@ -68,6 +78,8 @@ _CA_CACHE: dict[str, Any] = {}
 # virtiofs has no notification queue in the guest kernel, so host-side changes (vm.fs writes)
 # cannot be pushed to it: the guest re-checks names and attributes after these instead.
 VIRTIOFS_TTLS_MS = {"entry_ttl_ms": 1_000, "attr_ttl_ms": 1_000, "negative_ttl_ms": 1_000}
+# How long the guest waits for a hot-plugged virtiofs device to show up before it gives up.
+VIRTIOFS_ATTACH_WAIT = 20.0
 _LIVE: weakref.WeakSet[Machine] = weakref.WeakSet()
 
 
@@ -145,6 +157,8 @@ class Machine:
         self._vfs: Any = None  # gondolin.vfs.port.VfsServer while the fs port is served
         self.shared_region: SharedRegion | None = None  # vm.fs bulk data (gondolin.shm)
         self._virtiofs = False  # the mounts are served through the virtiofs device
+        self._virtiofs_attached = False  # the device is plugged in (QMP device_add done)
+        self._virtiofs_mounted = False  # ... and the guest mounted it (vm.fs may stage copies on it)
         self._channel: Channel | None = None
         self._listeners: dict[str, UnixListener] = {}
         self._tg: TaskGroup | None = None
@@ -249,11 +263,7 @@ class Machine:
         if spec.shared_region:  # before QEMU maps it; a restore fills it from the saved memory
             self.shared_region = SharedRegion(spec.shared_region, spec.shared_region_mb << 20)
         restore = source.restore_source()
-        if virtiofs:
-            if restore is not None:
-                raise VMStartError(f"a VM with fs_transport='virtiofs' cannot start from a {restore.kind} (QEMU "
-                                   "does not migrate its vhost-user-fs device); boot it cold, or use "
-                                   "fs_transport='port'", code="virtiofs_restore")
+        if virtiofs:  # the device is hot-plugged by configure(), after any restore (see attach_virtiofs)
             self._start_virtiofs(self.run_dir / VIRTIOFS_SOCKET)
         disk = restore.disk if restore is not None else (source.disk if isinstance(source, ColdBoot) else None)
         await anyio.to_thread.run_sync(self._prepare_disk, disk)
@@ -389,12 +399,14 @@ class Machine:
         self.spawn("file service", self._vfs.serve, stream)
 
     def _start_virtiofs(self, path: Path) -> None:
-        """Listen on the vhost-user socket (before QEMU starts: it connects and negotiates while
-        it creates the device) and serve the mounts on it from this machine's task group."""
+        """Listen on the vhost-user socket and serve the mounts on it from this machine's task
+        group: one connection per hot-plugged device (QEMU connects at ``chardev-add`` and
+        negotiates during ``device_add``); a device unplugged before a save and plugged again
+        after it is a new connection to the same file service."""
         from ..vfs.port import VfsServer
         from ..vhost.fs_device import serve_virtiofs
 
-        vfs = VfsServer(self.options.mounts, **VIRTIOFS_TTLS_MS)
+        vfs = VfsServer(dict(self.options.mounts), **VIRTIOFS_TTLS_MS)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             listener.bind(str(path))  # in the run directory, which only its owner can enter
@@ -405,7 +417,8 @@ class Machine:
 
         async def serve() -> None:
             try:
-                await serve_virtiofs(listener, vfs)
+                while True:
+                    await serve_virtiofs(listener, vfs)
             finally:
                 listener.close()
                 with anyio.CancelScope(shield=True), anyio.move_on_after(5):
@@ -567,12 +580,89 @@ class Machine:
             self._vfs.invalidate(path)
 
     def unmigratable(self) -> str | None:
-        """Why this machine's state cannot be saved (checkpoint, fork, template), or None."""
-        if uses_virtiofs(self.options):
-            return ("this VM serves its mounts over virtiofs (fs_transport='virtiofs'), whose device QEMU "
-                    "cannot save yet; create the VM with fs_transport='port' (the default) to checkpoint or "
-                    "fork it")
+        """Why this machine's state cannot be saved (checkpoint, fork, template), or None. (A
+        virtiofs VM can be saved: :meth:`detach_virtiofs` unplugs its device around the save.)"""
         return None
+
+    async def attach_virtiofs(self) -> None:
+        """Hot-plug the virtiofs device (QMP ``chardev-add`` + ``device_add`` on pci.0): after a
+        cold boot, after a restore (a template, checkpoint or fork holds the machine without it)
+        and after a save that unplugged it. The configure message that follows makes the guest
+        wait for it and mount it. QEMU refusing it raises :class:`VMStartError` (code
+        ``virtiofs_attach``); the chardev of a refused device is removed again."""
+        if not self._virtiofs or self._virtiofs_attached:
+            return
+        if self.run_dir is None:
+            raise VMClosedError("this VM is not running")
+        qmp = await self.qmp()
+        try:
+            with anyio.fail_after(self.timeouts.call):
+                await qmp.execute("chardev-add", virtiofs_chardev(str(self.run_dir / VIRTIOFS_SOCKET)))
+                try:
+                    await qmp.execute("device_add", virtiofs_device())
+                except QmpError:
+                    with contextlib.suppress(QmpError):
+                        await qmp.execute("chardev-remove", {"id": VIRTIOFS_CHARDEV})
+                    raise
+        except QmpError as exc:
+            raise VMStartError(f"QEMU refused to plug in the virtiofs device ({exc.message}); create the VM "
+                               "with fs_transport='port' (the default) if this QEMU cannot serve virtiofs",
+                               self.console(), code="virtiofs_attach") from exc
+        except TimeoutError:
+            raise VMStartError(f"QEMU did not plug in the virtiofs device within {self.timeouts.call:.0f}s",
+                               self.console(), code="virtiofs_attach") from None
+        self._virtiofs_attached = True
+
+    async def detach_virtiofs(self) -> str | None:
+        """Before a save of this VM's memory: the guest unmounts its virtiofs mounts and the
+        device is unplugged (QMP ``device_del``, then the guest ejects it; ``chardev-remove``).
+        Returns why not (and changes nothing) when a guest process still uses a mount: its
+        open file or working directory could not survive the unplug (the guest kernel ties a
+        virtiofs mount to its device: with the device gone every request on it fails with
+        ENOTCONN, and a device plugged in later is a new file system). :meth:`reattach_virtiofs`
+        undoes it."""
+        if not self._virtiofs_attached:
+            return None
+        msg = await self.control().request(T.CONFIGURE, b"", timeout=self.timeouts.call, fs_detach=True)
+        errors = [str(e) for e in (msg.p.get("errors") or [])] if msg.t == T.CONFIGURED else [str(msg.p)]
+        if errors:
+            return "; ".join(e.removeprefix("mounts: ") for e in errors)
+        self._virtiofs_mounted = False
+        qmp = await self.qmp()
+        try:
+            with anyio.fail_after(self.timeouts.call):
+                qmp.take_events("DEVICE_DELETED")
+                await qmp.execute("device_del", {"id": VIRTIOFS_DEVICE})
+                while not any(e.data.get("device") == VIRTIOFS_DEVICE for e in qmp.take_events("DEVICE_DELETED")):
+                    await anyio.sleep(0.01)
+                    await qmp.execute("query-status")  # events arrive with replies
+                await qmp.execute("chardev-remove", {"id": VIRTIOFS_CHARDEV})
+        except (QmpError, TimeoutError) as exc:
+            detail = exc.message if isinstance(exc, QmpError) else f"the guest did not release it within " \
+                f"{self.timeouts.call:.0f}s"
+            raise VMDiedError(f"the virtiofs device could not be unplugged for a save ({detail})",
+                              self.console()) from exc
+        self._virtiofs_attached = False
+        return None
+
+    async def reattach_virtiofs(self) -> None:
+        """After a save: plug the virtiofs device in again and mount it (see :meth:`detach_virtiofs`)."""
+        if not self._virtiofs or self._virtiofs_attached or not self.options.mounts:
+            return
+        try:
+            await self.attach_virtiofs()
+            msg = await self.control().request(
+                T.CONFIGURE, b"", timeout=self.timeouts.call, mounts=sorted(self.options.mounts),
+                fs_transport="virtiofs", fs_readonly=bool(self._vfs.root.readonly),
+                fs_wait_s=min(VIRTIOFS_ATTACH_WAIT, self.timeouts.call / 2))
+            errors = [str(e) for e in (msg.p.get("errors") or [])] if msg.t == T.CONFIGURED else [str(msg.p)]
+            if errors:
+                raise VMStartError("the guest could not mount its virtiofs device again: " + "; ".join(errors),
+                                   code="virtiofs_attach")
+            self._virtiofs_mounted = True
+        except GondolinError as exc:  # the VM lost its mounts: it is dead, the save itself stands
+            self._fail("virtiofs device (plugged in again after a save)", exc)
+            raise self._failure or exc from None
 
     def console(self, lines: int = 50) -> list[str]:
         return self.qemu.console_tail(lines) if self.qemu else []
@@ -596,6 +686,11 @@ class Machine:
         entropy, ...). ``base`` leaves out what is per VM (for a template). A restored agent
         is told that the requests of the host that saved it are gone."""
         extra: dict[str, Any] = {}
+        if self._virtiofs:
+            extra["fs_transport"] = "virtiofs"  # a template's agent loads the driver ahead of its mount
+            if not base:
+                await self.attach_virtiofs()
+                extra["fs_wait_s"] = min(VIRTIOFS_ATTACH_WAIT, self.timeouts.call / 2)
         if self.network is not None:
             extra["network"] = {"address": f"{GUEST_IP}/24", "gateway": GATEWAY_IP, "dns": GATEWAY_IP,
                                 "mtu": JUMBO_MTU}
@@ -605,7 +700,6 @@ class Machine:
             if self.options.mounts:
                 extra["mounts"] = sorted(self.options.mounts)
                 if self._virtiofs:
-                    extra["fs_transport"] = "virtiofs"
                     extra["fs_readonly"] = bool(self._vfs.root.readonly)
             if self.network is not None and self.network.ssh is not None:  # the guest trusts the SSH proxy
                 mapped = {k.rpartition(":")[0] if ":" in k else k for k in self.options.tcp_hosts}
@@ -619,7 +713,14 @@ class Machine:
                                            clock_ns=time.time_ns(), **extra)
         if msg.t != T.CONFIGURED:
             raise VMStartError(f"guest rejected its configuration: {msg.p}")
-        for err in msg.p.get("errors") or []:
+        errors = [str(e) for e in msg.p.get("errors") or []]
+        if self._virtiofs and not base and any(e.startswith("mounts:") for e in errors):
+            raise VMStartError("the guest could not mount its virtiofs device: "
+                               + "; ".join(e for e in errors if e.startswith("mounts:")), self.console(),
+                               code="virtiofs_attach")
+        if self._virtiofs and not base and self.options.mounts:
+            self._virtiofs_mounted = True
+        for err in errors:
             log.warning("guest configuration: %s", err)
         if self.shared_region is not None:  # the agent maps the region's device; vm.fs uses it once it has
             self.shared_region.usable = msg.p.get("shm") == self.shared_region.size

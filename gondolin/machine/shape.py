@@ -30,6 +30,8 @@ VIRTIOFS_SOCKET = "virtiofs.sock"  # in the run directory
 VIRTIOFS_TAG = "gondolin"  # what the guest mounts (guest/agent.py start_virtiofs)
 VIRTIOFS_QUEUE_SIZE = 1024
 SHARED_REGION_FILE = "xfer.mem"  # in the run directory: vm.fs bulk data (gondolin.shm)
+VIRTIOFS_CHARDEV = "vfs"  # QMP ids of the hot-plugged chardev and device
+VIRTIOFS_DEVICE = "vfs0"
 
 
 def machine_spec(options: VMOptions, image: Image, accel: str, run_dir: Path) -> MachineSpec:
@@ -37,7 +39,7 @@ def machine_spec(options: VMOptions, image: Image, accel: str, run_dir: Path) ->
     ports = [SerialPort(CONTROL_PORT, str(run_dir / "control.sock"))]
     extra: tuple[str, ...] = ()
     if uses_virtiofs(options):
-        extra = virtiofs_args(str(run_dir / VIRTIOFS_SOCKET), options.memory_mb)
+        extra = virtiofs_args(options.memory_mb)
     elif options.mounts:
         ports.append(SerialPort(FS_PORT, str(run_dir / "fs.sock")))
     base = str(image.rootfs)
@@ -67,13 +69,25 @@ def uses_virtiofs(options: VMOptions) -> bool:
     return options.fs_transport == "virtiofs" and bool(options.mounts)
 
 
-def virtiofs_args(socket_path: str, memory_mb: int) -> tuple[str, ...]:
-    """QEMU arguments for the ``vhost-user-fs-pci`` device: guest RAM in a shared memfd (the
-    backend in this process maps it) and the device's vhost-user socket, on which the host
-    listens before QEMU starts (QEMU connects and negotiates while it creates the device)."""
-    return ("-object", f"memory-backend-memfd,id=mem,size={memory_mb}M,share=on", "-machine", "memory-backend=mem",
-            "-chardev", f"socket,id=vfs,path={socket_path}",
-            "-device", f"vhost-user-fs-pci,chardev=vfs,tag={VIRTIOFS_TAG},queue-size={VIRTIOFS_QUEUE_SIZE}")
+def virtiofs_args(memory_mb: int) -> tuple[str, ...]:
+    """QEMU arguments of a virtiofs VM: guest RAM in a shared memfd (the vhost-user backend in
+    this process maps it). The ``vhost-user-fs-pci`` device itself is not on the command line:
+    QEMU 7.2 cannot migrate it, so it is hot-plugged after every start (:func:`virtiofs_chardev`,
+    :func:`virtiofs_device`) and unplugged before every save; templates, checkpoints and forks
+    of virtiofs VMs hold the memfd machine without it."""
+    return ("-object", f"memory-backend-memfd,id=mem,size={memory_mb}M,share=on", "-machine", "memory-backend=mem")
+
+
+def virtiofs_chardev(socket_path: str) -> dict[str, Any]:
+    """QMP ``chardev-add`` arguments: a client socket to the host's vhost-user listener."""
+    return {"id": VIRTIOFS_CHARDEV, "backend": {"type": "socket", "data": {
+        "addr": {"type": "unix", "data": {"path": socket_path}}, "server": False}}}
+
+
+def virtiofs_device() -> dict[str, Any]:
+    """QMP ``device_add`` arguments of the virtiofs device (hot-plugged on pci.0)."""
+    return {"driver": "vhost-user-fs-pci", "id": VIRTIOFS_DEVICE, "chardev": VIRTIOFS_CHARDEV,
+            "tag": VIRTIOFS_TAG, "queue-size": VIRTIOFS_QUEUE_SIZE}
 
 
 def machine_shape(options: VMOptions, image: Image, accel: str) -> MachineShape:

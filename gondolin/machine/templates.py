@@ -39,8 +39,9 @@ from ..images import ImageStore
 from ..images.store import cache_root
 from .boot import BootSource, ColdBoot, TemplateRestore
 from .machine import Machine
-from .shape import TEMPLATE_FORMAT, MachineShape
+from .shape import TEMPLATE_FORMAT, MachineShape, uses_virtiofs
 from .state import Section, StateError, save_running_vm
+from .zeropages import StreamFormatError, drop_untouched_zero_pages
 
 log = get_logger("vm")
 MAX_TEMPLATES = 8  # kept on disk; the least recently used go first
@@ -225,7 +226,10 @@ async def save_template(store: TemplateStore, machine: Machine) -> Template:
         async with machine.state_lock, machine.health_paused():
             stats = await save_running_vm(await machine.qmp(), machine.quiesced, memory_command(memory), memory,
                                           copy_disk)
-        template = store.commit(staging, shape, stats.memory_bytes, overlay is not None)
+        memory_bytes = stats.memory_bytes
+        if uses_virtiofs(machine.options):  # guest RAM in a shared memfd: see gondolin/machine/zeropages.py
+            memory_bytes = await anyio.to_thread.run_sync(_drop_zero_pages, memory)
+        template = store.commit(staging, shape, memory_bytes, overlay is not None)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -234,6 +238,21 @@ async def save_template(store: TemplateStore, machine: Machine) -> Template:
     with contextlib.suppress(OSError):
         store.prune(known_images={i.build_id for i in ImageStore().images()})
     return template
+
+
+def _drop_zero_pages(memory: Path) -> int:
+    """Rewrite a memfd machine's memory image without the zero-page records nothing needs (its
+    restores then neither allocate nor check all of guest RAM); the image's size after."""
+    rewritten = memory.with_name(memory.name + ".dropped")
+    try:
+        stats = drop_untouched_zero_pages(memory, rewritten)
+        os.replace(rewritten, memory)
+        log.debug("template memory image: %d of %d page records dropped", stats.dropped, stats.records)
+    except (StreamFormatError, OSError) as exc:
+        log.warning("template memory image kept as QEMU wrote it (%s); its restores allocate all guest RAM", exc)
+        with contextlib.suppress(OSError):
+            rewritten.unlink()
+    return memory.stat().st_size
 
 
 async def _boot_and_save(machine: Machine, store: TemplateStore | None) -> None:
