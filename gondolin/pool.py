@@ -143,9 +143,11 @@ class VMPool:
                 lane.starting += 1
                 try:
                     machine = await start_spare(lane.options)
-                except (GondolinError, ValueError, OSError) as exc:
-                    log.warning("pool: a spare VM failed to start (%s); retrying in %.0fs", exc, delay)
-                    lane.error = exc if isinstance(exc, GondolinError) else GondolinError(str(exc))
+                except Exception as exc:  # noqa: BLE001 - whatever it was, acquire creates VMs directly meanwhile
+                    log.warning("pool: a spare VM failed to start (%s: %s); retrying in %.0fs", type(exc).__name__,
+                                exc, delay)
+                    lane.error = exc if isinstance(exc, GondolinError) else GondolinError(
+                        f"{type(exc).__name__}: {exc}", code="pool_refill_failed")
                     self._notify()
                     await anyio.sleep(delay)
                     delay = min(delay * 2, RETRY_MAX)
