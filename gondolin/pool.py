@@ -117,12 +117,13 @@ class VMPool:
         self._closed = True
         assert self._tg is not None
         self._tg.cancel_scope.cancel()
-        try:
-            return await self._tg.__aexit__(exc_type, exc, tb)
+        try:  # the block did not run in the fillers' task group: its exception passes through unwrapped
+            await self._tg.__aexit__(None, None, None)
         finally:
             with anyio.CancelScope(shield=True):
                 for lane in self._lanes:
                     await _close_all(lane)
+        return None
 
     async def close(self) -> None:
         """Stop making spares and close every spare not handed out (the end of the ``async
