@@ -42,6 +42,10 @@ from .vm import VM, vm_for
 log = get_logger("vm")
 RETRY_FIRST = 1.0  # seconds before a filler retries after a failed spare start; doubles each time
 RETRY_MAX = 30.0
+# Seconds a filler waits after a hand-out before it restores the replacement: a restore keeps a
+# host core busy for a few tenths of a second, which would otherwise slow the caller's first
+# commands in the VM just handed out.
+REFILL_DELAY = 0.5
 
 
 def spare_options(options: VMOptions) -> VMOptions:
@@ -139,8 +143,10 @@ class VMPool:
         delay = RETRY_FIRST
         with lane.scope:
             while True:
-                while len(lane.ready) + lane.starting >= lane.size:
-                    await self._changed.wait()
+                if len(lane.ready) + lane.starting >= lane.size:
+                    while len(lane.ready) + lane.starting >= lane.size:
+                        await self._changed.wait()
+                    await anyio.sleep(REFILL_DELAY)
                 lane.starting += 1
                 try:
                     machine = await start_spare(lane.options)

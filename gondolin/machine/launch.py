@@ -108,7 +108,7 @@ async def start_spare(options: VMOptions, *, image: Image | None = None) -> Mach
         machine = make()
         await machine.start(ColdBoot())
     try:
-        await machine.configure(base=True)
+        await machine.configure(base=True, hostname=opts.hostname)
         await warm_up(machine)
     except BaseException:
         with anyio.CancelScope(shield=True):

@@ -610,6 +610,8 @@ class Machine:
                                 "mtu": JUMBO_MTU}
             ca = self.network.ca if self.network is not None else await _ca()
             extra["ca_pem"] = ca.ca_bundle_pem().decode()
+        if base and hostname:  # a pool's spare: its guest sets a hostname now, the caller's later
+            extra["hostname"] = hostname
         if not base:
             extra.update(hostname=hostname or self.options.hostname, env=dict(env or self.options.env))
             if self.options.mounts:
