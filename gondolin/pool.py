@@ -32,6 +32,7 @@ from anyio.abc import TaskGroup
 
 from ._log import get_logger
 from .errors import GondolinError
+from .images import Image
 from .machine import Machine
 from .machine.launch import hand_out, poolable, shape_of, start_spare
 from .machine.shape import MachineShape
@@ -67,6 +68,7 @@ class _Lane:
     ready: collections.deque[Machine] = field(default_factory=collections.deque)
     starting: int = 0
     shape: MachineShape | None = None  # known after the first spare (or the first acquire) resolved it
+    image: Image | None = None  # what ``options.image`` named when the last spare was made
     error: GondolinError | None = None  # the last failure to start a spare; cleared by a success
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
 
@@ -164,6 +166,7 @@ class VMPool:
                 delay = RETRY_FIRST
                 lane.error = None
                 lane.shape = machine.shape()
+                lane.image = machine.image
                 lane.ready.append(machine)
                 self._notify()
 
@@ -192,14 +195,19 @@ class VMPool:
         if self._tg is None or self._closed:
             raise GondolinError("use the pool inside `async with VMPool(...)`", code="pool_not_running")
         opts = VMOptions.from_kwargs(options if options is not None else self.options, **changes)
-        checked, _image, _accel, shape = await shape_of(opts)  # bad options fail here, before any spare is used
+        # The image a spare was made from stands for its ref name (no store lookup on this path).
+        known = next((lane.image for lane in self._lanes if lane.image is not None and lane.options.image == opts.image),
+                     None)
+        checked, _image, _accel, shape = await shape_of(opts, image=known)  # bad options fail here
         for candidate in self._lanes:
             if candidate.shape is None:  # before its first spare: work out which shape it keeps
                 try:
                     candidate.shape = (await shape_of(candidate.options))[3]
                 except (GondolinError, ValueError) as exc:
                     log.debug("pool: the shape of its spares is unknown yet (%s)", exc)
-        lane = next((candidate for candidate in self._lanes if candidate.shape == shape), None)
+        # warm=False asks for a cold boot: only a pool of cold-booted spares serves it
+        lane = next((candidate for candidate in self._lanes
+                     if candidate.shape == shape and candidate.options.warm == checked.warm), None)
         if not poolable(checked) or lane is None:
             if self.follow_last and poolable(checked):
                 self._follow(checked, shape)

@@ -83,9 +83,9 @@ def poolable(options: VMOptions) -> bool:
     return not uses_virtiofs(options)
 
 
-async def shape_of(options: VMOptions) -> tuple[VMOptions, Image, str, MachineShape]:
+async def shape_of(options: VMOptions, *, image: Image | None = None) -> tuple[VMOptions, Image, str, MachineShape]:
     """:func:`resolve` plus the machine shape the options need (what a spare must match)."""
-    opts, img, accel = await resolve(options)
+    opts, img, accel = await resolve(options, image=image)
     return opts, img, accel, machine_shape(opts, img, accel)
 
 
