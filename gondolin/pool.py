@@ -89,7 +89,8 @@ class VMPool:
         self.size = size
         self.options = VMOptions.from_kwargs(options, **changes).checked()
         self.follow_last = follow_last
-        self._lanes: list[_Lane] = [_Lane(spare_options(self.options), size)]
+        # No lane at all for options no spare can serve: every acquire creates its VM.
+        self._lanes: list[_Lane] = [_Lane(spare_options(self.options), size)] if poolable(self.options) else []
         self._followed: _Lane | None = None
         self._changed = anyio.Event()
         self._tg: TaskGroup | None = None
@@ -114,8 +115,8 @@ class VMPool:
             log.warning("pool: VMs with virtiofs mounts cannot be kept as spares; every acquire creates one")
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
-        if poolable(self.options):
-            self._tg.start_soon(self._filler, self._lanes[0])
+        for lane in self._lanes:
+            self._tg.start_soon(self._filler, lane)
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
