@@ -218,8 +218,13 @@ class VMPool:
                 machine = await self._take(shape)
                 if machine is not None:
                     try:
-                        await hand_out(machine, checked)
-                        vm = await vm_for(machine)
+                        await hand_out(machine, checked)  # closes the spare if it fails
+                        try:
+                            vm = await vm_for(machine)
+                        except BaseException:
+                            with anyio.CancelScope(shield=True):
+                                await machine.close(raise_failure=False)
+                            raise
                     except GondolinError as exc:  # the spare died; the options are checked again below
                         log.warning("pool: a spare VM could not be handed out (%s); creating one", exc)
                         return await self._create(checked)
