@@ -50,7 +50,9 @@ LOCK_POLL = 0.05  # seconds between attempts to take another builder's lock
 META = "template.json"
 MEMORY = "memory.bin"
 DISK = "root.qcow2"
-WARM_UP_COMMAND = ("/bin/sh", "-c", "true")
+# A shell command, then a program run directly: the second also runs what an exec does after
+# an earlier one (removing the earlier one's cgroup), and the binaries and libraries of both forms.
+WARM_UP_COMMANDS = (("/bin/sh", "-c", "true"), ("/bin/true",))
 
 
 @dataclass(frozen=True)
@@ -240,17 +242,20 @@ async def save_template(store: TemplateStore, machine: Machine) -> Template:
 
 
 async def warm_up(machine: Machine) -> None:
-    """Run one command through the guest's exec path before the template is saved: what the
+    """Run a few commands through the guest's exec path. Before a template is saved: what the
     first exec loads (the name-service modules of the user lookup, the cgroup set-up, the
-    shell's pages) is then in every restored guest's memory instead of costing its first exec."""
-    proc = ExecProcess(machine, {"argv": list(WARM_UP_COMMAND)}, stdin=None, stdout="ignore", stderr="ignore",
-                       window=DEFAULT_WINDOW, timeout=None)
-    try:
-        with anyio.fail_after(machine.timeouts.call):
-            await proc.start()
-            await proc.wait()
-    except (GondolinError, TimeoutError) as exc:  # only costs the restored guests' first exec some time
-        log.debug("template warm-up command failed: %s", exc)
+    shell's pages) is then in every restored guest's memory. In a pool's spare: under TCG the
+    guest code of an exec is then translated before a caller's first command needs it."""
+    for argv in WARM_UP_COMMANDS:
+        proc = ExecProcess(machine, {"argv": list(argv)}, stdin=None, stdout="ignore", stderr="ignore",
+                           window=DEFAULT_WINDOW, timeout=None)
+        try:
+            with anyio.fail_after(machine.timeouts.call):
+                await proc.start()
+                await proc.wait()
+        except (GondolinError, TimeoutError) as exc:  # it only costs a first exec some time
+            log.debug("warm-up command failed: %s", exc)
+            return
 
 
 async def _boot_and_save(machine: Machine, store: TemplateStore | None) -> None:
