@@ -92,9 +92,9 @@ async def shape_of(options: VMOptions, *, image: Image | None = None) -> tuple[V
 async def start_spare(options: VMOptions, *, image: Image | None = None) -> Machine:
     """A started spare of the machine ``options`` describe (see :class:`Machine`, ``spare``),
     ready for :func:`hand_out`: restored from the shape's template (or booted cold), given the
-    base configuration (fresh clock and entropy; no hostname, environment, secrets or mounts)
-    and run through one warm-up command, so that under TCG the code paths of the caller's
-    configure and first exec are already translated when it is handed out."""
+    base configuration (fresh clock and entropy, the default hostname; no environment, secrets
+    or mounts) and run through the warm-up commands, so that under TCG the code paths of the
+    caller's configure and first exec are already translated when it is handed out."""
     opts, img, accel = await resolve(options, image=image)
     if not poolable(opts):
         raise ValueError("a VM whose mounts use fs_transport='virtiofs' cannot be kept as a spare")
