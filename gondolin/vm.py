@@ -513,8 +513,16 @@ def _kill_at_exit() -> None:
 atexit.register(_kill_at_exit)
 
 
+async def vm_for(machine: Machine) -> VM:
+    """The :class:`VM` of a started and configured machine (:class:`gondolin.VMPool` hands
+    out spares this way); it owns the machine from then on."""
+    vm = VM(machine)
+    await vm._register()
+    return vm
+
+
 def new_hostname() -> str:
     return f"gondolin-{secrets.token_hex(3)}"
 
 
-__all__ = ["VM", "Checkpoint", "VMClosedError", "new_hostname", "open_vm", "unwrap_errors"]
+__all__ = ["VM", "Checkpoint", "VMClosedError", "new_hostname", "open_vm", "unwrap_errors", "vm_for"]

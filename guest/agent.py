@@ -966,7 +966,10 @@ class ProcessLimits:
         if not os.path.exists(CGROUP_ROOT + "/cgroup.controllers"):
             libc = ctypes.CDLL(None, use_errno=True)
             flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
-            if libc.mount(b"cgroup2", CGROUP_ROOT.encode(), b"cgroup2", flags, None) != 0:
+            # favordynmods (Linux 6.0+): moving a process between cgroups, which every exec does
+            # twice, no longer waits for an RCU grace period (tens of ms under TCG).
+            if (libc.mount(b"cgroup2", CGROUP_ROOT.encode(), b"cgroup2", flags, b"favordynmods") != 0
+                    and libc.mount(b"cgroup2", CGROUP_ROOT.encode(), b"cgroup2", flags, None) != 0):
                 raise OSError(ctypes.get_errno(), "cannot mount cgroup2")
         with open(CGROUP_ROOT + "/cgroup.controllers") as f:
             available = f.read().split()
@@ -1475,13 +1478,13 @@ class Agent:
 
     def setup_network(self, net: dict) -> None:
         """Static address on eth0 (no DHCP round trips at boot; the host stack also serves DHCP)."""
+        if self.network_ready:  # set up before the template was saved
+            return
         try:
             with open("/proc/sys/net/ipv6/conf/all/disable_ipv6", "w") as f:
                 f.write("1")
         except OSError:
             pass
-        if self.network_ready:
-            return
         mtu = int(net.get("mtu") or 1500)
         try:
             configure_interface("eth0", net["address"], net["gateway"], mtu)

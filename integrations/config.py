@@ -67,6 +67,11 @@ class Limits(_Strict):
     max_checkpoints: int = Field(default=16, ge=0)
     max_checkpoints_per_session: int | None = Field(
         default=None, ge=0, description="checkpoints one MCP session may keep (default: max_checkpoints)")
+    pool_size: int = Field(default=1, ge=0, le=16,
+                           description="spare VMs kept ready (restored, not yet configured) of the default "
+                                       "sandbox's shape, plus one of the last other shape created, so "
+                                       "sandbox_create only configures one; 0 disables. Spares are not "
+                                       "sandboxes: they count against no sandbox limit")
 
     @model_validator(mode="after")
     def _ordered(self) -> Limits:

@@ -29,7 +29,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
-from gondolin import VM, GondolinError, VMOptions
+from gondolin import VM, GondolinError, VMOptions, VMPool
 from gondolin.options import MountMode, check_mount_point
 
 from . import runtime
@@ -168,6 +168,8 @@ class SandboxManager:
         self._own_checkpoint_dir = False
         self._tg: TaskGroup | None = None
         self._stack: contextlib.AsyncExitStack | None = None
+        self._pool: VMPool | None = None
+        self._cwd_cache: dict[tuple[str, tuple[str, ...]], str | None] = {}  # (image, mounts) -> default cwd
         self.redactor = Redactor({name: value for name in self.config.secrets
                                   if (value := self.config.secret_value(name, self._environ))})
         self.reaped: list[str] = []
@@ -179,7 +181,33 @@ class SandboxManager:
         self._stack = stack
         if self._reap:
             self._tg.start_soon(self._reaper)
+        pool = self._new_pool()
+        if pool is not None:
+            try:
+                self._pool = await stack.enter_async_context(pool)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self.__aexit__(None, None, None)
+                raise
         return self
+
+    def _new_pool(self) -> VMPool | None:
+        """Spares of the default sandbox's shape (and of the last other shape created), when
+        ``limits.pool_size`` > 0 and VMs run on this host (the default backend)."""
+        size = self.config.limits.pool_size
+        if size < 1 or type(self._backend) is not LocalBackend:
+            return None
+        try:
+            options = self._vm_options(self._resolve(SandboxCreateInput()))
+        except ToolError as exc:
+            log.warning("no pool of spare VMs: the default sandbox cannot be made (%s)", exc.message)
+            return None
+        return VMPool(options, size=size, follow_last=True)
+
+    @property
+    def pool(self) -> VMPool | None:
+        """The pool of spare VMs sandboxes are made from (None when ``limits.pool_size`` is 0)."""
+        return self._pool
 
     async def __aexit__(self, *exc: object) -> None:
         try:
@@ -192,6 +220,9 @@ class SandboxManager:
 
     async def close_all(self) -> None:
         with anyio.CancelScope(shield=True):
+            pool, self._pool = self._pool, None  # later creates start VMs directly
+            if pool is not None:
+                await pool.close()
             for sandbox_id in list(self._sandboxes):
                 await self._close(sandbox_id)
             if self._own_checkpoint_dir and self._checkpoint_dir:
@@ -458,6 +489,8 @@ class SandboxManager:
                     return await backend.create_named(sandbox.id, options, sandbox.record())
                 return await backend.resume_named(sandbox.id, checkpoint_path, options, sandbox.record())
             if checkpoint_path is None:
+                if self._pool is not None:
+                    return await self._pool.acquire(options)
                 return await backend.create(options)
             return await backend.resume(checkpoint_path, options)
         except GondolinError as exc:
@@ -484,10 +517,20 @@ class SandboxManager:
             if sandbox.owner is not None and sandbox.owner in self._ended_owners:
                 await self._close(sandbox.id)
                 raise ToolError("sandbox_not_found", "this MCP session ended while its sandbox was starting")
-            sandbox.default_cwd = await runtime.default_cwd(vm)
+            sandbox.default_cwd = await self._default_cwd(vm, fresh=checkpoint_path is None)
             return sandbox
         finally:
             self._release()
+
+    async def _default_cwd(self, vm: VM, *, fresh: bool) -> str | None:
+        """:func:`runtime.default_cwd`, asked once per image and set of mount points for new VMs
+        on this host (each starts from the same image, so the answer cannot differ)."""
+        if not fresh or type(vm) is not VM:
+            return await runtime.default_cwd(vm)
+        key = (vm.image.build_id, tuple(sorted(vm.mounts)))
+        if key not in self._cwd_cache:
+            self._cwd_cache[key] = await runtime.default_cwd(vm)
+        return self._cwd_cache[key]
 
     async def destroy(self, sandbox_id: str) -> bool:
         if sandbox_id not in self._sandboxes and isinstance(self._backend, NamingBackend):

@@ -55,6 +55,9 @@ def build_parser(prog: str = "gondolin-mcp") -> argparse.ArgumentParser:
     p.add_argument("--tools", help="comma-separated tool names to expose (default: all)")
     p.add_argument("--max-sandboxes", type=int, help="live sandboxes at once")
     p.add_argument("--ttl", type=int, help="default idle seconds before a sandbox is destroyed")
+    p.add_argument("--pool-size", type=int, metavar="N",
+                   help="spare VMs kept ready so sandbox_create only configures one (default 1; 0 disables; "
+                        "spares count against no sandbox limit)")
     p.add_argument("--memory", type=int, help="default guest memory in MiB")
     p.add_argument("--image", action="append", default=[], help="allow this image (the first one is the default)")
     p.add_argument("--network-profile", action="append", default=[], metavar="NAME=HOST[,HOST...]",
@@ -89,6 +92,8 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
         limits["max_sandboxes"] = args.max_sandboxes
     if args.max_sandboxes_per_session is not None:
         limits["max_sandboxes_per_session"] = args.max_sandboxes_per_session
+    if args.pool_size is not None:
+        limits["pool_size"] = args.pool_size
     if args.ttl is not None:
         limits["default_ttl_s"] = args.ttl
         limits["max_ttl_s"] = max(args.ttl, 4 * 3600)

@@ -15,7 +15,8 @@ from ..qemu import accel as _accel
 from ..qemu.process import find_qemu
 from .boot import BootSource, ColdBoot
 from .machine import Machine
-from .templates import start_warm
+from .shape import MachineShape, machine_shape, uses_virtiofs
+from .templates import start_warm, warm_up
 
 PROBE_MEMORY_MB = 256
 
@@ -76,4 +77,56 @@ async def start_machine(options: VMOptions, source: BootSource | None = None, *,
     return machine
 
 
-__all__ = ["probe_boot", "resolve", "start_machine"]
+def poolable(options: VMOptions) -> bool:
+    """Whether a spare can serve ``options`` (checked): every machine can, except one whose
+    mounts use the virtiofs device (plugged in per VM at configure; spares do not hold one yet)."""
+    return not uses_virtiofs(options)
+
+
+async def shape_of(options: VMOptions, *, image: Image | None = None) -> tuple[VMOptions, Image, str, MachineShape]:
+    """:func:`resolve` plus the machine shape the options need (what a spare must match)."""
+    opts, img, accel = await resolve(options, image=image)
+    return opts, img, accel, machine_shape(opts, img, accel)
+
+
+async def start_spare(options: VMOptions, *, image: Image | None = None) -> Machine:
+    """A started spare of the machine ``options`` describe (see :class:`Machine`, ``spare``),
+    ready for :func:`hand_out`: restored from the shape's template (or booted cold), given the
+    base configuration (fresh clock and entropy, the default hostname; no environment, secrets
+    or mounts) and run through the warm-up commands, so that under TCG the code paths of the
+    caller's configure and first exec are already translated when it is handed out."""
+    opts, img, accel = await resolve(options, image=image)
+    if not poolable(opts):
+        raise ValueError("a VM whose mounts use fs_transport='virtiofs' cannot be kept as a spare")
+
+    def make() -> Machine:
+        return Machine(opts, img, accel, spare=True)
+
+    if opts.warm:
+        machine = await start_warm(make)
+    else:
+        machine = make()
+        await machine.start(ColdBoot())
+    try:
+        await machine.configure(base=True, hostname=opts.hostname)
+        await warm_up(machine)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await machine.close(raise_failure=False)
+        raise
+    return machine
+
+
+async def hand_out(machine: Machine, options: VMOptions) -> None:
+    """Give a spare its caller's ``options`` (checked, same shape) and configure the guest with
+    them: one CONFIGURE message. On failure the spare is closed."""
+    try:
+        await machine.assign(options)
+        await machine.configure()
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await machine.close(raise_failure=False)
+        raise
+
+
+__all__ = ["hand_out", "poolable", "probe_boot", "resolve", "shape_of", "start_machine", "start_spare"]

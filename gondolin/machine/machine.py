@@ -135,13 +135,23 @@ def _load_ca() -> Any:
     return _CA_CACHE["ca"]
 
 
+async def _ca() -> Any:
+    """:func:`_load_ca` without a thread hop once it is loaded."""
+    return _CA_CACHE.get("ca") or await anyio.to_thread.run_sync(_load_ca)
+
+
 class Machine:
     """One VM's lifecycle. Not public: :class:`gondolin.VM` is the facade users hold.
 
     ``options`` must be checked (:meth:`VMOptions.checked`); ``image`` and ``accel`` resolved.
+
+    A ``spare`` machine (for :class:`gondolin.VMPool`) starts with its network and file
+    services held back: QEMU's ends of those ports are accepted but nothing answers on them,
+    so the guest has no network and no mounts until :meth:`assign` gives the machine its
+    caller's options (policy, secrets, mounts) and starts the services with them.
     """
 
-    def __init__(self, options: VMOptions, image: Image, accel: str) -> None:
+    def __init__(self, options: VMOptions, image: Image, accel: str, *, spare: bool = False) -> None:
         self.id = uuid.uuid4().hex[:12]
         self.options = options
         self.image = image
@@ -175,6 +185,8 @@ class Machine:
         self._finished = anyio.Event()
         self._on_close: list[Callable[[], None]] = []
         self._spawned = False
+        self.spare = spare
+        self._held: dict[str, ByteStream] = {}  # a spare's network and fs port streams, unserved
 
     # -- shape ------------------------------------------------------------------------------
     @property
@@ -282,9 +294,11 @@ class Machine:
                 resync = Resync(control) if restore is not None else None
                 if resync is not None:
                     await resync.ping()  # answered once QEMU has loaded the guest; set up the rest meanwhile
-                if "net" in streams:
+                if self.spare:
+                    self._held.update((k, v) for k, v in streams.items() if k in ("net", "fs"))
+                if "net" in streams and not self.spare:
                     await self._start_network(streams["net"])
-                if "fs" in streams:
+                if "fs" in streams and not self.spare:
                     self._start_vfs(streams["fs"], getattr(source, "file_state", None))
                 first_id = 1
                 if resync is not None:
@@ -372,7 +386,7 @@ class Machine:
 
         opts = self.options
         hooks = opts.http_hooks if opts.http_hooks is not None else deny_all_hooks()
-        ca = await anyio.to_thread.run_sync(_load_ca)
+        ca = await _ca()
         mediator = HttpMediator(hooks, ca)
         handler: Any = mediator
         ssh = None
@@ -499,8 +513,8 @@ class Machine:
 
     async def _monitor(self) -> None:
         """Ping the agent every ``ping_interval``; no answer for ``unresponsive`` s kills the VM."""
-        t = self.timeouts
         while True:
+            t = self.timeouts  # a pool's spare gets its caller's timeouts when handed out
             await anyio.sleep(t.ping_interval)
             if self._health_paused or self._channel is None or self._channel.dead is not None:
                 continue
@@ -680,6 +694,26 @@ class Machine:
         """Hold back host sends after a PING round trip (see :meth:`Channel.quiesced`)."""
         return self.control().quiesced(timeout=self.timeouts.call)
 
+    async def assign(self, options: VMOptions) -> None:
+        """Make a spare this caller's machine: its ``options`` (checked, of the same machine
+        shape) replace the spare's, and the network and file services start with the caller's
+        policy, secrets and mounts. Send :meth:`configure` next. A spare is assigned once."""
+        if not self.spare:
+            raise GondolinError("only a spare machine that was never assigned can be assigned options")
+        if machine_shape(options, self.image, self.accel) != self.shape():
+            raise ValueError("these options need a machine of another shape than this spare: "
+                             + "; ".join(machine_shape(options, self.image, self.accel).differences(self.shape())))
+        self.control()  # a closed or dead spare fails here
+        self.spare = False
+        self.options = options
+        self.timeouts = options.timeouts
+        self.created = time.time()
+        if "net" in self._held:
+            await self._start_network(self._held["net"])
+            del self._held["net"]
+        if "fs" in self._held:
+            self._start_vfs(self._held.pop("fs"))
+
     async def configure(self, *, base: bool = False, hostname: str | None = None,
                         env: dict[str, str] | None = None) -> None:
         """Send the guest its configuration: after every boot and every restore (clock, fresh
@@ -691,10 +725,13 @@ class Machine:
             if not base:
                 await self.attach_virtiofs()
                 extra["fs_wait_s"] = min(VIRTIOFS_ATTACH_WAIT, self.timeouts.call / 2)
-        if self.network is not None:
+        if self.options.network:  # also for a spare, whose network service starts when it is assigned
             extra["network"] = {"address": f"{GUEST_IP}/24", "gateway": GATEWAY_IP, "dns": GATEWAY_IP,
                                 "mtu": JUMBO_MTU}
-            extra["ca_pem"] = self.network.ca.ca_bundle_pem().decode()
+            ca = self.network.ca if self.network is not None else await _ca()
+            extra["ca_pem"] = ca.ca_bundle_pem().decode()
+        if base and hostname:  # a pool's spare: its guest sets a hostname now, the caller's later
+            extra["hostname"] = hostname
         if not base:
             extra.update(hostname=hostname or self.options.hostname, env=dict(env or self.options.env))
             if self.options.mounts:
@@ -758,6 +795,9 @@ class Machine:
                     await self._qmp.aclose()
                 if self._channel is not None:
                     await self._channel.aclose()
+                held, self._held = list(self._held.values()), {}
+                for stream in held:
+                    await stream.aclose()
                 await self._close_listeners()
                 if self.qemu is not None:
                     await self.qemu.stop()

@@ -34,9 +34,11 @@ from pathlib import Path
 import anyio
 
 from .._log import get_logger
-from ..errors import VMStartError
+from ..errors import GondolinError, VMStartError
+from ..exec import ExecProcess
 from ..images import ImageStore
 from ..images.store import cache_root
+from ..protocol import DEFAULT_WINDOW
 from .boot import BootSource, ColdBoot, TemplateRestore
 from .machine import Machine
 from .shape import TEMPLATE_FORMAT, MachineShape, uses_virtiofs
@@ -49,6 +51,9 @@ LOCK_POLL = 0.05  # seconds between attempts to take another builder's lock
 META = "template.json"
 MEMORY = "memory.bin"
 DISK = "root.qcow2"
+# A shell command, then a program run directly: the second also runs what an exec does after
+# an earlier one (removing the earlier one's cgroup), and the binaries and libraries of both forms.
+WARM_UP_COMMANDS = (("/bin/sh", "-c", "true"), ("/bin/true",))
 
 
 @dataclass(frozen=True)
@@ -255,6 +260,23 @@ def _drop_zero_pages(memory: Path) -> int:
     return memory.stat().st_size
 
 
+async def warm_up(machine: Machine) -> None:
+    """Run a few commands through the guest's exec path. Before a template is saved: what the
+    first exec loads (the name-service modules of the user lookup, the cgroup set-up, the
+    shell's pages) is then in every restored guest's memory. In a pool's spare: under TCG the
+    guest code of an exec is then translated before a caller's first command needs it."""
+    for argv in WARM_UP_COMMANDS:
+        proc = ExecProcess(machine, {"argv": list(argv)}, stdin=None, stdout="ignore", stderr="ignore",
+                           window=DEFAULT_WINDOW, timeout=None)
+        try:
+            with anyio.fail_after(machine.timeouts.call):
+                await proc.start()
+                await proc.wait()
+        except (GondolinError, TimeoutError) as exc:  # it only costs a first exec some time
+            log.debug("warm-up command failed: %s", exc)
+            return
+
+
 async def _boot_and_save(machine: Machine, store: TemplateStore | None) -> None:
     """Cold boot ``machine``; with a ``store``, save it as its shape's template first (a failure
     to save only costs speed)."""
@@ -262,6 +284,7 @@ async def _boot_and_save(machine: Machine, store: TemplateStore | None) -> None:
     if store is not None:
         await machine.configure(base=True)
         try:
+            await warm_up(machine)
             await save_template(store, machine)
         except (StateError, OSError) as exc:
             log.warning("could not save a warm template (%s); later VMs boot cold", exc)

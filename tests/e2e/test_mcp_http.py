@@ -350,7 +350,9 @@ def children(pid):
 
 @pytest.mark.vm
 async def test_a_client_gone_mid_exec_kills_the_command_and_its_session_closes_the_sandbox(tmp_path):
-    async with server_process(tmp_path, "--session-grace", "8", "--log-level", "INFO") as (url, pid):
+    # --pool-size 0: every QEMU child of the server is then a sandbox's (a spare outlives the session)
+    async with server_process(tmp_path, "--session-grace", "8", "--pool-size", "0", "--log-level", "INFO") as (
+            url, pid):
         sessions = []
 
         async def remember(response):

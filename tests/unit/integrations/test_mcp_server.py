@@ -86,7 +86,7 @@ async def test_streamable_http_in_process(manager):
 
 
 async def test_server_owns_its_manager_when_none_is_given():
-    server = build_server(OperatorConfig(), tools=["sandbox_list", "exec"])
+    server = build_server(OperatorConfig(limits={"pool_size": 0}), tools=["sandbox_list", "exec"])  # no spare VM
     async with Client(server) as c:
         assert [t.name for t in (await c.list_tools()).tools] == ["sandbox_list", "exec"]
         assert (await c.call_tool("sandbox_list", {})).is_error is False

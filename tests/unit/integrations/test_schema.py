@@ -12,7 +12,7 @@ import openai
 import pytest
 from mcp import Client
 
-from integrations import SandboxManager, ToolRegistry
+from integrations import OperatorConfig, SandboxManager, ToolRegistry
 from integrations.anthropic_tools import anthropic_tools
 from integrations.langchain_tools import GondolinToolkit
 from integrations.openai_tools import chat_tools, responses_tools
@@ -129,7 +129,7 @@ def test_golden_langchain(registry):
 
 @pytest.mark.anyio
 async def test_golden_mcp():
-    async with Client(build_server(), mode="legacy") as client:
+    async with Client(build_server(OperatorConfig(limits={"pool_size": 0})), mode="legacy") as client:  # no spare VM
         tools = (await client.list_tools()).tools
     check_golden("mcp_tools.json", [
         t.model_dump(mode="json", by_alias=True, exclude_none=True, exclude={"meta"}) for t in tools])
