@@ -246,6 +246,11 @@ class SplitQueue:
         if old == new:
             return False
         self._signalled_used = new
+        # A full barrier between publishing the used index (push) and reading what the driver
+        # asked for: otherwise the load can pass the store (x86 store buffer), we see an old
+        # used_event while the driver saw the old used index, and both wait for each other.
+        with self._fence:
+            pass
         if self.event_idx:
             used_event = _U16.unpack_from(self._avail, 4 + 2 * self.size)[0]
             return _ring_distance(new, (used_event + 1) & 0xFFFF) < _ring_distance(new, old)
