@@ -19,15 +19,7 @@ from typing import IO, Any
 
 import anyio
 
-from .options import (
-    DNS_MODES,
-    FS_CACHES,
-    FS_TRANSPORTS,
-    MAX_CPUS,
-    ROOTFS_MODES,
-    VMOptions,
-    parse_memory,
-)
+from .options import DNS_MODES, FS_TRANSPORTS, MAX_CPUS, ROOTFS_MODES, VMOptions, parse_memory
 
 EXIT_USAGE = 125
 MAX_REPORTED_REQUESTS = 100  # refused requests kept for the report after the command
@@ -179,10 +171,7 @@ def add_mount_args(p: argparse.ArgumentParser, *, cow: bool = True) -> None:
                         "Without --cwd, commands start in the first mount")
     p.add_argument("--fs-transport", choices=FS_TRANSPORTS, default="port",
                    help="how mounts reach the guest: port (default; a guest FUSE daemon) or virtiofs "
-                        "(opt-in, faster metadata; host-side changes seen after 1 s)")
-    p.add_argument("--fs-cache", choices=FS_CACHES, default=None,
-                   help="virtiofs only: auto (default) or none (every file direct I/O: faster cold reads, "
-                        "no shared mmap of mounted files)")
+                        "(opt-in, faster metadata; boots cold, host-side changes seen after 1 s)")
     if cow:
         p.add_argument("--cow-diff", metavar="FILE|-",
                        help="after the command, write a unified diff of every :cow mount's changes to FILE")
@@ -272,8 +261,6 @@ def vm_options(args: argparse.Namespace, report: NetworkReport | None) -> VMOpti
             raise UsageError(f"gondolin: {exc}") from None
     if getattr(args, "fs_transport", None):
         changes["fs_transport"] = args.fs_transport
-    if getattr(args, "fs_cache", None):
-        changes["fs_cache"] = args.fs_cache
     if report is not None:
         secrets: dict[str, Secret] = {}
         for item in args.secret:

@@ -28,8 +28,6 @@ ROOTFS_MODES: tuple[str, ...] = ("cow", "readonly", "memory")
 DNS_MODES: tuple[str, ...] = ("synthetic", "trusted", "open")
 MOUNT_MODES: tuple[str, ...] = ("rw", "ro", "cow")
 FS_TRANSPORTS: tuple[str, ...] = ("port", "virtiofs")
-FsCache = Literal["auto", "none"]
-FS_CACHES: tuple[str, ...] = ("auto", "none")
 # Guest paths no mount may cover: the guest's own system directories (the agent, the kernel's
 # pseudo file systems and the programs every command needs live there).
 RESERVED_MOUNT_POINTS: frozenset[str] = frozenset(
@@ -134,14 +132,10 @@ class VMOptions:
     size at start, and its host-side overlay can never use more (the guest gets ENOSPC);
     ``None`` keeps the image's size (its free space, 1 GiB for the default image).
     ``fs_transport``: how ``mounts`` reach the guest. ``"port"`` (default): a guest FUSE
-    daemon over a virtio-serial port, its payloads in the VM's shared region. ``"virtiofs"``
-    (opt-in): the guest kernel's virtiofs driver, answered from this process over shared guest
-    memory (much faster metadata; a checkpoint or fork is refused while a guest process holds
-    a file or directory on a mount; host-side changes reach the guest after a 1 s TTL).
-    ``fs_cache`` (virtiofs only): ``"auto"`` keeps the guest's page cache for files opened for
-    reading; ``"none"`` makes every file direct I/O (cold reads ~3x faster under emulation, but
-    the guest kernel then refuses shared ``mmap`` of mounted files: SQLite WAL, LMDB,
-    ``numpy.memmap``). See docs/filesystem.md.
+    daemon over a virtio-serial port. ``"virtiofs"`` (opt-in): the guest kernel's virtiofs
+    driver, answered from this process over shared guest memory (much faster metadata; the VM
+    always boots cold and cannot be checkpointed or forked yet; host-side changes reach the
+    guest after a 1 s TTL). See docs/filesystem.md.
     """
 
     image: str = "default"
@@ -163,7 +157,6 @@ class VMOptions:
     ssh: SshProxyOptions | None = None  # SSH egress through the host (gondolin.ssh.SshProxyOptions)
     disk_size: int | str | None = None
     fs_transport: FsTransport = "port"
-    fs_cache: FsCache = "auto"
 
     @property
     def memory_mb(self) -> int:
@@ -199,10 +192,6 @@ class VMOptions:
                 raise ValueError("disk_size needs rootfs='cow' (the other modes never write to the disk)")
         if self.fs_transport not in FS_TRANSPORTS:
             raise ValueError(f"fs_transport must be 'port' or 'virtiofs', not {self.fs_transport!r}")
-        if self.fs_cache not in FS_CACHES:
-            raise ValueError(f"fs_cache must be 'auto' or 'none', not {self.fs_cache!r}")
-        if self.fs_cache != "auto" and self.fs_transport != "virtiofs":
-            raise ValueError("fs_cache applies to fs_transport='virtiofs' only")
         env = {}
         for key, value in dict(self.env).items():
             if not isinstance(key, str) or not key or "=" in key or "\0" in key:
@@ -265,18 +254,15 @@ class OptionChanges(TypedDict, total=False):
     disk_size: int | str | None
     ssh: SshProxyOptions | None
     fs_transport: FsTransport
-    fs_cache: FsCache
     start_timeout: float | None
 
 __all__ = [
     "DNS_MODES",
-    "FS_CACHES",
     "FS_TRANSPORTS",
     "MOUNT_MODES",
     "RESERVED_MOUNT_POINTS",
     "ROOTFS_MODES",
     "DnsMode",
-    "FsCache",
     "FsTransport",
     "MountMode",
     "OptionChanges",

@@ -432,7 +432,7 @@ class Machine:
         async def serve() -> None:
             try:
                 while True:
-                    await serve_virtiofs(listener, vfs, cache=self.options.fs_cache)
+                    await serve_virtiofs(listener, vfs)
             finally:
                 listener.close()
                 with anyio.CancelScope(shield=True), anyio.move_on_after(5):

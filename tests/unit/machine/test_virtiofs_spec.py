@@ -69,17 +69,3 @@ def test_cli_flag() -> None:
     assert vm_options(args, None).fs_transport == "virtiofs"
     args = build_parser().parse_args(["exec", "--", "true"])
     assert vm_options(args, None).fs_transport == "port"
-
-
-def test_fs_cache_is_checked_and_reaches_the_options() -> None:
-    from gondolin._cli_options import vm_options
-    from gondolin.cli import build_parser
-
-    assert VMOptions(fs_transport="virtiofs", fs_cache="none").checked().fs_cache == "none"
-    with pytest.raises(ValueError, match="fs_cache must be"):
-        VMOptions(fs_transport="virtiofs", fs_cache="writeback").checked()  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="applies to"):
-        VMOptions(fs_cache="none").checked()
-    args = build_parser().parse_args(["exec", "--mount", "/tmp:/w", "--fs-transport", "virtiofs",
-                                      "--fs-cache", "none", "--", "true"])
-    assert vm_options(args, None).fs_cache == "none"
