@@ -133,9 +133,9 @@ class VMOptions:
     ``None`` keeps the image's size (its free space, 1 GiB for the default image).
     ``fs_transport``: how ``mounts`` reach the guest. ``"port"`` (default): a guest FUSE
     daemon over a virtio-serial port. ``"virtiofs"`` (opt-in): the guest kernel's virtiofs
-    driver, answered from this process over shared guest memory (much faster metadata; the VM
-    always boots cold and cannot be checkpointed or forked yet; host-side changes reach the
-    guest after a 1 s TTL). See docs/filesystem.md.
+    driver, answered from this process over shared guest memory (much faster metadata; a
+    checkpoint or fork is refused while a guest process holds a file or directory on a mount;
+    host-side changes reach the guest after a 1 s TTL). See docs/filesystem.md.
     """
 
     image: str = "default"

@@ -289,21 +289,14 @@ def _uncached(pieces: Sequence[bytes | memoryview]) -> tuple[bytes | memoryview,
     return (*pieces[:-1], OPEN_OUT.pack(fh, flags, pad))
 
 
-def _write_only(op: int, request: bytes | memoryview) -> bool:
-    """Whether an OPEN or CREATE request opens its file write-only (its flags come first)."""
-    body = memoryview(request)[IN_HEADER.size:IN_HEADER.size + 4]
-    return len(body) == 4 and int.from_bytes(body, "little") & os.O_ACCMODE == os.O_WRONLY
-
-
 class VirtioFsDevice:
     """Serve ``vfs`` (its providers) to a guest through QEMU's ``vhost-user-fs-pci`` device.
 
     ``cache="auto"`` (the default) lets the guest kernel keep file pages in its page cache, as
-    the FUSE daemon path does, except for files opened write-only: those get ``FOPEN_DIRECT_IO``,
-    so a write moves from the writer's own pages to the host file without the guest copying it
-    into its page cache first (which under TCG costs more than everything else). Nothing can map
-    a write-only descriptor, and writes through the page cache are synchronous here anyway (no
-    writeback cache), so only the copy goes. ``cache="none"`` opens every file with
+    the FUSE daemon path does. (Opening write-only files with ``FOPEN_DIRECT_IO`` was tried and
+    dropped: direct I/O through the guest kernel's 6.1 virtiofs driver corrupted guest kernel
+    memory within minutes of repeated ``git status`` runs; see docs/filesystem.md.) ``cache="none"``
+    (not used by ``VM.create``, for measurements only, with that caveat) opens every file with
     ``FOPEN_DIRECT_IO`` (what
     virtiofsd's ``--cache=none`` and 9p's ``cache=none`` do): reads and writes go straight
     between the guest process's own pages and the host file, no guest page-cache copy, which
@@ -492,7 +485,7 @@ class VirtioFsDevice:
                     if response is not None:
                         outs.extend(session.port_message(response))
                 elif dest == TO_FUSE:
-                    if op in (OPEN, CREATE) and (self.cache == "none" or _write_only(op, request)):
+                    if op in (OPEN, CREATE) and self.cache == "none":
                         pieces = _uncached(pieces)
                     try:
                         for piece in pieces:
