@@ -112,21 +112,33 @@ with open("/tmp/result", "w") as out:
 '''
 
 
+HELD_RESULT = f"{4 << 20} {2 << 20} {2 << 20} /workspace ['held.bin']"
+
+
+async def start_holder(vm) -> None:
+    """A guest process with ``held.bin`` open and its cwd on /workspace, waiting for /tmp/go."""
+    await vm.fs.write("/tmp/holder.py", HOLDER)
+    await vm.start(["python3", "/tmp/holder.py"], stdout="ignore", stderr="ignore")
+    await vm.exec("for i in $(seq 600); do [ -e /tmp/ready ] && break; sleep 0.1; done")
+
+
+async def finish_holder(vm) -> str:
+    """Let the holder go on; what it found (HELD_RESULT when its file and cwd kept working)."""
+    pid = (await vm.exec("pgrep -f holder.py")).stdout.split()[0]
+    await vm.exec("touch /tmp/go")
+    return (await vm.exec(f"while kill -0 {pid} 2>/dev/null; do sleep 0.1; done; cat /tmp/result")).stdout
+
+
 async def test_a_file_held_open_on_a_mount_survives_a_checkpoint_resume(tmp_path, no_leaks):
     from gondolin.vfs import RealFSProvider
 
     share = tmp_path / "share"
     share.mkdir()
     async with await VM.create(memory="512M", mounts={"/workspace": RealFSProvider(share)}) as src:
-        await src.fs.write("/tmp/holder.py", HOLDER)
-        await src.start(["python3", "/tmp/holder.py"], stdout="ignore", stderr="ignore")
-        await src.exec("for i in $(seq 600); do [ -e /tmp/ready ] && break; sleep 0.1; done")
+        await start_holder(src)
         ckpt = await src.checkpoint(tmp_path / "held.ckpt")
     async with await ckpt.resume(mounts={"/workspace": RealFSProvider(share)}) as resumed:
-        pid = (await resumed.exec("pgrep -f holder.py")).stdout.split()[0]
-        await resumed.exec("touch /tmp/go")
-        r = await resumed.exec(f"while kill -0 {pid} 2>/dev/null; do sleep 0.1; done; cat /tmp/result")
-        assert r.stdout == f"{4 << 20} {2 << 20} {2 << 20} /workspace ['held.bin']"
+        assert await finish_holder(resumed) == HELD_RESULT
         data = (share / "held.bin").read_bytes()
         assert (len(data), data.count(b"a"), data.count(b"b")) == (4 << 20, 2 << 20, 2 << 20)
         big = os.urandom(3 * MiB)  # the resumed VM's own region carries mounted-file payloads
@@ -141,15 +153,8 @@ async def test_a_fork_keeps_a_file_held_open_on_a_mount(tmp_path, no_leaks):
     share = tmp_path / "share"
     share.mkdir()
     async with await VM.create(memory="512M", mounts={"/workspace": RealFSProvider(share)}) as src:
-        await src.fs.write("/tmp/holder.py", HOLDER)
-        await src.start(["python3", "/tmp/holder.py"], stdout="ignore", stderr="ignore")
-        await src.exec("for i in $(seq 600); do [ -e /tmp/ready ] && break; sleep 0.1; done")
+        await start_holder(src)
         [child] = await src.fork()
         async with child:
-            pid = (await child.exec("pgrep -f holder.py")).stdout.split()[0]
-            await child.exec("touch /tmp/go")
-            r = await child.exec(f"while kill -0 {pid} 2>/dev/null; do sleep 0.1; done; cat /tmp/result")
-            assert r.stdout == f"{4 << 20} {2 << 20} {2 << 20} /workspace ['held.bin']"
-        await src.exec("touch /tmp/go")  # the source's own process goes on as well
-        r = await src.exec("for i in $(seq 600); do [ -e /tmp/result ] && break; sleep 0.1; done; cat /tmp/result")
-        assert r.stdout == f"{4 << 20} {2 << 20} {2 << 20} /workspace ['held.bin']"
+            assert await finish_holder(child) == HELD_RESULT
+        assert await finish_holder(src) == HELD_RESULT  # the source's own process goes on as well
