@@ -373,13 +373,10 @@ async def save_checkpoint(machine: Machine, path: Path, *, disk_only: bool = Fal
                         await anyio.to_thread.run_sync(os.pwrite, fd, blob, end)
                         sections["files"] = SectionInfo(end, len(blob), 0)
 
-                machine.begin_file_hand_over()
-                try:
+                with machine.recording_file_session():
                     async with machine.health_paused():
                         await save_running_vm(qmp, machine.quiesced, f"cat >> {shlex.quote(str(tmp))}", tmp,
                                               after_stop)
-                finally:
-                    machine.end_file_hand_over()
 
         def finish() -> CheckpointHeader:
             for name, sec in list(sections.items()):

@@ -64,12 +64,9 @@ async def fork_machine(source: Machine, n: int,
             file_state = await source.file_hand_over()  # the copies keep the guest's open files on mounts
 
         async with source.state_lock, virtiofs_unplugged(source, "fork"), source.health_paused():
-            source.begin_file_hand_over()
-            try:
+            with source.recording_file_session():
                 stats = await save_running_vm(await source.qmp(), source.quiesced, memory_command(memory), memory,
                                               copy_disk)
-            finally:
-                source.end_file_hand_over()
         saved = time.monotonic()
         clone = ForkClone(Section(memory), Section(disk) if disk is not None else None, source.id, file_state)
         started: list[Machine] = []

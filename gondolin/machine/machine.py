@@ -24,7 +24,7 @@ import tempfile
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -567,11 +567,18 @@ class Machine:
     def mounts(self) -> dict[str, Any]:
         return dict(self.options.mounts)
 
-    def begin_file_hand_over(self) -> None:
-        """A memory save starts: the fs port's server records what it sends (see
-        :meth:`file_hand_over`). Nothing to do without mounts or on virtiofs."""
-        if self._vfs is not None and not self._virtiofs:
-            self._vfs.begin_hand_over()
+    @contextlib.contextmanager
+    def recording_file_session(self) -> Iterator[None]:
+        """Around a memory save: the fs port's server records what it sends, for
+        :meth:`file_hand_over`. Nothing to do without mounts or on virtiofs."""
+        vfs = self._vfs if not self._virtiofs else None
+        if vfs is not None:
+            vfs.begin_hand_over()
+        try:
+            yield
+        finally:
+            if vfs is not None:
+                vfs.end_hand_over()
 
     async def file_hand_over(self) -> Any:
         """With the guest stopped after a memory save: the fs port session its copies take
@@ -579,10 +586,6 @@ class Machine:
         if self._vfs is None or self._virtiofs:
             return None
         return await self._vfs.hand_over(timeout=self.timeouts.call)
-
-    def end_file_hand_over(self) -> None:
-        if self._vfs is not None and not self._virtiofs:
-            self._vfs.end_hand_over()
 
     def vfs_root(self) -> Any:
         """The provider tree the guest's mounts see (``vm.fs`` uses it for mounted paths)."""

@@ -207,18 +207,17 @@ class FsRpcService:
         and open files with their modes. A service that :meth:`import_state` s it answers the
         same ids, so a guest restored from a snapshot keeps its open files and working
         directories. Call it while the guest is stopped (the snapshot's moment)."""
-        files = [[fh, entry.node, self.nodes.path(entry.node) if self._has_path(entry.node) else None,
-                  _mode_bits(entry.mode or READ_ONLY)]
+        files = [[fh, entry.node, self._path_or_none(entry.node), _mode_bits(entry.mode or READ_ONLY)]
                  for fh, entry in self._files.items.items()]
         return {"v": 1, "nodes": self.nodes.export(), "files": files, "next_file": self._files._next,
                 "next_dir": self._dirs._next}
 
-    def _has_path(self, node: int) -> bool:
+    def _path_or_none(self, node: int) -> str | None:
+        """The node's path; None when it has none any more (unlinked, or unknown)."""
         try:
-            self.nodes.path(node)
+            return self.nodes.path(node)
         except VfsError:
-            return False
-        return True
+            return None
 
     def import_state(self, state: Any) -> list[Any]:
         """Take over an exported session (before serving): the same node ids and handle
