@@ -10,6 +10,8 @@ import pytest
 from gondolin import VM
 from gondolin.shm import SLOT_COUNT
 
+from . import vfs_workloads as workloads
+
 pytestmark = [pytest.mark.anyio, pytest.mark.vm]
 MiB = 1 << 20
 
@@ -145,6 +147,8 @@ async def test_a_file_held_open_on_a_mount_survives_a_checkpoint_resume(tmp_path
         (share / "from-host.bin").write_bytes(big)
         r = await resumed.exec("sha256sum /workspace/from-host.bin")
         assert r.stdout.split()[0] == hashlib.sha256(big).hexdigest()
+        await workloads.git_init_add_commit_status(resumed, share)  # the transport's workloads, resumed
+        await workloads.sqlite_create_insert_query(resumed, share)
 
 
 async def test_a_fork_keeps_a_file_held_open_on_a_mount(tmp_path, no_leaks):
@@ -157,4 +161,6 @@ async def test_a_fork_keeps_a_file_held_open_on_a_mount(tmp_path, no_leaks):
         [child] = await src.fork()
         async with child:
             assert await finish_holder(child) == HELD_RESULT
-        assert await finish_holder(src) == HELD_RESULT  # the source's own process goes on as well
+            assert await finish_holder(src) == HELD_RESULT  # the source's own process goes on as well
+            await workloads.git_init_add_commit_status(child, share)  # the transport's workloads, in a fork
+            await workloads.sqlite_create_insert_query(child, share)
